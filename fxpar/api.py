@@ -1,0 +1,185 @@
+"""``fxpar.compile``: plan (or take a plan), rewrite for this rank, and wrap as a trainable module."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.fx import GraphModule
+
+from fxpar.cluster import Cluster, preset
+from fxpar.errors import CaptureError, ClusterSpecError, ShardingError
+from fxpar.passes.rewrite import rewrite
+from fxpar.placement import Spec, replicated
+from fxpar.plan import Plan
+from fxpar.planner import capture_and_annotate, plan_graph
+from fxpar.reshard import reshard_steps
+from fxpar.runtime.collectives import STEP_OPS, DistComm, use_comm
+
+
+def init_distributed() -> None:
+    """Initialize the default process group from torchrun's environment if it is not yet."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ClusterSpecError(
+            "fxpar.compile needs a torch.distributed process group: run under torchrun, call "
+            "torch.distributed.init_process_group(...), or use fxpar.launch(fn, nprocs)"
+        )
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_cluster(num_devices: int) -> Cluster:
+    """A preset for the devices this process runs on (refine it with a calibrated profile)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, p in (("H100", "h100-2node-16"), ("A100", "a100-nvlink-8"), ("V100", "v100-nvlink-8")):
+            if key in name:
+                c = preset(p, num_devices=num_devices)
+                return Cluster(c.name, c.device, num_devices, c.links[-1:], c.source)
+    return preset("cpu-local", num_devices=num_devices)
+
+
+def run_steps(x: torch.Tensor, src: Spec, dst: Spec) -> torch.Tensor:
+    for step in reshard_steps(src, dst):
+        extra = [d for d in (step.dim, step.dim2) if d >= 0]
+        x = STEP_OPS[step.kind](x, step.axis, *extra)
+    return x
+
+
+class _Step(torch.autograd.Function):
+    """The whole joint step as one autograd op: forward computes loss and gradients; backward
+    hands the gradients (scaled by the incoming gradient of the loss) to the parameters."""
+
+    @staticmethod
+    def forward(ctx, module: FxparModule, num_inputs: int, *args):
+        with torch.no_grad(), use_comm(module._comm):
+            loss, *grads = module.local_graph(*args)
+        ctx.num_inputs = num_inputs
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = [g * grad_loss for g in ctx.saved_tensors]
+        return (None, None, *([None] * ctx.num_inputs), *grads)
+
+
+class FxparModule(nn.Module):
+    """A model's training step split over the ranks of a mesh.
+
+    ``parameters()`` are this rank's shards, so a stock optimizer updates them; ``forward(*batch)``
+    takes this rank's slice of the global batch and returns the global loss; ``state_dict()`` gives
+    full tensors under the model's own keys. Calling forward computes the gradients too (the joint
+    graph runs as one piece); ``loss.backward()`` then delivers them.
+    """
+
+    def __init__(self, plan: Plan, graph: GraphModule, local_graph: GraphModule, comm, params: dict, buffers: dict,
+                 input_shapes: list[tuple[int, ...]]):
+        super().__init__()
+        self.plan = plan
+        self.graph = graph
+        self.local_graph = local_graph
+        self._comm = comm
+        self._names = list(params)
+        self._shards = nn.ParameterList([nn.Parameter(t) for t in params.values()])
+        self._buffer_names = list(buffers)
+        for i, b in enumerate(buffers.values()):
+            self.register_buffer(f"_buffer{i}", b)
+        self._input_shapes = input_shapes
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self._input_shapes):
+            raise CaptureError(f"expected {len(self._input_shapes)} inputs (as planned), got {len(inputs)}")
+        for i, (x, shape) in enumerate(zip(inputs, self._input_shapes)):
+            if tuple(x.shape) != shape:
+                raise ShardingError(
+                    f"input[{i}] on this rank has shape {list(x.shape)} but the plan expects this rank's slice "
+                    f"of the global batch, {list(shape)}; pass inputs[i].chunk(world_size)[rank]"
+                )
+        buffers = [getattr(self, f"_buffer{i}") for i in range(len(self._buffer_names))]
+        return _Step.apply(self, len(inputs), *self._shards, *buffers, *inputs)
+
+    def named_shards(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self._names, self._shards))
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Full tensors under the original keys (gathers the shards: every rank must call it)."""
+        rep = replicated(len(self.plan.mesh_shape))
+        out = {}
+        with torch.no_grad(), use_comm(self._comm):
+            for name, shard in zip(self._names, self._shards):
+                out[name] = run_steps(shard.detach(), self.plan.param_specs[name], rep)
+        for i, name in enumerate(self._buffer_names):
+            out[name] = getattr(self, f"_buffer{i}").detach().clone()
+        return out
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    cluster: Cluster | None = None,
+    mesh_shape: Sequence[int] | None = None,
+    plan: Plan | None = None,
+    optimizer: str = "adam",
+) -> FxparModule:
+    """Parallelize ``model``'s training step over the current process group.
+
+    ``example_inputs`` hold the global batch (their values are not used). Rank 0 plans and sends the
+    plan to the others unless ``plan`` is given; parameters are taken from rank 0, as DDP does.
+    """
+    init_distributed()
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    if mesh_shape is None:
+        mesh_shape = plan.mesh_shape if plan is not None else (world,)
+    mesh = tuple(int(s) for s in mesh_shape)
+    if math.prod(mesh) != world:
+        raise ClusterSpecError(
+            f"mesh {list(mesh)} has {math.prod(mesh)} devices but the process group has {world} ranks; "
+            "give a mesh_shape whose sizes multiply to the world size"
+        )
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
+    gm = capture_and_annotate(model, example_inputs)
+    if plan is None:
+        box = [None]
+        if rank == 0:
+            made, _ = plan_graph(gm, cluster=cluster or local_cluster(world), mesh_shape=mesh, optimizer=optimizer)
+            box = [made.to_json()]
+        dist.broadcast_object_list(box, src=0)
+        plan = Plan.from_json(box[0])
+    if tuple(plan.mesh_shape) != mesh:
+        raise ClusterSpecError(f"the plan is for mesh {list(plan.mesh_shape)}, not {list(mesh)}")
+    assignment = plan.assignment(gm)
+    device = next(model.parameters()).device
+    local_gm = rewrite(gm, assignment, mesh, device=device)
+    device_mesh = init_device_mesh(device.type, mesh)
+    comm = DistComm(device_mesh)
+    rep = replicated(len(mesh))
+    params, buffers = {}, {}
+    with torch.no_grad(), use_comm(comm):
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = p.detach().clone()
+            dist.broadcast(full, src=0)
+            params[name] = run_steps(full, rep, plan.param_specs[name]).clone()
+        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        for name, b in frozen + list(model.named_buffers()):
+            full = b.detach().clone()
+            dist.broadcast(full, src=0)
+            buffers[name] = full
+    input_shapes = []
+    for x in example_inputs:
+        shape = list(x.shape)
+        shape[0] //= world
+        input_shapes.append(tuple(shape))
+    return FxparModule(plan, gm, local_gm, comm, params, buffers, input_shapes)

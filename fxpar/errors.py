@@ -1,0 +1,39 @@
+"""User-facing errors. Each says what is wrong, with the values involved, and how to fix it."""
+
+from __future__ import annotations
+
+
+class FxparError(ValueError):
+    """Base class of fxpar's errors about its input (a ValueError, as bad input is a value problem)."""
+
+
+class UnsupportedOpError(FxparError):
+    """A graph node has an op with no sharding rule."""
+
+
+class ShardingError(FxparError):
+    """A mesh, batch or plan does not divide the tensors it must split."""
+
+
+class InfeasiblePlanError(FxparError):
+    """No sharding plan fits the cluster's per-device memory."""
+
+
+class ClusterSpecError(FxparError):
+    """A cluster description is malformed."""
+
+
+class CaptureError(FxparError):
+    """The model or its inputs cannot be captured as a training step."""
+
+
+class PlanMismatchError(FxparError):
+    """A given plan does not belong to the captured graph."""
+
+
+def node_desc(node) -> str:
+    """``%name (aten.op)`` with the op for call_function nodes, for error messages."""
+    target = getattr(node, "target", None)
+    if getattr(node, "op", None) == "call_function":
+        return f"%{node.name} ({target})"
+    return f"%{node.name}"

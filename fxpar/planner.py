@@ -1,0 +1,137 @@
+"""``fxpar.plan``: capture, annotate, enumerate strategies, solve; no process group needed."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from fxpar.cluster import Cluster, preset
+from fxpar.cost import CostModel
+from fxpar.errors import ClusterSpecError, InfeasiblePlanError
+from fxpar.passes.annotate import annotate
+from fxpar.passes.capture import capture
+from fxpar.placement import spec_str
+from fxpar.plan import Plan, layer_rows
+from fxpar.solve.ilp import OPTIMIZER_STATE_FACTOR, Infeasible, Problem, build_problem, min_memory, solve
+from fxpar.solve.strategies import all_strategies
+
+
+def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> tuple[Cluster, tuple[int, ...]]:
+    if mesh_shape is None:
+        if cluster is None:
+            raise ClusterSpecError("give a cluster, a mesh_shape, or both (e.g. mesh_shape=(2,))")
+        mesh_shape = (cluster.num_devices,)
+    mesh = tuple(int(s) for s in mesh_shape)
+    if not mesh or any(s < 1 for s in mesh):
+        raise ClusterSpecError(f"mesh_shape {list(mesh_shape)} must be a non-empty list of positive sizes")
+    if cluster is None:
+        cluster = preset("cpu-local", num_devices=math.prod(mesh))
+    if math.prod(mesh) > cluster.num_devices:
+        raise ClusterSpecError(
+            f"mesh {list(mesh)} needs {math.prod(mesh)} devices but cluster {cluster.name!r} has "
+            f"{cluster.num_devices}; use a smaller mesh or a larger cluster"
+        )
+    cluster.link(0, len(mesh))  # validates the number of link levels
+    return cluster, mesh
+
+
+def capture_and_annotate(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
+    return annotate(capture(model, example_inputs))
+
+
+def _apply_force(problem: Problem, force: dict[str, str]) -> None:
+    by_name = {n.name: n for n in problem.nodes}
+    by_fqn = {n.meta.get("fxpar_fqn"): n for n in problem.nodes if n.op == "placeholder"}
+    for key, want in force.items():
+        node = by_name.get(key) or by_fqn.get(key)
+        if node is None:
+            raise ClusterSpecError(f"force names {key!r}, which is neither a node nor a parameter of the graph")
+        allowed = {
+            k for k, s in enumerate(problem.strategies[node]) if want in (s.label(), spec_str(s.outputs[0]))
+        }
+        if not allowed:
+            options = sorted({s.label() for s in problem.strategies[node]})
+            raise ClusterSpecError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {options}")
+        problem.forced[node] = allowed
+
+
+def plan_graph(
+    gm: GraphModule,
+    *,
+    cluster: Cluster | None = None,
+    mesh_shape: Sequence[int] | None = None,
+    optimizer: str = "adam",
+    force: dict[str, str] | None = None,
+    time_limit_s: float = 60.0,
+) -> tuple[Plan, Problem]:
+    if optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise ClusterSpecError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)}")
+    cluster, mesh = resolve_mesh(cluster, mesh_shape)
+    cost_model = CostModel(cluster, mesh)
+    start = time.perf_counter()
+    strategies = all_strategies(gm, mesh)
+    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer)
+    problem.build_seconds = time.perf_counter() - start
+    if force:
+        _apply_force(problem, force)
+    try:
+        sol = solve(problem, time_limit_s=time_limit_s)
+    except Infeasible:
+        need = min_memory(problem)
+        raise InfeasiblePlanError(
+            f"no plan fits: on mesh {list(mesh)} the smallest plan needs {need / 2**30:.2f} GiB per device "
+            f"(parameters, gradients, {optimizer} state and live activations) but {cluster.device.name} has "
+            f"{cluster.device.memory_bytes / 2**30:.2f} GiB; use more devices, a smaller batch or model, "
+            "or a cluster with more memory"
+        ) from None
+    assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
+    compute = sum(problem.node_cost[n][k] for n, k in sol.choice.items())
+    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
+    plan = Plan(
+        mesh_shape=mesh,
+        cluster=cluster,
+        strategies={n.name: s for n, s in assignment.items()},
+        predicted_step_s=sol.objective,
+        compute_s=compute,
+        comm_s=sol.objective - compute,
+        memory_bytes=problem.memory_of(sol.choice),
+        param_specs={p.meta["fxpar_fqn"]: assignment[p].outputs[0] for p in params},
+        optimizer=optimizer,
+        solver={
+            "status": sol.status,
+            "gap": sol.gap,
+            "num_variables": sol.num_variables,
+            "num_constraints": sol.num_constraints,
+            "num_nodes": len(problem.nodes),
+            "build_s": problem.build_seconds,
+            "solve_s": sol.solve_seconds,
+        },
+    )
+    plan.rows = layer_rows(gm, assignment, problem, sol.choice)
+    return plan, problem
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    cluster: Cluster | None = None,
+    mesh_shape: Sequence[int] | None = None,
+    optimizer: str = "adam",
+    force: dict[str, str] | None = None,
+    time_limit_s: float = 60.0,
+) -> Plan:
+    """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
+
+    ``force`` pins nodes or parameters (by node name or parameter name) to a strategy, written as
+    its output spec (``"S(0)"``, ``"(R,S(1))"``) or its full label; the rest is still optimized.
+    """
+    gm = capture_and_annotate(model, example_inputs)
+    return plan_graph(
+        gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s
+    )[0]

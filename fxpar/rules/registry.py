@@ -1,0 +1,151 @@
+"""The registry of per-op sharding rules.
+
+A rule is written for ONE mesh axis: given an op's arguments (fake tensors standing for the global
+values), it lists the ``AxisStrategy``s that are correct on that axis: the placement each tensor
+argument must have and the placement each output then has. ``node_strategies`` combines the per-axis
+lists into N-D strategies (one choice per axis, every combination), and keeps those whose shards are
+even on the mesh. Rules run on global shapes; per-axis composition is sound because an op that is
+correct chunk-wise on one axis is correct on each sub-chunk of another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+
+from fxpar.placement import P, Partial, Placement, R, Shard, Spec, is_even
+
+
+@dataclass(frozen=True)
+class AxisStrategy:
+    inputs: tuple[Placement, ...]  # one per tensor argument, in flattened argument order
+    outputs: tuple[Placement, ...]  # one per tensor output
+
+
+@dataclass(frozen=True)
+class OpStrategy:
+    """An N-D strategy: a Spec per tensor argument (flattened order) and per output."""
+
+    inputs: tuple[Spec, ...]
+    outputs: tuple[Spec, ...]
+
+    def label(self) -> str:
+        from fxpar.placement import spec_str
+
+        ins = ",".join(spec_str(s) for s in self.inputs)
+        outs = ",".join(spec_str(s) for s in self.outputs)
+        return f"{ins}->{outs}" if ins else outs
+
+
+@dataclass
+class OpInfo:
+    """What a rule sees: the node, its args with nodes replaced by their fake values, and outputs."""
+
+    node: Node
+    args: tuple
+    kwargs: dict
+    tensor_args: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.outputs[0]
+
+
+Rule = Callable[[OpInfo], list[AxisStrategy]]
+_RULES: dict[Any, Rule] = {}
+
+
+def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the one-axis rule of each target op overload; a second rule is an error."""
+
+    def wrap(fn: Rule) -> Rule:
+        for target in targets:
+            if target in _RULES:
+                raise RuntimeError(f"a sharding rule for {target} is already registered ({_RULES[target].__qualname__})")
+            _RULES[target] = fn
+        return fn
+
+    return wrap
+
+
+def get_rule(target: Any) -> Rule | None:
+    return _RULES.get(target)
+
+
+def registered_ops() -> list[Any]:
+    return list(_RULES)
+
+
+def tensor_arg_nodes(node: Node) -> list[Node]:
+    """The node's tensor arguments in flattened (args, kwargs) order, repeats kept."""
+    return [a for a in pytree.arg_tree_leaves(*node.args, **node.kwargs) if isinstance(a, Node)]
+
+
+def output_values(node: Node) -> list[torch.Tensor]:
+    val = node.meta["val"]
+    return list(val) if isinstance(val, (tuple, list)) else [val]
+
+
+def op_info(node: Node) -> OpInfo:
+    def value(a):
+        return a.meta["val"] if isinstance(a, Node) else a
+
+    args = torch.fx.node.map_arg(node.args, value)
+    kwargs = torch.fx.node.map_arg(node.kwargs, value)
+    return OpInfo(node, args, kwargs, [value(a) for a in tensor_arg_nodes(node)], output_values(node))
+
+
+def input_source(node: Node, position: int) -> tuple[Node, int]:
+    """The producer of tensor argument ``position`` and which of its outputs it reads."""
+    arg = tensor_arg_nodes(node)[position]
+    if node.target is operator.getitem and isinstance(arg.meta.get("val"), (tuple, list)):
+        return arg, node.args[1]
+    return arg, 0
+
+
+def combine(per_axis: list[AxisStrategy], info: OpInfo, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
+    """Every choice of one per-axis strategy for each mesh axis whose shards are all even."""
+    out: list[OpStrategy] = []
+    seen: set[OpStrategy] = set()
+    in_shapes = [tuple(t.shape) for t in info.tensor_args]
+    out_shapes = [tuple(t.shape) for t in info.outputs]
+    for choice in itertools.product(per_axis, repeat=len(mesh_shape)):
+        ins = tuple(tuple(c.inputs[i] for c in choice) for i in range(len(in_shapes)))
+        outs = tuple(tuple(c.outputs[i] for c in choice) for i in range(len(out_shapes)))
+        if not all(is_even(s, p, mesh_shape) for s, p in zip(in_shapes + out_shapes, ins + outs)):
+            continue
+        strategy = OpStrategy(ins, outs)
+        if strategy not in seen:
+            seen.add(strategy)
+            out.append(strategy)
+    return out
+
+
+def shard_dims(shape: tuple[int, ...]) -> list[Shard]:
+    return [Shard(d) for d in range(len(shape)) if shape[d] > 1]
+
+
+def follow_all(t: torch.Tensor, *, partial: bool = True) -> list[Placement]:
+    """Every placement a tensor of ``t``'s shape can have on one axis."""
+    return [R, *shard_dims(tuple(t.shape)), *([P] if partial else [])]
+
+
+__all__ = [
+    "AxisStrategy",
+    "OpInfo",
+    "OpStrategy",
+    "Partial",
+    "combine",
+    "follow_all",
+    "get_rule",
+    "op_info",
+    "register_rule",
+]

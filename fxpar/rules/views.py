@@ -1,0 +1,94 @@
+"""Rules for views: reshape, transpose/permute, (un)squeeze, expand. All carry Partial through."""
+
+from __future__ import annotations
+
+import torch
+
+from fxpar.placement import P, R, Shard
+from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
+
+aten = torch.ops.aten
+
+
+def _base(pairs: list[tuple[int, int]]) -> list[AxisStrategy]:
+    return [AxisStrategy((R,), (R,)), AxisStrategy((P,), (P,))] + [
+        AxisStrategy((Shard(i),), (Shard(o),)) for i, o in pairs
+    ]
+
+
+def reshape_dim_pairs(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(input dim, output dim) pairs that can stay sharded through a reshape: the leading dims of
+    groups of dims whose products match, since an even split of a group's leading dim is an even
+    split of its flattened memory on both sides."""
+    pairs = []
+    i = o = 0
+    while i < len(in_shape) and o < len(out_shape):
+        while i < len(in_shape) and in_shape[i] == 1:
+            i += 1
+        while o < len(out_shape) and out_shape[o] == 1:
+            o += 1
+        if i >= len(in_shape) or o >= len(out_shape):
+            break
+        start_i, start_o = i, o
+        pin, pout = in_shape[i], out_shape[o]
+        i += 1
+        o += 1
+        while pin != pout:
+            if pin < pout:
+                pin *= in_shape[i]
+                i += 1
+            else:
+                pout *= out_shape[o]
+                o += 1
+        pairs.append((start_i, start_o))
+    return pairs
+
+
+@register_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def reshape_rule(info: OpInfo) -> list[AxisStrategy]:
+    return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
+
+
+def _permutation_rule(info: OpInfo, perm: list[int]) -> list[AxisStrategy]:
+    return _base([(perm[o], o) for o in range(len(perm))])
+
+
+@register_rule(aten.t.default)
+def t_rule(info: OpInfo) -> list[AxisStrategy]:
+    return _permutation_rule(info, list(range(info.out.dim()))[::-1])
+
+
+@register_rule(aten.transpose.int)
+def transpose_rule(info: OpInfo) -> list[AxisStrategy]:
+    ndim = info.out.dim()
+    perm = list(range(ndim))
+    d0, d1 = info.args[1] % ndim, info.args[2] % ndim
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return _permutation_rule(info, perm)
+
+
+@register_rule(aten.permute.default)
+def permute_rule(info: OpInfo) -> list[AxisStrategy]:
+    ndim = info.out.dim()
+    return _permutation_rule(info, [d % ndim for d in info.args[1]])
+
+
+@register_rule(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def squeeze_rule(info: OpInfo) -> list[AxisStrategy]:
+    return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
+
+
+@register_rule(aten.expand.default)
+def expand_rule(info: OpInfo) -> list[AxisStrategy]:
+    in_shape = tuple(info.tensor_args[0].shape)
+    out_shape = tuple(info.out.shape)
+    offset = len(out_shape) - len(in_shape)
+    out = [AxisStrategy((R,), (R,)), AxisStrategy((P,), (P,))]
+    for o in range(len(out_shape)):
+        i = o - offset
+        if i >= 0 and in_shape[i] == out_shape[o]:
+            out.append(AxisStrategy((Shard(i),), (Shard(o),)))
+        else:
+            # Each device materializes only its chunk of the broadcast dim.
+            out.append(AxisStrategy((R,), (Shard(o),)))
+    return out

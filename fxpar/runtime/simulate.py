@@ -1,0 +1,78 @@
+"""Run a rewritten (per-rank) graph for every rank of a mesh in one process, in lockstep.
+
+Collective nodes see the values of all ranks of their axis group; every other node runs once per
+rank with that rank's coordinates. Used by the property tests to check any plan quickly against
+the single-device graph, with the same arithmetic a real process group would do.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.fx import GraphModule
+
+from fxpar.runtime import collectives as C
+
+
+class _RankComm:
+    def __init__(self, mesh_shape: tuple[int, ...], coords: tuple[int, ...]):
+        self.mesh_shape = mesh_shape
+        self.coords = coords
+
+    def coord(self, axis: int) -> int:
+        return self.coords[axis]
+
+
+def _collective(target, values: list[torch.Tensor], coords: list[int], n: int, args: tuple) -> list[torch.Tensor]:
+    """``values`` of one axis group in coordinate order; returns each member's result."""
+    if target is C.all_gather:
+        full = torch.cat(values, dim=args[0])
+        return [full.clone() for _ in values]
+    total = values[0].clone()
+    for v in values[1:]:
+        total = total + v
+    if target is C.all_reduce:
+        return [total.clone() for _ in values]
+    if target is C.reduce_scatter:
+        return [total.chunk(n, args[0])[c].contiguous() for c in coords]
+    if target is C.all_to_all:
+        dim, dim2 = args
+        return [torch.cat([v.chunk(n, dim2)[c] for v in values], dim=dim) for c in coords]
+    raise AssertionError(target)
+
+
+def simulate(gm: GraphModule, mesh_shape: tuple[int, ...], rank_inputs: list[list[torch.Tensor]]) -> list[list]:
+    ranks = list(itertools.product(*[range(s) for s in mesh_shape]))
+    assert len(rank_inputs) == len(ranks)
+    envs: list[dict] = [{} for _ in ranks]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for env, inputs in zip(envs, rank_inputs):
+        assert len(inputs) == len(placeholders)
+        env.update(zip(placeholders, inputs))
+    results: list[list] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            results = [torch.fx.node.map_arg(node.args[0], lambda a, e=env: e[a]) for env in envs]
+            break
+        if node.target in C.COLLECTIVE_OPS:
+            x, axis, *rest = node.args
+            groups: dict[tuple, list[int]] = {}
+            for r, coords in enumerate(ranks):
+                key = coords[:axis] + coords[axis + 1 :]
+                groups.setdefault(key, []).append(r)
+            for members in groups.values():
+                outs = _collective(
+                    node.target, [envs[r][x] for r in members], [ranks[r][axis] for r in members], mesh_shape[axis], tuple(rest)
+                )
+                for r, out in zip(members, outs):
+                    envs[r][node] = out
+            continue
+        for env, coords in zip(envs, ranks):
+            args = torch.fx.node.map_arg(node.args, lambda a, e=env: e[a])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, e=env: e[a])
+            with C.use_comm(_RankComm(mesh_shape, coords)):
+                env[node] = node.target(*args, **kwargs)
+    return results

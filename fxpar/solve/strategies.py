@@ -1,0 +1,72 @@
+"""Candidate strategies for every node of a captured graph, from the rule registry."""
+
+from __future__ import annotations
+
+import itertools
+
+from torch.fx import GraphModule, Node
+
+from fxpar.errors import ShardingError, UnsupportedOpError, node_desc
+from fxpar.placement import R, Shard, Spec, is_even, spec_str
+from fxpar.rules import get_rule
+from fxpar.rules.registry import OpStrategy, combine, op_info, tensor_arg_nodes
+
+
+def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
+    val = node.meta["val"]
+    shape = tuple(val.shape)
+    ndim = len(mesh_shape)
+    role = node.meta["fxpar_role"]
+    if role == "input":
+        # Each rank brings its own slice of the global batch, as with DDP: dim 0 is cut over all
+        # devices in rank order.
+        spec: Spec = (Shard(0),) * ndim
+        if not shape or not is_even(shape, spec, mesh_shape):
+            world = 1
+            for s in mesh_shape:
+                world *= s
+            size = shape[0] if shape else "a scalar"
+            raise ShardingError(
+                f"{node.meta['fxpar_fqn']} (%{node.name}, shape {list(shape)}): its batch dim 0 ({size}) "
+                f"is not divisible by the {world} devices of mesh {list(mesh_shape)}; use a global batch "
+                f"that is a multiple of {world} or a smaller mesh"
+            )
+        return [OpStrategy((), (spec,))]
+    if role == "buffer":
+        return [OpStrategy((), ((R,) * ndim,))]
+    per_axis = [R] + [Shard(d) for d in range(len(shape)) if shape[d] > 1]
+    out = []
+    for spec in itertools.product(per_axis, repeat=ndim):
+        if is_even(shape, spec, mesh_shape):
+            out.append(OpStrategy((), (tuple(spec),)))
+    return out
+
+
+def node_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
+    if node.op == "placeholder":
+        return _placeholder_strategies(node, mesh_shape)
+    assert node.op == "call_function", node.op
+    rule = get_rule(node.target)
+    if rule is None:
+        raise UnsupportedOpError(
+            f"{node_desc(node)} has no sharding rule; register one with "
+            f"@fxpar.rules.register_rule({node.target}) (see CONTRIBUTING.md, 'Adding an op rule')"
+        )
+    info = op_info(node)
+    strategies = combine(rule(info), info, mesh_shape)
+    # Repeated arguments (mul(x, x)) are one tensor: keep strategies that place them alike.
+    flat = tensor_arg_nodes(node)
+    if len(flat) != len(set(flat)):
+        strategies = [
+            s for s in strategies if all(s.inputs[i] == s.inputs[flat.index(a)] for i, a in enumerate(flat))
+        ]
+    assert strategies, f"{node_desc(node)}: no strategy survives on mesh {mesh_shape} (the all-replicate one must)"
+    return strategies
+
+
+def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...]) -> dict[Node, list[OpStrategy]]:
+    return {n: node_strategies(n, mesh_shape) for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+
+
+def describe(strategy: OpStrategy) -> str:
+    return " ".join(spec_str(s) for s in strategy.outputs)

@@ -1,0 +1,128 @@
+"""Capture pass: record one training step as a joint forward+backward aten graph on fake tensors.
+
+The model is traced functionally: ``step(params, buffers, inputs) -> (loss, *grads)`` with
+``torch.func.functional_call`` and ``torch.autograd.grad`` under ``make_fx`` in fake mode, so neither
+the model's memory nor its compute is needed (a model built on the ``meta`` device plans as well).
+
+Writes ``node.meta``:
+  ``fxpar_role``: ``"param"``, ``"buffer"`` or ``"input"`` on placeholders;
+  ``fxpar_fqn``: the parameter or buffer name, or ``"input[i]"``;
+and ``gm.meta["fxpar_outputs"]``: one ``("loss", None)`` then ``("grad", fqn)`` per parameter, in the
+order of the graph's output tuple.
+
+Before (the user's module)::
+
+    def forward(self, x, y): return cross_entropy(self.fc(x), y)
+
+After::
+
+    %p_fc_weight, %p_fc_bias, %x, %y = placeholders
+    %t = aten.t(%p_fc_weight); %addmm = aten.addmm(%p_fc_bias, %x, %t); ...; %div = aten.div(...)
+    ... backward: aten.mm, aten.sum.dim_IntList ...
+    return (%div, %grad_fc_weight, %grad_fc_bias)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch._decomp import get_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fxpar.errors import CaptureError
+
+aten = torch.ops.aten
+
+# Ops decomposed at capture because their primitives shard more freely than they do: a mean or an
+# nll_loss over a sharded batch becomes a Partial sum over a count, which the rules handle exactly.
+_DECOMPOSE = [
+    aten.nll_loss_forward,
+    aten.nll_loss_backward,
+    aten.mean.default,
+    aten.mean.dim,
+    aten.linear,
+    aten.mse_loss,
+    aten.mse_loss_backward,
+]
+
+# Ops that return their input unchanged in value; dropped from the joint graph.
+_IDENTITY = {aten.detach.default, aten.alias.default, aten.lift_fresh_copy.default}
+
+
+def _fake_like(mode: FakeTensorMode, t: torch.Tensor, *, requires_grad: bool = False) -> torch.Tensor:
+    device = torch.device("cpu") if t.device.type == "meta" else t.device
+    with mode:
+        out = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+    if requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
+    """Trace ``model(*example_inputs)`` (which must return a scalar loss) and its gradients."""
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(f"example_inputs must be a tuple or list of tensors, got {type(example_inputs).__name__}")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(f"example_inputs[{i}] is a {type(x).__name__}; fxpar takes tensors only")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise CaptureError("the model has no parameter that requires grad; there is nothing to train")
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    buffers = frozen + list(model.named_buffers())
+    param_names = [n for n, _ in named]
+    buffer_names = [n for n, _ in buffers]
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    params = [_fake_like(mode, p, requires_grad=True) for _, p in named]
+    bufs = [_fake_like(mode, b) for _, b in buffers]
+    inputs = [_fake_like(mode, x) for x in example_inputs]
+
+    def step(params, bufs, inputs):
+        state = {**dict(zip(param_names, params)), **dict(zip(buffer_names, bufs))}
+        loss = torch.func.functional_call(model, state, tuple(inputs))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.dtype.is_floating_point:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise CaptureError(
+                f"the model must return a scalar floating-point loss, but returned {got}; "
+                "wrap it so that forward() computes the loss (e.g. return F.cross_entropy(logits, y))"
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        return (loss, *grads)
+
+    with torch.device("cpu"):
+        gm = make_fx(step, decomposition_table=get_decompositions(_DECOMPOSE), tracing_mode="fake")(
+            params, bufs, inputs
+        )
+    _drop_identities(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(params) + len(bufs) + len(inputs)
+    roles = (
+        [("param", n) for n in param_names]
+        + [("buffer", n) for n in buffer_names]
+        + [("input", f"input[{i}]") for i in range(len(inputs))]
+    )
+    for node, (role, fqn) in zip(placeholders, roles):
+        node.meta["fxpar_role"] = role
+        node.meta["fxpar_fqn"] = fqn
+    gm.meta["fxpar_outputs"] = [("loss", None)] + [("grad", n) for n in param_names]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            raise CaptureError(
+                f"%{node.name} ({node.target}) mutates a tensor in place (e.g. batch-norm running statistics); "
+                "fxpar plans functional training steps only: compute without in-place state updates"
+            )
+    gm.recompile()
+    return gm
+
+
+def _drop_identities(gm: GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _IDENTITY:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()

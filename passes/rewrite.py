@@ -1,0 +1,113 @@
+"""Rewrite pass: turn the global joint graph into the graph one rank runs under a plan.
+
+Reads ``node.meta["val"]`` and the chosen ``OpStrategy`` of every node. Writes a new GraphModule
+whose placeholders are the rank's local parameter shards and local batch slices, and whose output
+is ``(loss replicated, *grads in their parameter's spec)``. Where a producer's spec differs from what
+a consumer wants, the steps of ``fxpar.reshard.reshard_steps`` are inserted as calls to
+``fxpar.runtime.collectives``; view/expand/factory ops get their per-device sizes; factory ops get
+the run's device.
+
+Before (global, mm chosen row-parallel on a 1-D mesh of 2: x S(1), w S(0) -> Partial)::
+
+    %mm = aten.mm(%x, %w)              # x[8,16], w[16,4]
+    %relu = aten.relu(%mm)             # wants Replicate
+
+After::
+
+    %mm = aten.mm(%x, %w)              # x[8,8], w[8,4] locally
+    %all_reduce = collectives.all_reduce(%mm, 0)
+    %relu = aten.relu(%all_reduce)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
+
+from fxpar.placement import Spec, local_shape, replicated
+from fxpar.reshard import reshard_steps
+from fxpar.rules.registry import OpStrategy, input_source
+from fxpar.runtime.collectives import STEP_OPS
+
+aten = torch.ops.aten
+_SIZE_ARG1 = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+_SIZE_ARG0 = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format}
+
+
+def rewrite(
+    gm: GraphModule,
+    assignment: dict[Node, OpStrategy],
+    mesh_shape: tuple[int, ...],
+    *,
+    device: torch.device | None = None,
+) -> GraphModule:
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    cache: dict[tuple[Node, int, Spec], Node] = {}
+
+    def get(u: Node, idx: int, dst: Spec) -> Node:
+        key = (u, idx, dst)
+        if key in cache:
+            return cache[key]
+        src = assignment[u].outputs[idx]
+        if src == dst:
+            if isinstance(u.meta.get("val"), (tuple, list)):
+                node = graph.call_function(operator.getitem, (env[u], idx))
+            else:
+                node = env[u]
+        else:
+            node = get(u, idx, src)
+            for step in reshard_steps(src, dst):
+                args = [node, step.axis] + ([step.dim] if step.dim >= 0 else []) + ([step.dim2] if step.dim2 >= 0 else [])
+                node = graph.call_function(STEP_OPS[step.kind], tuple(args))
+        cache[key] = node
+        return node
+
+    output = gm.graph.output_node()
+    out_nodes = list(output.args[0])
+    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
+    rep = replicated(len(mesh_shape))
+    wanted: dict[Node, list[Spec]] = {out_nodes[0]: [rep]}
+    for grad, param in zip(out_nodes[1:], params):
+        wanted.setdefault(grad, []).append(assignment[param].outputs[0])
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+        elif node.op == "call_function":
+            strategy = assignment[node]
+            if node.target is operator.getitem and isinstance(node.args[0].meta.get("val"), (tuple, list)):
+                u, idx = input_source(node, 0)
+                env[node] = get(u, idx, strategy.inputs[0])
+            else:
+                leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+                j = 0
+                for i, leaf in enumerate(leaves):
+                    if isinstance(leaf, Node):
+                        u, idx = input_source(node, j)
+                        leaves[i] = get(u, idx, strategy.inputs[j])
+                        j += 1
+                args, kwargs = pytree.tree_unflatten(leaves, spec)
+                args = list(args)
+                if node.target in _SIZE_ARG1 or node.target in _SIZE_ARG0:
+                    val = node.meta["val"]
+                    local = list(local_shape(tuple(val.shape), strategy.outputs[0], mesh_shape))
+                    args[1 if node.target in _SIZE_ARG1 else 0] = local
+                if device is not None and "device" in kwargs:
+                    kwargs = {**kwargs, "device": device}
+                env[node] = graph.call_function(node.target, tuple(args), kwargs)
+        elif node.op == "output":
+            continue
+        else:
+            raise AssertionError(f"unexpected node {node.op} {node.name}")
+        for dst in wanted.get(node, []):
+            get(node, 0, dst)
+    results = [get(out_nodes[0], 0, rep)]
+    results += [get(grad, 0, assignment[param].outputs[0]) for grad, param in zip(out_nodes[1:], params)]
+    graph.output(tuple(results))
+    new = GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new
