@@ -57,17 +57,18 @@ class _Step(torch.autograd.Function):
     hands the gradients (scaled by the incoming gradient of the loss) to the parameters."""
 
     @staticmethod
-    def forward(ctx, module: FxparModule, num_inputs: int, *args):
+    def forward(ctx, module: FxparModule, num_rest: int, *args):
+        # args: the parameter shards, then buffers and inputs (num_rest of them).
         with torch.no_grad(), use_comm(module._comm):
             loss, *grads = module.local_graph(*args)
-        ctx.num_inputs = num_inputs
+        ctx.num_rest = num_rest
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads = [g * grad_loss for g in ctx.saved_tensors]
-        return (None, None, *([None] * ctx.num_inputs), *grads)
+        return (None, None, *grads, *([None] * ctx.num_rest))
 
 
 class FxparModule(nn.Module):
@@ -103,7 +104,7 @@ class FxparModule(nn.Module):
                     f"of the global batch, {list(shape)}; pass inputs[i].chunk(world_size)[rank]"
                 )
         buffers = [getattr(self, f"_buffer{i}") for i in range(len(self._buffer_names))]
-        return _Step.apply(self, len(inputs), *self._shards, *buffers, *inputs)
+        return _Step.apply(self, len(buffers) + len(inputs), *self._shards, *buffers, *inputs)
 
     def named_shards(self) -> dict[str, nn.Parameter]:
         return dict(zip(self._names, self._shards))

@@ -4,6 +4,9 @@ Compute (per node, per device): roofline ``max(flops / (peak * eff), bytes / (me
 a per-kernel overhead; views cost nothing. FLOPs come from the annotate pass; the per-device share
 shrinks by every mesh axis on which the strategy shards some tensor of the op.
 
+Resharding runs the steps of ``fxpar.reshard``; each collective costs the alpha-beta time below
+and each step, collective or local slice, one kernel overhead.
+
 Communication (alpha-beta, ring, per mesh axis; ``docs/hardware.md``), n devices on the axis,
 B bus bandwidth, alpha per-hop latency:
   all-reduce      2(n-1) alpha + 2(n-1)/n * S/B   (S: bytes per device)
@@ -73,6 +76,8 @@ class CostModel:
             n = self.mesh_shape[step.axis]
             nbytes = after if step.kind == "all_gather" else before
             total += collective_time(step.kind, nbytes, n, link.bandwidth, link.latency)
+            # Every step is a kernel of its own (a collective launch, or a local copy).
+            total += self.cluster.device.kernel_overhead_s
         return total
 
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:

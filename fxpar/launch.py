@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_mod
 import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -25,14 +28,15 @@ def _free_port() -> int:
 def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_RANK=str(rank))
-    # One intra-op thread per rank: the ranks share the machine's cores.
-    import torch
-
+    # The ranks share the machine's cores.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=nprocs)
         result = fn(rank, *args)
-        queue.put((rank, True, result))
+        # Serialized here, so tensors travel by value, not by shared memory that dies with the rank.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException as exc:  # noqa: BLE001  (reported to the parent with the rank named)
         queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -57,7 +61,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
         for _ in range(nprocs):
             try:
                 rank, ok, value = queue.get(timeout=timeout_s)
-            except Exception:  # noqa: BLE001
+            except queue_mod.Empty:
                 dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in errors]
                 raise RankError(f"ranks {dead or 'unknown'} ended without a result within {timeout_s} s") from None
             (results if ok else errors)[rank] = value
@@ -71,4 +75,4 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
     if errors:
         rank = min(errors)
         raise RankError(f"rank {rank} of {nprocs} failed: {errors[rank]}")
-    return [results[r] for r in range(nprocs)]
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(nprocs)]

@@ -159,49 +159,42 @@ class Plan:
 
 
 def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, choice: dict[Node, int]) -> list[dict]:
-    """Rows of the explain() table: each parameter (placement, gradient sync) and each FLOP-heavy op."""
+    """Rows of the explain() table: each parameter (placement and gradient sync), then each node
+    that does FLOP-heavy work or receives resharded inputs, with the collectives on its inputs."""
     from fxpar.reshard import reshard_steps
 
+    mesh_ndim = len(problem.cost_model.mesh_shape)
+    incoming: dict[Node, list] = {}
+    for e in problem.edges:
+        incoming.setdefault(e.consumer, []).append(e)
+
+    def comm_of(n: Node) -> tuple[float, str]:
+        total, kinds = 0.0, []
+        for e in incoming.get(n, []):
+            src, dst = e.out_specs[choice[e.producer]], e.in_specs[choice[n]]
+            if src != dst:
+                total += problem.edge_cost(e, choice[e.producer], choice[n])
+                kinds += [f"{s.kind}@{s.axis}" for s in reshard_steps(src, dst)]
+        return total, "+".join(kinds)
+
     rows = []
-    outputs = gm.graph.output_node().args[0]
-    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
-    grad_of = dict(zip(params, outputs[1:]))
-    mesh_ndim = len(next(iter(assignment.values())).outputs[0]) if assignment else 1
-    cm = problem.cost_model
-    for p in params:
-        spec = assignment[p].outputs[0]
-        grad = grad_of[p]
-        gspec = assignment[grad].outputs[0]
-        steps = [s.kind for s in reshard_steps(gspec, spec)]
-        t = cm.reshard_time(grad.meta["val"], gspec, spec)
-        rows.append(
-            {
-                "name": p.meta["fxpar_fqn"],
-                "op": f"param {list(p.meta['val'].shape)}",
-                "strategy": spec_str(spec),
-                "time": _fmt_s(t),
-                "comm": ("grad " + "+".join(steps)) if steps else "grad local",
-            }
-        )
     for n in gm.graph.nodes:
-        if n.op != "call_function" or not n.meta.get("fxpar_flops"):
+        if n.op == "placeholder" and n.meta["fxpar_role"] == "param":
+            spec = assignment[n].outputs[0]
+            t, kinds = comm_of(n)
+            rows.append({"name": n.meta["fxpar_fqn"], "op": f"param {list(n.meta['val'].shape)}",
+                         "strategy": spec_str(spec), "time": _fmt_s(t), "comm": "grad " + (kinds or "local")})
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        t, kinds = comm_of(n)
+        if not n.meta.get("fxpar_flops") and not kinds:
             continue
         s = assignment[n]
         kind = ""
         if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default):
             kind = "/".join(matmul_kind(n.target, s, a) for a in range(mesh_ndim)) + " "
-        reshard = 0.0
-        for e in problem.edges:
-            if e.consumer is n:
-                reshard += problem.edge_cost(e, choice[e.producer], choice[e.consumer])
-        rows.append(
-            {
-                "name": f"%{n.name}",
-                "op": str(n.target).replace("aten.", "").replace(".default", ""),
-                "strategy": kind + s.label(),
-                "time": _fmt_s(problem.node_cost[n][choice[n]]),
-                "comm": f"in {_fmt_s(reshard)}" if reshard else "",
-            }
-        )
+        rows.append({"name": f"%{n.name}", "op": str(n.target).replace("aten.", "").replace(".default", ""),
+                     "strategy": kind + s.label(), "time": _fmt_s(problem.node_cost[n][choice[n]]),
+                     "comm": f"{kinds} {_fmt_s(t)}" if kinds else ""})
     return rows
-

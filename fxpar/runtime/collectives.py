@@ -73,6 +73,9 @@ STEP_OPS = {"all_gather": all_gather, "all_reduce": all_reduce, "reduce_scatter"
             "all_to_all": all_to_all, "chunk": chunk, "keep_one": keep_one}
 
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class DistComm:
     """Collectives over the sub-groups of a torch.distributed DeviceMesh."""
 
@@ -89,7 +92,7 @@ class DistComm:
         n = self.mesh_shape[axis]
         src = x.movedim(dim, 0).contiguous()
         out = src.new_empty((n * src.shape[0], *src.shape[1:]))
-        dist.all_gather_into_tensor(out, src, group=self._groups[axis])
+        _all_gather_single(out, src, group=self._groups[axis])
         return out.movedim(0, dim).contiguous()
 
     def all_reduce(self, x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -17,10 +17,12 @@ Constraints
   add_one_strategy:  sum_s x[v,s] = 1                                         for every node v
   add_edge_links:    sum_b e[k,a,b] = sum_{s: out_k(s)=a} x[u,s],
                      sum_a e[k,a,b] = sum_{s: in_k(s)=b} x[v,s]               for every edge k
-  add_memory:        sum_{p params} sum_s w_p(s) x[p,s] + sum_{v in L} sum_s m_v(s) x[v,s] <= M
+  add_memory:        sum_{p params} sum_s w_p(s) x[p,s] + sum_{k from a param} sum_{a!=b} g_k(b) e[k,a,b]
+                     + sum_{v in L} sum_s m_v(s) x[v,s] <= M
                      for every maximal set L of simultaneously live activations; w_p counts the
-                     parameter, its gradient and optimizer state on one device, m_v the bytes of
-                     v's outputs on one device, M the device memory
+                     parameter, its gradient and optimizer state on one device, g_k(b) a resharded
+                     copy of a parameter (kept for the step), m_v the bytes of v's outputs on one
+                     device, M the device memory
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 """
 
@@ -73,6 +75,12 @@ class Problem:
 
     def memory_of(self, choice: dict[Node, int]) -> float:
         params = sum(self.param_mem[p][choice[p]] for p in self.param_mem)
+        mesh = self.cost_model.mesh_shape
+        params += sum(
+            spec_bytes(e.tensor, e.in_specs[choice[e.consumer]], mesh)
+            for e in self.edges
+            if e.producer in self.param_mem and e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]
+        )
         peak = max((sum(self.act_mem[v][choice[v]] for v in live) for live in self.live_sets), default=0.0)
         return params + peak
 
@@ -174,6 +182,9 @@ class _Model:
         assert self.solver is not None, "OR-Tools was built without SCIP"
         self.x: dict[Node, list] = {}
         self.objective_terms: list = []
+        # Memory of parameters resharded for use (e.g. all-gathered ZeRO shards): the rewrite keeps
+        # one copy per wanted spec for the whole step, so it counts in every live set.
+        self.param_copy_terms: list = []
 
     def add_one_strategy(self) -> None:
         s = self.solver
@@ -185,14 +196,21 @@ class _Model:
 
     def add_edge_links(self) -> None:
         s = self.solver
+        mesh = self.p.cost_model.mesh_shape
         for k, e in enumerate(self.p.edges):
             a_specs = sorted(set(e.out_specs), key=repr)
             b_specs = sorted(set(e.in_specs), key=repr)
             costs = {
                 (a, b): self.p.cost_model.reshard_time(e.tensor, a, b) for a in a_specs for b in b_specs
             }
+            from_param = e.producer in self.p.param_mem
+            copy_bytes = lambda a, b: spec_bytes(e.tensor, b, mesh) if a != b else 0  # noqa: E731
             if len(a_specs) == 1 or len(b_specs) == 1 or not any(costs.values()):
                 # One side fixed: the edge cost is a function of the other node alone.
+                if from_param and len(a_specs) == 1:
+                    self.param_copy_terms += [copy_bytes(a_specs[0], b) * x for x, b in zip(self.x[e.consumer], e.in_specs) if copy_bytes(a_specs[0], b)]
+                elif from_param and len(b_specs) == 1:
+                    self.param_copy_terms += [copy_bytes(a, b_specs[0]) * x for x, a in zip(self.x[e.producer], e.out_specs) if copy_bytes(a, b_specs[0])]
                 if any(costs.values()):
                     if len(a_specs) == 1:
                         for xv, b in zip(self.x[e.consumer], e.in_specs):
@@ -207,13 +225,17 @@ class _Model:
             for b in b_specs:
                 s.Add(sum(ev[(a, b)] for a in a_specs) == sum(x for x, sp in zip(self.x[e.consumer], e.in_specs) if sp == b))
             self.objective_terms += [costs[key] * var for key, var in ev.items() if costs[key]]
+            if from_param:
+                self.param_copy_terms += [copy_bytes(*key) * var for key, var in ev.items() if copy_bytes(*key)]
 
     def memory_expr(self, live: list[Node]):
         terms = [m * x for p, ms in self.p.param_mem.items() for m, x in zip(ms, self.x[p]) if m]
+        terms += self.param_copy_terms
         terms += [m * x for v in live for m, x in zip(self.p.act_mem[v], self.x[v]) if m]
         return sum(terms)
 
     def add_memory(self, bound) -> None:
+        """Needs add_edge_links first (it collects the parameter copies)."""
         for live in self.p.live_sets or [[]]:
             self.solver.Add(self.memory_expr(live) <= bound)
 
@@ -254,6 +276,7 @@ def min_memory(problem: Problem, *, time_limit_s: float = 30.0) -> float:
     """The least per-device memory any allowed assignment needs (to explain an infeasible plan)."""
     m = _Model(problem)
     m.add_one_strategy()
+    m.add_edge_links()
     m.add_forced()
     peak = m.solver.NumVar(0, m.solver.infinity(), "peak")
     m.add_memory(peak)

@@ -1,0 +1,71 @@
+"""Rank functions for the real multi-process tests (importable, as spawn needs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import fxpar
+from fxpar.models import MLP
+
+
+def reference_training(model_fn, inputs_fn, num_steps: int, lr: float = 0.05, seed: int = 0):
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for step in range(num_steps):
+        batch = inputs_fn(step)
+        loss = model(*batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def mlp_model():
+    return MLP((16, 64, 32, 8))
+
+
+def mlp_inputs(step: int, batch: int = 16):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(batch, 16, generator=g), torch.randint(0, 8, (batch,), generator=g)
+
+
+def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=None, lr: float = 0.05):
+    torch.manual_seed(0)
+    model = mlp_model()
+    world = dist.get_world_size()
+    cluster = fxpar.preset(cluster_name, num_devices=world) if cluster_name else None
+    plan = None
+    if force is not None:
+        plan = fxpar.plan(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, force=force)
+    compiled = fxpar.compile(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, plan=plan)
+    opt = torch.optim.SGD(compiled.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for step in range(num_steps):
+        x, y = mlp_inputs(step)
+        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, compiled.state_dict(), compiled.plan.to_json()
+
+
+def train_torch_compile(rank: int, num_steps: int, lr: float = 0.05):
+    torch.manual_seed(0)
+    model = mlp_model()
+    world = dist.get_world_size()
+    compiled = torch.compile(model, backend="fxpar")
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for step in range(num_steps):
+        x, y = mlp_inputs(step)
+        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
