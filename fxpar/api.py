@@ -147,7 +147,7 @@ def compile(
             "give a mesh_shape whose sizes multiply to the world size"
         )
     for name, p in model.named_parameters():
-        if p.device.type == "meta":
+        if p.device.type == "meta":  # noqa: SIM102
             raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
     gm = capture_and_annotate(model, example_inputs)
     if plan is None:

@@ -1,0 +1,107 @@
+"""``torch.compile(model, backend="fxpar")``: the same planning and rewrite behind dynamo.
+
+Dynamo hands over its graph with the parameters lifted to inputs and this rank's slice of the
+batch. fxpar plans the step for the global batch (the local batch times the world size), and the
+compiled call runs the rank's part of the joint graph. Difference from ``fxpar.compile``: the
+user's module keeps its full parameters, so every rank holds full parameters and gradients and
+runs the optimizer on them redundantly; sharded parameter placements save compute and traffic in
+the step but not optimizer memory, and their gradients are all-gathered back to full size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.fx import GraphModule
+
+from fxpar.errors import CaptureError
+from fxpar.placement import replicated
+from fxpar.runtime.collectives import use_comm
+
+
+class _DynamoGraph(nn.Module):
+    """Dynamo's graph as a module: lifted parameters and buffers become its own state again."""
+
+    def __init__(self, gm: GraphModule, example_inputs: list):
+        super().__init__()
+        self.gm = gm
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.kinds: list[tuple[str, int]] = []
+        num_params = num_buffers = num_inputs = 0
+        for node, value in zip(placeholders, example_inputs):
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(f"p{num_params}", value)
+                self.kinds.append(("param", num_params))
+                num_params += 1
+            elif isinstance(value, torch.Tensor) and source is not None and "_buffers[" in source.name:
+                self.register_buffer(f"b{num_buffers}", value)
+                self.kinds.append(("buffer", num_buffers))
+                num_buffers += 1
+            elif isinstance(value, torch.Tensor):
+                self.kinds.append(("input", num_inputs))
+                num_inputs += 1
+            else:
+                raise CaptureError(
+                    f"dynamo passed %{node.name} = {value!r}, not a tensor; the fxpar backend needs static "
+                    "shapes: use torch.compile(model, backend='fxpar', dynamic=False)"
+                )
+        self.num_inputs = num_inputs
+
+    def forward(self, *inputs):
+        args = []
+        for kind, i in self.kinds:
+            args.append(getattr(self, f"p{i}") if kind == "param" else getattr(self, f"b{i}") if kind == "buffer" else inputs[i])
+        out = self.gm(*args)
+        if isinstance(out, (tuple, list)) and len(out) == 1:
+            out = out[0]
+        return out
+
+
+class _FullParamStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, compiled, num_rest: int, *args):
+        from fxpar.api import run_steps
+
+        num_params = len(compiled._names)
+        full_params, rest = args[:num_params], args[num_params:]
+        rep = replicated(len(compiled.plan.mesh_shape))
+        with torch.no_grad(), use_comm(compiled._comm):
+            shards = [run_steps(p.detach(), rep, compiled.plan.param_specs[name]) for name, p in zip(compiled._names, full_params)]
+            loss, *grads = compiled.local_graph(*shards, *rest)
+            grads = [run_steps(g, compiled.plan.param_specs[name], rep) for name, g in zip(compiled._names, grads)]
+        ctx.num_rest = num_rest
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (None, None, *[g * grad_loss for g in ctx.saved_tensors], *([None] * ctx.num_rest))
+
+
+def fxpar_backend(gm: GraphModule, example_inputs: list, **options):
+    """The dynamo backend. ``options`` (via ``torch.compile(..., options={...})``) go to
+    ``fxpar.compile``: ``cluster``, ``mesh_shape``, ``optimizer``."""
+    from fxpar.api import compile as fxpar_compile, init_distributed
+
+    init_distributed()
+    world = dist.get_world_size()
+    module = _DynamoGraph(gm, list(example_inputs))
+    with torch.no_grad():
+        for p in module.parameters():
+            dist.broadcast(p.data, src=0)  # as DDP does: every rank starts from rank 0's values
+    local_inputs = [x for (kind, _), x in zip(module.kinds, example_inputs) if kind == "input"]
+    global_inputs = [torch.empty((x.shape[0] * world, *x.shape[1:]), dtype=x.dtype, device="meta") if x.dim() else x
+                     for x in local_inputs]
+    compiled = fxpar_compile(module, global_inputs, **options)
+    param_slots = [i for kind, i in module.kinds if kind == "param"]
+    assert param_slots == list(range(len(param_slots)))
+
+    def run(*args):
+        params = [a for (kind, _), a in zip(module.kinds, args) if kind == "param"]
+        buffers = [a for (kind, _), a in zip(module.kinds, args) if kind == "buffer"]
+        inputs = [a for (kind, _), a in zip(module.kinds, args) if kind == "input"]
+        return (_FullParamStep.apply(compiled, len(buffers) + len(inputs), *params, *buffers, *inputs),)
+
+    return run
