@@ -33,7 +33,7 @@ from fxpar.rules.registry import OpStrategy, input_source
 from fxpar.runtime.collectives import STEP_OPS
 
 aten = torch.ops.aten
-_SIZE_ARG1 = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+_SIZE_ARG1 = {aten.view.default, aten._unsafe_view.default, aten.expand.default}
 _SIZE_ARG0 = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format}
 
 
@@ -43,7 +43,10 @@ def rewrite(
     mesh_shape: tuple[int, ...],
     *,
     device: torch.device | None = None,
+    output_specs: list[Spec] | None = None,
 ) -> GraphModule:
+    """``output_specs``: the spec of each graph output; by default a training step's (the loss
+    replicated, each gradient in its parameter's spec)."""
     graph = Graph()
     env: dict[Node, Node] = {}
     cache: dict[tuple[Node, int, Spec], Node] = {}
@@ -68,11 +71,13 @@ def rewrite(
 
     output = gm.graph.output_node()
     out_nodes = list(output.args[0])
-    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
-    rep = replicated(len(mesh_shape))
-    wanted: dict[Node, list[Spec]] = {out_nodes[0]: [rep]}
-    for grad, param in zip(out_nodes[1:], params):
-        wanted.setdefault(grad, []).append(assignment[param].outputs[0])
+    if output_specs is None:
+        params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
+        output_specs = [replicated(len(mesh_shape))] + [assignment[p].outputs[0] for p in params]
+    assert len(output_specs) == len(out_nodes)
+    wanted: dict[Node, list[Spec]] = {}
+    for out, spec in zip(out_nodes, output_specs):
+        wanted.setdefault(out, []).append(spec)
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -96,18 +101,21 @@ def rewrite(
                     val = node.meta["val"]
                     local = list(local_shape(tuple(val.shape), strategy.outputs[0], mesh_shape))
                     args[1 if node.target in _SIZE_ARG1 else 0] = local
+                target = node.target
+                if target == aten.squeeze.default:
+                    # Sharding can make a dim 1 long locally; squeeze only the dims that are 1 globally.
+                    target = aten.squeeze.dims
+                    args = [args[0], [d for d, size in enumerate(node.args[0].meta["val"].shape) if size == 1]]
                 if device is not None and "device" in kwargs:
                     kwargs = {**kwargs, "device": device}
-                env[node] = graph.call_function(node.target, tuple(args), kwargs)
+                env[node] = graph.call_function(target, tuple(args), kwargs)
         elif node.op == "output":
             continue
         else:
             raise AssertionError(f"unexpected node {node.op} {node.name}")
         for dst in wanted.get(node, []):
             get(node, 0, dst)
-    results = [get(out_nodes[0], 0, rep)]
-    results += [get(grad, 0, assignment[param].outputs[0]) for grad, param in zip(out_nodes[1:], params)]
-    graph.output(tuple(results))
+    graph.output(tuple(get(out, 0, spec) for out, spec in zip(out_nodes, output_specs)))
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
     return new

@@ -100,7 +100,11 @@ def op_info(node: Node) -> OpInfo:
 
     args = torch.fx.node.map_arg(node.args, value)
     kwargs = torch.fx.node.map_arg(node.kwargs, value)
-    return OpInfo(node, args, kwargs, [value(a) for a in tensor_arg_nodes(node)], output_values(node))
+    tensors = []
+    for j, a in enumerate(tensor_arg_nodes(node)):
+        producer, idx = input_source(node, j)
+        tensors.append(output_values(producer)[idx])
+    return OpInfo(node, args, kwargs, tensors, output_values(node))
 
 
 def input_source(node: Node, position: int) -> tuple[Node, int]:

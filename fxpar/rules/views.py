@@ -44,7 +44,7 @@ def reshape_dim_pairs(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     return pairs
 
 
-@register_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@register_rule(aten.view.default, aten._unsafe_view.default)
 def reshape_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 

@@ -76,3 +76,28 @@ def simulate(gm: GraphModule, mesh_shape: tuple[int, ...], rank_inputs: list[lis
             with C.use_comm(_RankComm(mesh_shape, coords)):
                 env[node] = node.target(*args, **kwargs)
     return results
+
+
+def shard_for_ranks(value: torch.Tensor, spec, mesh_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Each rank's local piece of a full ``value`` under ``spec`` (rank order = row-major coords)."""
+    from fxpar.api import run_steps
+    from fxpar.placement import replicated
+
+    out = []
+    for coords in itertools.product(*[range(s) for s in mesh_shape]):
+        with C.use_comm(_RankComm(mesh_shape, coords)):
+            out.append(run_steps(value, replicated(len(mesh_shape)), spec))
+    return out
+
+
+def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
+                  output_specs=None) -> list[list]:
+    """Rewrite ``gm`` under ``assignment``, slice ``full_inputs`` per the placeholders' specs, and
+    run every rank; returns each rank's outputs."""
+    from fxpar.passes.rewrite import rewrite
+
+    local = rewrite(gm, assignment, mesh_shape, output_specs=output_specs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    pieces = [shard_for_ranks(v, assignment[n].outputs[0], mesh_shape) for n, v in zip(placeholders, full_inputs)]
+    rank_inputs = [[p[r] for p in pieces] for r in range(len(pieces[0]) if pieces else 1)]
+    return simulate(local, mesh_shape, rank_inputs)

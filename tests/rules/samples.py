@@ -1,0 +1,97 @@
+"""One sample call per registered op: (op, tensor arguments, function calling the op on them)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+def _pos(*shape):
+    return torch.rand(*shape) + 0.5
+
+
+def samples() -> list[tuple[object, list[torch.Tensor], object]]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    idx = torch.randint(0, 6, (4, 1), generator=g)
+    out = [
+        (aten.mm.default, [_r(4, 6), _r(6, 8)], lambda a, b: aten.mm(a, b)),
+        (aten.bmm.default, [_r(2, 4, 6), _r(2, 6, 4)], lambda a, b: aten.bmm(a, b)),
+        (aten.addmm.default, [_r(8), _r(4, 6), _r(6, 8)], lambda c, a, b: aten.addmm(c, a, b)),
+        (aten.sum.default, [_r(4, 6)], lambda x: aten.sum(x)),
+        (aten.sum.dim_IntList, [_r(4, 6, 2)], lambda x: aten.sum(x, [1])),
+        (aten._log_softmax.default, [_r(4, 6)], lambda x: aten._log_softmax(x, 1, False)),
+        (aten._softmax.default, [_r(4, 6)], lambda x: aten._softmax(x, 0, False)),
+        (aten._log_softmax_backward_data.default, [_r(4, 6), torch.log_softmax(_r(4, 6), 1)],
+         lambda g_, o: aten._log_softmax_backward_data(g_, o, 1, torch.float32)),
+        (aten._softmax_backward_data.default, [_r(4, 6), torch.softmax(_r(4, 6), 1)],
+         lambda g_, o: aten._softmax_backward_data(g_, o, 1, torch.float32)),
+        (aten.view.default, [_r(4, 6)], lambda x: aten.view(x, [4, 2, 3])),
+        (aten._unsafe_view.default, [_r(4, 2, 3)], lambda x: aten._unsafe_view(x, [8, 3])),
+        (aten.t.default, [_r(4, 6)], lambda x: aten.t(x)),
+        (aten.transpose.int, [_r(4, 6, 2)], lambda x: aten.transpose(x, 0, 2)),
+        (aten.permute.default, [_r(4, 6, 2)], lambda x: aten.permute(x, [2, 0, 1])),
+        (aten.unsqueeze.default, [_r(4, 6)], lambda x: aten.unsqueeze(x, 1)),
+        (aten.squeeze.dim, [_r(4, 1, 6)], lambda x: aten.squeeze.dim(x, 1)),
+        (aten.squeeze.dims, [_r(4, 1, 6)], lambda x: aten.squeeze.dims(x, [1])),
+        (aten.squeeze.default, [_r(4, 1, 6)], lambda x: aten.squeeze(x)),
+        (aten.expand.default, [_r(4, 1)], lambda x: aten.expand(x, [4, 6])),
+        (aten.gather.default, [_r(4, 6), idx], lambda x, i: aten.gather(x, 1, i)),
+        (aten.scatter.value, [_r(4, 6), idx], lambda x, i: aten.scatter(x, 1, i, -1.0)),
+        (aten.scatter.src, [_r(4, 6), idx, _r(4, 1)], lambda x, i, s: aten.scatter(x, 1, i, s)),
+        (aten.scatter_add.default, [_r(4, 6), idx, _r(4, 1)], lambda x, i, s: aten.scatter_add(x, 1, i, s)),
+        (aten.scalar_tensor.default, [_r(4)], lambda x: aten.add(x, aten.scalar_tensor(2.0))),
+        (aten.full.default, [_r(4, 6)], lambda x: aten.mul(x, aten.full([4, 6], 3.0))),
+        (aten.zeros.default, [_r(4, 6)], lambda x: aten.add(x, aten.zeros([4, 6]))),
+        (aten.ones.default, [_r(4, 6)], lambda x: aten.add(x, aten.ones([4, 6]))),
+        (aten.empty.memory_format, [_r(4, 6)], lambda x: aten.mul(aten.empty.memory_format([4, 6]), 0.0).add(x)),
+        (operator.getitem, [_r(4, 6)], lambda x: aten.max.dim(x, 1)[0]),
+        (aten.add.Tensor, [_r(4, 6), _r(6)], lambda a, b: aten.add(a, b, alpha=2)),
+        (aten.sub.Tensor, [_r(4, 6), _r(4, 6)], lambda a, b: aten.sub(a, b)),
+        (aten.mul.Tensor, [_r(4, 6), _r(4, 1)], lambda a, b: aten.mul(a, b)),
+        (aten.mul.Scalar, [_r(4, 6)], lambda a: aten.mul.Scalar(a, 3.0)),
+        (aten.div.Tensor, [_r(4, 6), _pos(6)], lambda a, b: aten.div(a, b)),
+        (aten.div.Scalar, [_r(4, 6)], lambda a: aten.div.Scalar(a, 3.0)),
+        (aten.threshold_backward.default, [_r(4, 6), _r(4, 6)], lambda g_, x: aten.threshold_backward(g_, x, 0.0)),
+        (aten.neg.default, [_r(4, 6)], lambda x: aten.neg(x)),
+        (aten.clone.default, [_r(4, 6)], lambda x: aten.clone(x)),
+        (aten._to_copy.default, [_r(4, 6)], lambda x: aten._to_copy(x, dtype=torch.float64)),
+        (aten.zeros_like.default, [_r(4, 6)], lambda x: aten.zeros_like(x)),
+        (aten.ones_like.default, [_r(4, 6)], lambda x: aten.ones_like(x)),
+        (aten.full_like.default, [_r(4, 6)], lambda x: aten.full_like(x, 2.0)),
+        (aten.empty_like.default, [_r(4, 6)], lambda x: aten.mul(aten.empty_like(x), 0.0).add(x)),
+        (aten.where.self, [_r(4, 6), _r(4, 6), _r(6)], lambda c, a, b: aten.where(aten.gt(c, 0), a, b)),
+        (aten.masked_fill.Scalar, [_r(4, 6), _r(4, 6)], lambda c, a: aten.masked_fill(a, aten.gt(c, 0), 1.5)),
+        (aten.pow.Tensor_Scalar, [_r(4, 6)], lambda x: aten.pow(x, 2)),
+        (aten.pow.Tensor_Tensor, [_pos(4, 6), _r(4, 6)], lambda x, y: aten.pow(x, y)),
+        (aten.clamp.default, [_r(4, 6)], lambda x: aten.clamp(x, -0.5, 0.5)),
+        (aten.clamp_min.default, [_r(4, 6)], lambda x: aten.clamp_min(x, 0.1)),
+        (aten.maximum.default, [_r(4, 6), _r(6)], lambda a, b: aten.maximum(a, b)),
+        (aten.minimum.default, [_r(4, 6), _r(6)], lambda a, b: aten.minimum(a, b)),
+        (aten.logical_not.default, [_r(4, 6)], lambda x: aten.logical_not(aten.gt(x, 0))),
+        (aten.logical_and.default, [_r(4, 6), _r(4, 6)], lambda a, b: aten.logical_and(aten.gt(a, 0), aten.gt(b, 0))),
+        (aten.logical_or.default, [_r(4, 6), _r(4, 6)], lambda a, b: aten.logical_or(aten.gt(a, 0), aten.gt(b, 0))),
+        (aten.add.Scalar, [_r(4, 6)], lambda x: aten.add.Scalar(x, 1.0)),
+        (aten.sub.Scalar, [_r(4, 6)], lambda x: aten.sub.Scalar(x, 1.0)),
+        (aten.rsub.Scalar, [_r(4, 6)], lambda x: aten.rsub.Scalar(x, 1.0)),
+    ]
+    for op in [aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+               aten.exp.default, aten.abs.default, aten.sign.default]:
+        out.append((op, [_r(4, 6)], lambda x, op=op: op(x)))
+    for op in [aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default]:
+        out.append((op, [_pos(4, 6)], lambda x, op=op: op(x)))
+    for name in ["ne", "eq", "le", "lt", "ge", "gt"]:
+        out.append((getattr(aten, name).Scalar, [_r(4, 6)], lambda x, n=name: getattr(aten, n).Scalar(x, 0.1)))
+        out.append((getattr(aten, name).Tensor, [_r(4, 6), _r(6)], lambda a, b, n=name: getattr(aten, n).Tensor(a, b)))
+    for op in [aten.gelu_backward.default, aten.silu_backward.default]:
+        out.append((op, [_r(4, 6), _r(4, 6)], lambda g_, x, op=op: op(g_, x)))
+    for op in [aten.sigmoid_backward.default, aten.tanh_backward.default]:
+        out.append((op, [_r(4, 6), torch.rand(4, 6)], lambda g_, y, op=op: op(g_, y)))
+    return out
