@@ -1,0 +1,101 @@
+"""The ILP against brute force: on small graphs its optimum is the best of all assignments."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxpar
+from fxpar.cost import CostModel
+from fxpar.planner import capture_and_annotate, plan_graph
+from fxpar.solve.ilp import build_problem, min_memory, solve
+from fxpar.solve.strategies import all_strategies
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 512))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w).sum()
+
+
+def _problem(cluster_name: str, batch: int, mesh=(2,)):
+    gm = capture_and_annotate(Tiny(), (torch.randn(batch, 64),))
+    cluster = fxpar.preset(cluster_name, num_devices=math.prod(mesh))
+    return build_problem(gm, all_strategies(gm, mesh), CostModel(cluster, mesh))
+
+
+def _brute_force(problem, budget=None):
+    nodes = problem.nodes
+    edge_costs = [
+        {(a, b): problem.edge_cost(e, a, b) for a in range(len(problem.strategies[e.producer])) for b in range(len(problem.strategies[e.consumer]))}
+        for e in problem.edges
+    ]
+    best, best_choice = float("inf"), None
+    for combo in itertools.product(*[range(len(problem.strategies[n])) for n in nodes]):
+        choice = dict(zip(nodes, combo))
+        cost = sum(problem.node_cost[n][k] for n, k in choice.items())
+        cost += sum(c[(choice[e.producer], choice[e.consumer])] for e, c in zip(problem.edges, edge_costs))
+        if cost < best - 1e-15 and (budget is None or problem.memory_of(choice) <= budget):
+            best, best_choice = cost, choice
+    return best, best_choice
+
+
+@pytest.mark.parametrize("cluster_name, batch", [("cpu-local", 8), ("a100-nvlink-8", 4096), ("v100-pcie-4", 2)])
+def test_ilp_optimum_equals_brute_force(cluster_name, batch):
+    problem = _problem(cluster_name, batch)
+    sol = solve(problem)
+    best, _ = _brute_force(problem)
+    assert sol.status == "optimal"
+    assert sol.objective == pytest.approx(best, rel=1e-9)
+    # The linearized objective the solver optimized is the directly computed cost.
+    assert sol.bound == pytest.approx(sol.objective, rel=1e-6)
+
+
+def test_ilp_optimum_equals_brute_force_under_a_memory_bound():
+    problem = _problem("a100-nvlink-8", 64)
+    free = solve(problem)
+    least = min_memory(problem)
+    assert least < problem.memory_of(free.choice)
+    # A budget between the least any plan needs and what the unconstrained optimum needs.
+    problem.memory_budget = (least + problem.memory_of(free.choice)) / 2
+    sol = solve(problem)
+    best, choice = _brute_force(problem, problem.memory_budget)
+    assert choice is not None
+    assert sol.objective == pytest.approx(best, rel=1e-9)
+    assert problem.memory_of(sol.choice) <= problem.memory_budget
+    assert sol.objective >= free.objective
+
+
+def test_plans_are_deterministic(mlp_graph):
+    _, _, gm = mlp_graph
+    a, _ = plan_graph(gm, mesh_shape=(2, 2))
+    b, _ = plan_graph(gm, mesh_shape=(2, 2))
+    a.solver.pop("build_s"), a.solver.pop("solve_s"), b.solver.pop("build_s"), b.solver.pop("solve_s")
+    assert a.to_json() == b.to_json()
+
+
+def test_plan_json_round_trip(mlp_graph):
+    model, inputs, gm = mlp_graph
+    plan, _ = plan_graph(gm, mesh_shape=(2,))
+    again = fxpar.Plan.from_json(plan.to_json())
+    assert again == plan
+    assert again.assignment(gm) == plan.assignment(gm)
+    text = plan.explain()
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "predicted step" in text and "solver: optimal" in text
+
+
+def test_cluster_json_round_trip(tmp_path):
+    for name in fxpar.cluster.PRESETS:
+        c = fxpar.preset(name)
+        path = tmp_path / f"{name}.json"
+        c.save(path)
+        assert fxpar.Cluster.load(path) == c
