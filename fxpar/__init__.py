@@ -8,6 +8,7 @@ from fxpar.errors import (
     FxparError,
     InfeasiblePlanError,
     PlanMismatchError,
+    PlanTimeoutError,
     ShardingError,
     UnsupportedOpError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "LinkSpec",
     "Plan",
     "PlanMismatchError",
+    "PlanTimeoutError",
     "ShardingError",
     "UnsupportedOpError",
     "compile",

@@ -80,9 +80,10 @@ class _FullParamStep(torch.autograd.Function):
         return (None, None, *[g * grad_loss for g in ctx.saved_tensors], *([None] * ctx.num_rest))
 
 
-def fxpar_backend(gm: GraphModule, example_inputs: list, **options):
-    """The dynamo backend. ``options`` (via ``torch.compile(..., options={...})``) go to
-    ``fxpar.compile``: ``cluster``, ``mesh_shape``, ``optimizer``."""
+def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = None):
+    """The dynamo backend. ``options`` (``torch.compile(..., options={...})``) go to
+    ``fxpar.compile``: ``cluster``, ``mesh_shape``, ``optimizer``, ``plan``."""
+    options = dict(options or {})
     from fxpar.api import compile as fxpar_compile, init_distributed
 
     init_distributed()

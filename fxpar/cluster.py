@@ -116,12 +116,13 @@ def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: 
 
 P100 = _gpu("P100-SXM2-16GB", 10.6, 16, 732, 300, 35)
 V100 = _gpu("V100-SXM2-32GB", 15.7, 32, 900, 300, 48)
+V100_PCIE = _gpu("V100-PCIe-32GB", 14.0, 32, 900, 250, 40)
 A100 = _gpu("A100-SXM4-80GB", 19.5, 80, 2039, 400, 55)
 H100 = _gpu("H100-SXM5-80GB", 66.9, 80, 3350, 700, 100)
 H200 = _gpu("H200-141GB", 66.9, 141, 4800, 700, 78)
 
-# A CPU process of a small machine running gloo over loopback: rough defaults that
-# `fxpar calibrate` is meant to replace with measurements.
+# A CPU process of a small machine running gloo over loopback: rough defaults, to be replaced by
+# figures measured on the machine at hand (a Cluster loads from JSON).
 CPU = DeviceSpec(
     name="cpu-process",
     peak_flops=50e9,
@@ -136,9 +137,10 @@ def _presets() -> dict[str, Cluster]:
     return {
         "cpu-local": Cluster("cpu-local", CPU, 2, (LinkSpec(2 * GB, 50 * us),), source="rough loopback gloo defaults"),
         "p100-nvlink-8": Cluster("p100-nvlink-8", P100, 8, (LinkSpec(80 * GB * 0.75, 3 * us),), source="docs/hardware.md: NVLink1, DGX-1"),
-        "v100-pcie-4": Cluster("v100-pcie-4", V100, 4, (LinkSpec(16 * GB * 0.75, 10 * us),), source="docs/hardware.md: PCIe Gen3 x16"),
+        "v100-pcie-4": Cluster("v100-pcie-4", V100_PCIE, 4, (LinkSpec(16 * GB * 0.75, 10 * us),), source="docs/hardware.md: PCIe Gen3 x16"),
         "v100-nvlink-8": Cluster("v100-nvlink-8", V100, 8, (LinkSpec(150 * GB * 0.75, 3 * us),), source="docs/hardware.md: NVLink2"),
         "a100-nvlink-8": Cluster("a100-nvlink-8", A100, 8, (LinkSpec(230 * GB, 3 * us),), source="docs/hardware.md: nccl-tests busbw 8xA100"),
+        "h200-nvlink-8": Cluster("h200-nvlink-8", H200, 8, (LinkSpec(370 * GB, 3 * us),), source="docs/hardware.md: NVLink4 busbw"),
         "h100-2node-16": Cluster(
             "h100-2node-16",
             H100,

@@ -19,6 +19,14 @@ class InfeasiblePlanError(FxparError):
     """No sharding plan fits the cluster's per-device memory."""
 
 
+class PlanTimeoutError(FxparError):
+    """The solver found no plan within its time limit."""
+
+
+class DuplicateRuleError(FxparError):
+    """A second sharding rule was registered for an op."""
+
+
 class ClusterSpecError(FxparError):
     """A cluster description is malformed."""
 

@@ -12,12 +12,12 @@ from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, preset
 from fxpar.cost import CostModel
-from fxpar.errors import ClusterSpecError, InfeasiblePlanError
+from fxpar.errors import ClusterSpecError, InfeasiblePlanError, PlanTimeoutError
 from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
 from fxpar.plan import Plan, layer_rows
-from fxpar.solve.ilp import OPTIMIZER_STATE_FACTOR, Infeasible, Problem, build_problem, min_memory, solve
+from fxpar.solve.ilp import OPTIMIZER_STATE_FACTOR, Infeasible, Problem, SolverTimeout, build_problem, min_memory, solve
 from fxpar.solve.strategies import all_strategies
 
 
@@ -89,8 +89,12 @@ def plan_graph(
             f"{cluster.device.memory_bytes / 2**30:.2f} GiB; use more devices, a smaller batch or model, "
             "or a cluster with more memory"
         ) from None
+    except SolverTimeout as exc:
+        raise PlanTimeoutError(
+            f"{exc} for {len(problem.nodes)} nodes on mesh {list(mesh)}; raise time_limit_s (now {time_limit_s})"
+        ) from None
     assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
-    compute = sum(problem.node_cost[n][k] for n, k in sol.choice.items())
+    compute = sum(cost_model.compute_time(n, problem.strategies[n][k]) for n, k in sol.choice.items())
     params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
     plan = Plan(
         mesh_shape=mesh,

@@ -24,7 +24,6 @@ aten = torch.ops.aten
 VIEW_OPS = {
     aten.view.default,
     aten._unsafe_view.default,
-    aten.reshape.default,
     aten.t.default,
     aten.transpose.int,
     aten.permute.default,

@@ -45,8 +45,6 @@ _DECOMPOSE = [
     aten.mean.default,
     aten.mean.dim,
     aten.linear,
-    aten.mse_loss,
-    aten.mse_loss_backward,
 ]
 
 # Ops that return their input unchanged in value; dropped from the joint graph.

@@ -20,6 +20,7 @@ import torch
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
+from fxpar.errors import DuplicateRuleError
 from fxpar.placement import P, Partial, Placement, R, Shard, Spec, is_even
 
 
@@ -69,7 +70,7 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
     def wrap(fn: Rule) -> Rule:
         for target in targets:
             if target in _RULES:
-                raise RuntimeError(f"a sharding rule for {target} is already registered ({_RULES[target].__qualname__})")
+                raise DuplicateRuleError(f"a sharding rule for {target} is already registered ({_RULES[target].__qualname__})")
             _RULES[target] = fn
         return fn
 

@@ -175,6 +175,10 @@ class Infeasible(Exception):
     pass
 
 
+class SolverTimeout(Exception):
+    pass
+
+
 class _Model:
     def __init__(self, problem: Problem):
         self.p = problem
@@ -258,8 +262,10 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     solver.SetTimeLimit(int(time_limit_s * 1000))
     solver.SetNumThreads(1)
     status = solver.Solve()
-    if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+    if status == pywraplp.Solver.INFEASIBLE:
         raise Infeasible()
+    if status != pywraplp.Solver.OPTIMAL and status != pywraplp.Solver.FEASIBLE:
+        raise SolverTimeout(f"the solver found no plan within {time_limit_s} s (status {status})")
     choice = {v: max(range(len(xs)), key=lambda k: xs[k].solution_value()) for v, xs in m.x.items()}
     return Solution(
         choice,

@@ -54,11 +54,11 @@ def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=
     return losses, compiled.state_dict(), compiled.plan.to_json()
 
 
-def train_torch_compile(rank: int, num_steps: int, lr: float = 0.05):
+def train_torch_compile(rank: int, num_steps: int, options=None, lr: float = 0.05):
     torch.manual_seed(0)
     model = mlp_model()
     world = dist.get_world_size()
-    compiled = torch.compile(model, backend="fxpar")
+    compiled = torch.compile(model, backend="fxpar", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses = []
     for step in range(num_steps):
@@ -69,3 +69,19 @@ def train_torch_compile(rank: int, num_steps: int, lr: float = 0.05):
         opt.step()
         losses.append(loss.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fail_on_rank_one(rank: int):
+    if rank == 1:
+        raise ValueError("rank 1 says no")
+    dist.barrier()
+    return rank
+
+
+def world_info(rank: int):
+    return rank, dist.get_world_size()
+
+
+def pass_global_batch(rank: int):
+    compiled = fxpar.compile(mlp_model(), mlp_inputs(0))
+    return compiled(*mlp_inputs(0))

@@ -1,0 +1,65 @@
+"""Real multi-process gloo training against single-process training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.launch import RankError
+
+from . import train_fns as t
+
+NUM_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return t.reference_training(t.mlp_model, t.mlp_inputs, NUM_STEPS)
+
+
+def _check(results, reference):
+    ref_losses, ref_state = reference
+    for losses, state, *_ in results:
+        for got, want in zip(losses, ref_losses):
+            assert got == pytest.approx(want, rel=1e-5)
+        assert set(state) == set(ref_state)
+        for key, want in ref_state.items():
+            torch.testing.assert_close(state[key], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mesh, force",
+    [
+        ((2,), None),
+        ((4,), None),
+        ((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)"}),  # Megatron-style block
+        ((4,), {"layers.0.weight": "S(1)", "layers.1.weight": "S(0)", "layers.2.weight": "S(0)"}),
+        ((2, 2), {"layers.0.weight": "(S(0),S(1))", "layers.1.weight": "(S(1),R)"}),
+    ],
+    ids=str,
+)
+def test_fxpar_compile_matches_single_process(reference, mesh, force):
+    results = fxpar.launch(t.train_fxpar, math.prod(mesh), mesh, NUM_STEPS, force)
+    _check(results, reference)
+    plans = [fxpar.Plan.from_json(r[2]) for r in results]
+    assert all(p.strategies == plans[0].strategies for p in plans), "ranks ran different plans"
+    if force:
+        plan = plans[0]
+        assert any(any(repr(p) != "R" for p in spec) for spec in plan.param_specs.values())
+
+
+@pytest.mark.parametrize("nprocs, options", [(2, None), (4, None), (4, {"mesh_shape": (2, 2)})], ids=str)
+def test_torch_compile_backend_matches_single_process(reference, nprocs, options):
+    _check(fxpar.launch(t.train_torch_compile, nprocs, NUM_STEPS, options), reference)
+
+
+def test_launch_reraises_with_the_rank_named():
+    with pytest.raises(RankError, match=r"rank 1 of 2 failed: ValueError: rank 1 says no"):
+        fxpar.launch(t.fail_on_rank_one, 2)
+
+
+def test_launch_returns_results_in_rank_order():
+    assert fxpar.launch(t.world_info, 3) == [(0, 3), (1, 3), (2, 3)]
