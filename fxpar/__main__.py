@@ -1,22 +1,26 @@
-"""Command line: ``python -m fxpar demo``."""
+"""Command line: ``python -m fxpar <command>``. Each command is a module with a one-line ``HELP``,
+``add_arguments(parser)`` and ``run(args)``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+COMMANDS = {
+    "demo": "fxpar.demo",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fxpar", description="fxpar: automatic parallelization of training steps")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="plan an MLP, print the plan, train it on local CPU ranks")
-    demo.add_argument("--nprocs", type=int, default=2)
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--batch", type=int, default=64, help="global batch size")
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=module.HELP))
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from fxpar.demo import main as demo_main
-
-        demo_main(args.nprocs, args.steps, args.batch)
+    modules[args.command].run(args)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,16 @@ def main(nprocs: int = 2, num_steps: int = 8, global_batch: int = 64) -> None:
         f"{plan.predicted_step_s * 1e3:.2f} ms with the uncalibrated '{cluster.name}' preset "
         f"(ratio {measured / plan.predicted_step_s:.2f})"
     )
+
+
+HELP = "plan an MLP, print the plan, train it on local CPU ranks"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64, help="global batch size")
+
+
+def run(args) -> None:
+    main(args.nprocs, args.steps, args.batch)

@@ -4,8 +4,8 @@ Reads ``node.meta["val"]`` and the chosen ``OpStrategy`` of every node. Writes a
 whose placeholders are the rank's local parameter shards and local batch slices, and whose output
 is ``(loss replicated, *grads in their parameter's spec)``. Where a producer's spec differs from what
 a consumer wants, the steps of ``fxpar.reshard.reshard_steps`` are inserted as calls to
-``fxpar.runtime.collectives``; view/expand/factory ops get their per-device sizes; factory ops get
-the run's device.
+``fxpar.runtime.collectives``; ops whose rule registered a ``localize`` hook (view/expand/factory
+sizes, ...) get their per-device arguments from it; factory ops get the run's device.
 
 Before (global, mm chosen row-parallel on a 1-D mesh of 2: x S(1), w S(0) -> Partial)::
 
@@ -27,14 +27,11 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from fxpar.placement import Spec, local_shape, replicated
+from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
-from fxpar.rules.registry import OpStrategy, input_source
+from fxpar.rules.registry import OpStrategy, get_localizer, input_source
 from fxpar.runtime.collectives import STEP_OPS
 
-aten = torch.ops.aten
-_SIZE_ARG1 = {aten.view.default, aten._unsafe_view.default, aten.expand.default}
-_SIZE_ARG0 = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format}
 
 
 def rewrite(
@@ -97,15 +94,10 @@ def rewrite(
                         j += 1
                 args, kwargs = pytree.tree_unflatten(leaves, spec)
                 args = list(args)
-                if node.target in _SIZE_ARG1 or node.target in _SIZE_ARG0:
-                    val = node.meta["val"]
-                    local = list(local_shape(tuple(val.shape), strategy.outputs[0], mesh_shape))
-                    args[1 if node.target in _SIZE_ARG1 else 0] = local
                 target = node.target
-                if target == aten.squeeze.default:
-                    # Sharding can make a dim 1 long locally; squeeze only the dims that are 1 globally.
-                    target = aten.squeeze.dims
-                    args = [args[0], [d for d, size in enumerate(node.args[0].meta["val"].shape) if size == 1]]
+                localize = get_localizer(target)
+                if localize is not None:
+                    target, args, kwargs = localize(node, args, dict(kwargs), strategy, mesh_shape)
                 if device is not None and "device" in kwargs:
                     kwargs = {**kwargs, "device": device}
                 env[node] = graph.call_function(target, tuple(args), kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxpar.placement import R, Shard
-from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
+from fxpar.rules.registry import AxisStrategy, OpInfo, local_out_shape, register_rule
 
 aten = torch.ops.aten
 
@@ -36,7 +36,11 @@ def scalar_tensor_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((), (R,))]
 
 
-@register_rule(aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format)
+def localize_size_arg0(node, args, kwargs, strategy, mesh_shape):
+    return node.target, [local_out_shape(node, strategy, mesh_shape), *args[1:]], kwargs
+
+
+@register_rule(aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format, localize=localize_size_arg0)
 def full_rule(info: OpInfo) -> list[AxisStrategy]:
     # Each device creates just its chunk; the rewrite gives the op the local size.
     shape = tuple(info.out.shape)

@@ -61,17 +61,27 @@ class OpInfo:
 
 
 Rule = Callable[[OpInfo], list[AxisStrategy]]
+# (node, args, kwargs, strategy, mesh_shape) -> (target, args, kwargs): the call one rank makes,
+# for ops whose arguments carry global sizes (view sizes, factory shapes, split sizes, ...).
+Localizer = Callable[[Node, list, dict, "OpStrategy", tuple[int, ...]], tuple[Any, list, dict]]
 _RULES: dict[Any, Rule] = {}
+_LOCALIZERS: dict[Any, Localizer] = {}
 
 
-def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register ``fn`` as the one-axis rule of each target op overload; a second rule is an error."""
+def register_rule(*targets: Any, localize: Localizer | None = None) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the one-axis rule of each target op overload; a second rule is an error.
+
+    ``localize`` rewrites a call's non-tensor arguments for one rank (the rewrite pass applies it
+    after the tensor arguments have been resharded); ops whose arguments hold no global sizes
+    need none."""
 
     def wrap(fn: Rule) -> Rule:
         for target in targets:
             if target in _RULES:
                 raise DuplicateRuleError(f"a sharding rule for {target} is already registered ({_RULES[target].__qualname__})")
             _RULES[target] = fn
+            if localize is not None:
+                _LOCALIZERS[target] = localize
         return fn
 
     return wrap
@@ -79,6 +89,17 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
 
 def get_rule(target: Any) -> Rule | None:
     return _RULES.get(target)
+
+
+def get_localizer(target: Any) -> Localizer | None:
+    return _LOCALIZERS.get(target)
+
+
+def local_out_shape(node: Node, strategy: "OpStrategy", mesh_shape: tuple[int, ...], index: int = 0) -> list[int]:
+    """The per-device shape of the node's output ``index`` under ``strategy``."""
+    from fxpar.placement import local_shape
+
+    return list(local_shape(tuple(output_values(node)[index].shape), strategy.outputs[index], mesh_shape))
 
 
 def registered_ops() -> list[Any]:

@@ -5,9 +5,20 @@ from __future__ import annotations
 import torch
 
 from fxpar.placement import P, R, Shard
-from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
+from fxpar.rules.registry import AxisStrategy, OpInfo, local_out_shape, register_rule
 
 aten = torch.ops.aten
+
+
+def localize_size_arg1(node, args, kwargs, strategy, mesh_shape):
+    """view/expand take the output size as argument 1: give each rank its local size."""
+    return node.target, [args[0], local_out_shape(node, strategy, mesh_shape), *args[2:]], kwargs
+
+
+def localize_squeeze(node, args, kwargs, strategy, mesh_shape):
+    # Sharding can make a dim 1 long locally; squeeze only the dims that are 1 globally.
+    dims = [d for d, size in enumerate(node.args[0].meta["val"].shape) if size == 1]
+    return aten.squeeze.dims, [args[0], dims], kwargs
 
 
 def _base(pairs: list[tuple[int, int]]) -> list[AxisStrategy]:
@@ -44,7 +55,7 @@ def reshape_dim_pairs(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     return pairs
 
 
-@register_rule(aten.view.default, aten._unsafe_view.default)
+@register_rule(aten.view.default, aten._unsafe_view.default, localize=localize_size_arg1)
 def reshape_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 
@@ -73,12 +84,15 @@ def permute_rule(info: OpInfo) -> list[AxisStrategy]:
     return _permutation_rule(info, [d % ndim for d in info.args[1]])
 
 
-@register_rule(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@register_rule(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims)
 def squeeze_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 
 
-@register_rule(aten.expand.default)
+register_rule(aten.squeeze.default, localize=localize_squeeze)(squeeze_rule)
+
+
+@register_rule(aten.expand.default, localize=localize_size_arg1)
 def expand_rule(info: OpInfo) -> list[AxisStrategy]:
     in_shape = tuple(info.tensor_args[0].shape)
     out_shape = tuple(info.out.shape)
