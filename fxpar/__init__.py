@@ -5,6 +5,7 @@ from fxpar.cluster import Cluster, DeviceSpec, LinkSpec, preset
 from fxpar.errors import (
     CaptureError,
     ClusterSpecError,
+    FallbackWarning,
     FxparError,
     InfeasiblePlanError,
     PlanMismatchError,
@@ -21,6 +22,7 @@ __all__ = [
     "Cluster",
     "ClusterSpecError",
     "DeviceSpec",
+    "FallbackWarning",
     "FxparError",
     "FxparModule",
     "InfeasiblePlanError",

@@ -59,8 +59,12 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module: FxparModule, num_rest: int, *args):
         # args: the parameter shards, then buffers and inputs (num_rest of them).
+        num_params = len(module._shards)
         with torch.no_grad(), use_comm(module._comm):
-            loss, *grads = module.local_graph(*args)
+            loss, *outs = module.local_graph(*args)
+            grads, updates = outs[:num_params], outs[num_params:]
+            for slot, value in zip(module._updated_slots, updates):
+                getattr(module, f"_buffer{slot}").copy_(value)
         ctx.num_rest = num_rest
         ctx.save_for_backward(*grads)
         return loss
@@ -93,6 +97,7 @@ class FxparModule(nn.Module):
         for i, b in enumerate(buffers.values()):
             self.register_buffer(f"_buffer{i}", b)
         self._input_shapes = input_shapes
+        self._updated_slots = [self._buffer_names.index(fqn) for kind, fqn in graph.meta["fxpar_outputs"] if kind == "buffer"]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self._input_shapes):

@@ -69,8 +69,11 @@ class _FullParamStep(torch.autograd.Function):
         rep = replicated(len(compiled.plan.mesh_shape))
         with torch.no_grad(), use_comm(compiled._comm):
             shards = [run_steps(p.detach(), rep, compiled.plan.param_specs[name]) for name, p in zip(compiled._names, full_params)]
-            loss, *grads = compiled.local_graph(*shards, *rest)
+            loss, *outs = compiled.local_graph(*shards, *rest)
+            grads, updates = outs[:num_params], outs[num_params:]
             grads = [run_steps(g, compiled.plan.param_specs[name], rep) for name, g in zip(compiled._names, grads)]
+            for slot, value in zip(compiled._updated_slots, updates):
+                rest[slot].copy_(value)  # the user's own buffer (batch-norm statistics)
         ctx.num_rest = num_rest
         ctx.save_for_backward(*grads)
         return loss

@@ -39,6 +39,10 @@ class PlanMismatchError(FxparError):
     """A given plan does not belong to the captured graph."""
 
 
+class FallbackWarning(UserWarning):
+    """fxpar fell back to something slower than a planned strategy (e.g. an op without a rule)."""
+
+
 def node_desc(node) -> str:
     """``%name (aten.op)`` with the op for call_function nodes, for error messages."""
     target = getattr(node, "target", None)

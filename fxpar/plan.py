@@ -73,6 +73,7 @@ class Plan:
     optimizer: str
     solver: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
 
     def assignment(self, gm: GraphModule) -> dict[Node, OpStrategy]:
         from fxpar.solve.strategies import node_strategies
@@ -107,6 +108,7 @@ class Plan:
             lines.append(
                 f"{row['name'][:34]:<34} {row['op'][:22]:<22} {row['strategy'][:28]:<28} {row['time']:>10}  {row['comm']}"
             )
+        lines += [f"fallback: {note}" for note in self.fallbacks]
         s = self.solver
         lines += [
             f"predicted step: {_fmt_s(self.predicted_step_s)} (compute {_fmt_s(self.compute_s)}, "
@@ -131,6 +133,7 @@ class Plan:
                 "optimizer": self.optimizer,
                 "solver": self.solver,
                 "rows": self.rows,
+                "fallbacks": self.fallbacks,
             },
             indent=1,
         )
@@ -150,6 +153,7 @@ class Plan:
             optimizer=d["optimizer"],
             solver=d["solver"],
             rows=d["rows"],
+            fallbacks=d.get("fallbacks", []),
         )
 
     def __eq__(self, other: object) -> bool:

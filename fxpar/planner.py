@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, preset
 from fxpar.cost import CostModel
-from fxpar.errors import ClusterSpecError, InfeasiblePlanError, PlanTimeoutError
+from fxpar.errors import ClusterSpecError, FallbackWarning, InfeasiblePlanError, PlanTimeoutError
 from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
@@ -68,13 +69,14 @@ def plan_graph(
     optimizer: str = "adam",
     force: dict[str, str] | None = None,
     time_limit_s: float = 60.0,
+    strict: bool = False,
 ) -> tuple[Plan, Problem]:
     if optimizer not in OPTIMIZER_STATE_FACTOR:
         raise ClusterSpecError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)}")
     cluster, mesh = resolve_mesh(cluster, mesh_shape)
     cost_model = CostModel(cluster, mesh)
     start = time.perf_counter()
-    strategies = all_strategies(gm, mesh)
+    strategies = all_strategies(gm, mesh, strict=strict)
     problem = build_problem(gm, strategies, cost_model, optimizer=optimizer)
     problem.build_seconds = time.perf_counter() - start
     if force:
@@ -117,7 +119,25 @@ def plan_graph(
         },
     )
     plan.rows = layer_rows(gm, assignment, problem, sol.choice)
+    plan.fallbacks = _fallback_notes(problem, sol.choice)
+    for note in plan.fallbacks:
+        warnings.warn(note, FallbackWarning, stacklevel=3)
     return plan, problem
+
+
+def _fallback_notes(problem: Problem, choice) -> list[str]:
+    notes = []
+    for n in problem.nodes:
+        if not n.meta.get("fxpar_fallback"):
+            continue
+        compute = problem.cost_model.compute_time(n, problem.strategies[n][0])
+        gather = sum(problem.edge_cost(e, choice[e.producer], choice[n]) for e in problem.edges if e.consumer is n)
+        notes.append(
+            f"%{n.name} ({n.target}) has no sharding rule and runs replicated on every device: "
+            f"{compute * 1e6:.1f} us of compute per device plus {gather * 1e6:.1f} us gathering its inputs "
+            "(plan with strict=True to make this an error)"
+        )
+    return notes
 
 
 def plan(
@@ -129,13 +149,17 @@ def plan(
     optimizer: str = "adam",
     force: dict[str, str] | None = None,
     time_limit_s: float = 60.0,
+    strict: bool = False,
 ) -> Plan:
     """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
 
     ``force`` pins nodes or parameters (by node name or parameter name) to a strategy, written as
     its output spec (``"S(0)"``, ``"(R,S(1))"``) or its full label; the rest is still optimized.
+    An op without a sharding rule runs replicated, with a ``FallbackWarning`` naming it and its
+    cost; ``strict=True`` makes that an ``UnsupportedOpError``.
     """
     gm = capture_and_annotate(model, example_inputs)
     return plan_graph(
-        gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s
+        gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s,
+        strict=strict,
     )[0]

@@ -7,8 +7,9 @@ the model's memory nor its compute is needed (a model built on the ``meta`` devi
 Writes ``node.meta``:
   ``fxpar_role``: ``"param"``, ``"buffer"`` or ``"input"`` on placeholders;
   ``fxpar_fqn``: the parameter or buffer name, or ``"input[i]"``;
-and ``gm.meta["fxpar_outputs"]``: one ``("loss", None)`` then ``("grad", fqn)`` per parameter, in the
-order of the graph's output tuple.
+and ``gm.meta["fxpar_outputs"]``: one ``("loss", None)``, then ``("grad", fqn)`` per parameter,
+then ``("buffer", fqn)`` per buffer the step updates in place (batch-norm running statistics), in
+the order of the graph's output tuple; those in-place updates become out-of-place ops.
 
 Before (the user's module)::
 
@@ -26,12 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import operator
+
 import torch
 from torch import nn
 from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 
 from fxpar.errors import CaptureError
 
@@ -108,14 +112,95 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphMo
         node.meta["fxpar_role"] = role
         node.meta["fxpar_fqn"] = fqn
     gm.meta["fxpar_outputs"] = [("loss", None)] + [("grad", n) for n in param_names]
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
-            raise CaptureError(
-                f"%{node.name} ({node.target}) mutates a tensor in place (e.g. batch-norm running statistics); "
-                "fxpar plans functional training steps only: compute without in-place state updates"
-            )
+    updated = _functionalize_buffer_updates(gm, [n for n in placeholders if n.meta["fxpar_role"] == "buffer"])
+    if updated:
+        output = gm.graph.output_node()
+        output.args = (tuple(output.args[0]) + tuple(value for _, value in updated),)
+        codegen = gm.graph._codegen
+        if getattr(codegen, "pytree_info", None) is not None and codegen.pytree_info.out_spec is not None:
+            num_outputs = len(output.args[0])
+            codegen.pytree_info = codegen.pytree_info._replace(out_spec=pytree.tree_structure(tuple(range(num_outputs))))
+        gm.meta["fxpar_outputs"] += [("buffer", buf.meta["fxpar_fqn"]) for buf, _ in updated]
+    gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def step_outputs(gm: GraphModule) -> tuple[Node, list[tuple[Node, Node]], list[tuple[Node, Node]]]:
+    """The loss node, (gradient, parameter placeholder) pairs and (new value, buffer placeholder)
+    pairs of a captured step."""
+    outs = list(gm.graph.output_node().args[0])
+    by_fqn = {n.meta["fxpar_fqn"]: n for n in gm.graph.nodes if n.op == "placeholder"}
+    grads, buffers = [], []
+    for node, (kind, fqn) in zip(outs, gm.meta["fxpar_outputs"]):
+        if kind == "grad":
+            grads.append((node, by_fqn[fqn]))
+        elif kind == "buffer":
+            buffers.append((node, by_fqn[fqn]))
+    return outs[0], grads, buffers
+
+
+def _fake_call(target, args, kwargs):
+    val = lambda a: a.meta["val"] if isinstance(a, Node) else a  # noqa: E731
+    return target(*torch.fx.node.map_arg(args, val), **torch.fx.node.map_arg(kwargs, val))
+
+
+def _functionalize_buffer_updates(gm: GraphModule, buffers: list[Node]) -> list[tuple[Node, Node]]:
+    """Turn in-place updates of buffers (batch-norm running statistics, counters) into new values:
+    later reads see the new value, and each updated buffer's last value becomes a graph output.
+    Returns (buffer placeholder, its final value) for the updated buffers, in graph order."""
+    graph = gm.graph
+    current = {b: b for b in buffers}
+    owner = {b: b for b in buffers}
+    order: list[Node] = []
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        node.args = torch.fx.node.map_arg(node.args, lambda a: current.get(a, a))
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: current.get(a, a))
+        target = node.target
+        # native_batch_norm's schema does not declare that training mode updates the running
+        # statistics in place, so it is matched by name.
+        is_bn_update = target == aten.native_batch_norm.default and node.args[5] and node.args[3] is not None
+        if not is_bn_update and not (isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable):
+            continue
+        if is_bn_update:
+            x, w, b, rm, rv, _, momentum, eps = node.args
+            with graph.inserting_before(node):
+                args = (x, w, b, rm, rv, True, momentum, eps)
+                fn = graph.call_function(aten._native_batch_norm_legit_functional.default, args)
+                fn.meta["val"] = _fake_call(fn.target, args, {})
+                outs = []
+                for i in range(5):
+                    item = graph.call_function(operator.getitem, (fn, i))
+                    item.meta["val"] = fn.meta["val"][i]
+                    outs.append(item)
+            for user in list(node.users):
+                assert user.target is operator.getitem, user
+                user.replace_all_uses_with(outs[user.args[1]])
+                graph.erase_node(user)
+            graph.erase_node(node)
+            mutated = [(rm, outs[3]), (rv, outs[4])]
+        elif target.__name__.split(".")[0].endswith("_") and isinstance(node.args[0], Node) and node.args[0] in owner:
+            functional = getattr(getattr(aten, target.__name__.split(".")[0][:-1]), target._overloadname)
+            with graph.inserting_before(node):
+                new = graph.call_function(functional, node.args, node.kwargs)
+                new.meta["val"] = _fake_call(functional, node.args, node.kwargs)
+            node.replace_all_uses_with(new)
+            mutated = [(node.args[0], new)]
+            graph.erase_node(node)
+        else:
+            raise CaptureError(
+                f"%{node.name} ({target}) mutates a tensor in place that is not a module buffer; fxpar plans "
+                "functional training steps: compute the new value out of place instead"
+            )
+        for old, new in mutated:
+            buf = owner[old]
+            current[buf] = new
+            owner[new] = buf
+            if buf not in order:
+                order.append(buf)
+    return [(buf, current[buf]) for buf in order]
 
 
 def _drop_identities(gm: GraphModule) -> None:

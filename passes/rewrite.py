@@ -2,7 +2,7 @@
 
 Reads ``node.meta["val"]`` and the chosen ``OpStrategy`` of every node. Writes a new GraphModule
 whose placeholders are the rank's local parameter shards and local batch slices, and whose output
-is ``(loss replicated, *grads in their parameter's spec)``. Where a producer's spec differs from what
+is ``(loss replicated, *grads in their parameter's spec, *updated buffers replicated)``. Where a producer's spec differs from what
 a consumer wants, the steps of ``fxpar.reshard.reshard_steps`` are inserted as calls to
 ``fxpar.runtime.collectives``; ops whose rule registered a ``localize`` hook (view/expand/factory
 sizes, ...) get their per-device arguments from it; factory ops get the run's device.
@@ -27,6 +27,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
+from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_localizer, input_source
@@ -69,8 +70,9 @@ def rewrite(
     output = gm.graph.output_node()
     out_nodes = list(output.args[0])
     if output_specs is None:
-        params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
-        output_specs = [replicated(len(mesh_shape))] + [assignment[p].outputs[0] for p in params]
+        _, grads, buffers = step_outputs(gm)
+        rep = replicated(len(mesh_shape))
+        output_specs = [rep] + [assignment[p].outputs[0] for _, p in grads] + [rep] * len(buffers)
     assert len(output_specs) == len(out_nodes)
     wanted: dict[Node, list[Spec]] = {}
     for out, spec in zip(out_nodes, output_specs):

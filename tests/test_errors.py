@@ -34,23 +34,20 @@ class NoLoss(nn.Module):
         return self.fc(x)
 
 
-class WithBatchNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(self, x, y):
-        return F.cross_entropy(self.bn(self.fc(x)), y)
-
-
 def _inputs(batch=8):
     return torch.randn(batch, 8), torch.randint(0, 4, (batch,))
 
 
-def test_op_without_rule_names_node_and_op():
+def test_op_without_rule_names_node_and_op_when_strict():
     with pytest.raises(fxpar.UnsupportedOpError, match=r"%cumsum \(aten\.cumsum\.default\) has no sharding rule; register one"):
-        fxpar.plan(CumsumModel(), _inputs(), mesh_shape=(2,))
+        fxpar.plan(CumsumModel(), _inputs(), mesh_shape=(2,), strict=True)
+
+
+def test_op_without_rule_warns_with_its_cost_and_runs_replicated():
+    with pytest.warns(fxpar.FallbackWarning, match=r"%cumsum \(aten\.cumsum\.default\) has no sharding rule and runs replicated on every device: [0-9.]+ us of compute per device plus [0-9.]+ us gathering"):
+        plan = fxpar.plan(CumsumModel(), _inputs(), mesh_shape=(2,))
+    assert plan.strategies["cumsum"].outputs[0] == (fxpar.placement.R,)
+    assert "fallback: %cumsum" in plan.explain()
 
 
 def test_mesh_that_does_not_divide_the_batch():
@@ -71,9 +68,19 @@ def test_model_without_scalar_loss():
         fxpar.plan(NoLoss(), _inputs(), mesh_shape=(2,))
 
 
-def test_in_place_buffer_update_is_refused():
-    with pytest.raises(fxpar.CaptureError, match=r"mutates a tensor in place"):
-        fxpar.plan(WithBatchNorm(), _inputs(), mesh_shape=(2,))
+class MutatesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        x.mul_(2.0)
+        return F.cross_entropy(self.fc(x), y)
+
+
+def test_in_place_update_of_a_non_buffer_is_refused():
+    with pytest.raises(fxpar.CaptureError, match=r"%mul_ \(aten\.mul_\.Tensor\) mutates a tensor in place that is not a module buffer"):
+        fxpar.plan(MutatesInput(), _inputs(), mesh_shape=(2,))
 
 
 def test_non_tensor_inputs():

@@ -35,6 +35,7 @@ from ortools.linear_solver import pywraplp
 from torch.fx import GraphModule, Node
 
 from fxpar.cost import CostModel, spec_bytes
+from fxpar.passes.capture import step_outputs
 from fxpar.placement import replicated
 from fxpar.rules.registry import OpStrategy, input_source, output_values, tensor_arg_nodes
 
@@ -133,13 +134,14 @@ def build_problem(
             edges.append(
                 Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]])
             )
-    outputs = gm.graph.output_node().args[0]
-    loss = outputs[0]
+    loss, grads, buffer_updates = step_outputs(gm)
     rep = replicated(len(mesh_shape))
-    loss_val = loss.meta["val"]
-    node_cost[loss] = [c + cost_model.reshard_time(loss_val, s.outputs[0], rep) for c, s in zip(node_cost[loss], strategies[loss])]
-    params = [n for n in nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
-    for grad, param in zip(outputs[1:], params):
+    # The loss and updated buffers leave the step replicated.
+    for out in [loss] + [value for value, _ in buffer_updates]:
+        val = out.meta["val"]
+        node_cost[out] = [c + cost_model.reshard_time(val, s.outputs[0], rep) for c, s in zip(node_cost[out], strategies[out])]
+    params = [param for _, param in grads]
+    for grad, param in grads:
         edges.append(
             Edge(grad, param, 0, grad.meta["val"], [s.outputs[0] for s in strategies[grad]], [s.outputs[0] for s in strategies[param]])
         )

@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from fxpar.errors import ShardingError, UnsupportedOpError, node_desc
 from fxpar.placement import R, Shard, Spec, is_even, spec_str
 from fxpar.rules import get_rule
-from fxpar.rules.registry import OpStrategy, combine, op_info, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, combine, op_info, output_values, tensor_arg_nodes
 
 
 def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
@@ -42,16 +42,24 @@ def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpS
     return out
 
 
-def node_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
+def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = False) -> list[OpStrategy]:
+    """The node's strategies. An op without a rule runs replicated (the inputs are gathered to
+    every device), marked ``node.meta["fxpar_fallback"]`` so the planner can warn with its cost;
+    with ``strict`` it is an error instead."""
     if node.op == "placeholder":
         return _placeholder_strategies(node, mesh_shape)
     assert node.op == "call_function", node.op
     rule = get_rule(node.target)
     if rule is None:
-        raise UnsupportedOpError(
-            f"{node_desc(node)} has no sharding rule; register one with "
-            f"@fxpar.rules.register_rule({node.target}) (see CONTRIBUTING.md, 'Adding an op rule')"
-        )
+        if strict:
+            raise UnsupportedOpError(
+                f"{node_desc(node)} has no sharding rule; register one with "
+                f"@fxpar.rules.register_rule({node.target}) (see CONTRIBUTING.md, 'Adding an op rule'), "
+                "or plan with strict=False to run it replicated"
+            )
+        node.meta["fxpar_fallback"] = True
+        rep = (R,) * len(mesh_shape)
+        return [OpStrategy((rep,) * len(tensor_arg_nodes(node)), (rep,) * len(output_values(node)))]
     info = op_info(node)
     strategies = combine(rule(info), info, mesh_shape)
     # Repeated arguments (mul(x, x)) are one tensor: keep strategies that place them alike.
@@ -64,8 +72,8 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]
     return strategies
 
 
-def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...]) -> dict[Node, list[OpStrategy]]:
-    return {n: node_strategies(n, mesh_shape) for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool = False) -> dict[Node, list[OpStrategy]]:
+    return {n: node_strategies(n, mesh_shape, strict=strict) for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
 
 
 def describe(strategy: OpStrategy) -> str:

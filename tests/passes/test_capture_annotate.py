@@ -93,3 +93,30 @@ def test_mlp_meta_capture_matches_real_shapes():
     gm = capture_and_annotate(model, model.example_inputs(4))
     loss = gm.graph.output_node().args[0][0]
     assert loss.meta["val"].shape == ()
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x, y):
+        return torch.nn.functional.cross_entropy(self.bn(self.fc(x)), y)
+
+
+def test_buffer_updates_become_outputs_equal_to_eager():
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    gm = capture_and_annotate(model, (x, y))
+    assert [k for k, _ in gm.meta["fxpar_outputs"]].count("buffer") == 3
+    assert not any(n.target == aten.native_batch_norm.default for n in gm.graph.nodes)
+    params = [p.detach() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    outs = gm(params, buffers, [x, y])
+    loss = model(x, y)  # updates the module's buffers in place
+    torch.testing.assert_close(outs[0], loss.detach())
+    new_values = dict(zip([fqn for kind, fqn in gm.meta["fxpar_outputs"] if kind == "buffer"], outs[1 + len(params):]))
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(new_values[name], value)
