@@ -18,7 +18,8 @@ from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
 from fxpar.plan import Plan, layer_rows
-from fxpar.solve.ilp import OPTIMIZER_STATE_FACTOR, Infeasible, Problem, SolverTimeout, build_problem, min_memory, solve
+from fxpar.solve.ilp import Infeasible, SolverTimeout, min_memory, solve
+from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies
 
 
@@ -70,6 +71,7 @@ def plan_graph(
     force: dict[str, str] | None = None,
     time_limit_s: float = 60.0,
     strict: bool = False,
+    share_repeated: bool = True,
 ) -> tuple[Plan, Problem]:
     if optimizer not in OPTIMIZER_STATE_FACTOR:
         raise ClusterSpecError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)}")
@@ -77,7 +79,7 @@ def plan_graph(
     cost_model = CostModel(cluster, mesh)
     start = time.perf_counter()
     strategies = all_strategies(gm, mesh, strict=strict)
-    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer)
+    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, share_repeated=share_repeated)
     problem.build_seconds = time.perf_counter() - start
     if force:
         _apply_force(problem, force)
@@ -114,6 +116,9 @@ def plan_graph(
             "num_variables": sol.num_variables,
             "num_constraints": sol.num_constraints,
             "num_nodes": len(problem.nodes),
+            "num_classes": sol.num_classes,
+            "num_memory_sets": sol.num_memory_sets,
+            "num_live_sets": len(problem.live_sets),
             "build_s": problem.build_seconds,
             "solve_s": sol.solve_seconds,
         },

@@ -1,0 +1,169 @@
+"""The planning problem: every node's strategies and costs, the edges between them, memory.
+
+``build_problem`` gathers what the ILP needs from an annotated graph and its strategies; the
+``Problem`` also evaluates any assignment directly (``cost_of``, ``memory_of``), which is the
+reference the solver is tested against. Repeated layers can share decisions (``classes``): nodes
+in one class take the same strategy (see ``fxpar.solve.repeat``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule, Node
+
+from fxpar.cost import CostModel, spec_bytes
+from fxpar.passes.capture import step_outputs
+from fxpar.placement import Spec, replicated
+from fxpar.rules.registry import OpStrategy, input_source, output_values, tensor_arg_nodes
+from fxpar.solve.repeat import node_signature, repeated_classes
+
+OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
+
+
+@dataclass
+class Edge:
+    producer: Node
+    consumer: Node
+    out_index: int
+    tensor: object
+    out_specs: list  # per producer strategy: the spec of its output out_index
+    in_specs: list  # per consumer strategy: the spec it wants
+
+
+@dataclass
+class Problem:
+    nodes: list[Node]
+    strategies: dict[Node, list[OpStrategy]]
+    node_cost: dict[Node, list[float]]
+    edges: list[Edge]
+    param_mem: dict[Node, list[float]]
+    live_sets: list[list[Node]]
+    act_mem: dict[Node, list[float]]
+    memory_budget: float
+    cost_model: CostModel
+    build_seconds: float = 0.0
+    forced: dict[Node, set[int]] = field(default_factory=dict)
+    classes: dict[Node, Node] = field(default_factory=dict)  # node -> its class representative
+    _reshard_cache: dict = field(default_factory=dict, repr=False)
+
+    def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
+        if src == dst:
+            return 0.0
+        key = (tuple(tensor.shape), tensor.dtype, src, dst)
+        if key not in self._reshard_cache:
+            self._reshard_cache[key] = self.cost_model.reshard_time(tensor, src, dst)
+        return self._reshard_cache[key]
+
+    def edge_cost(self, edge: Edge, su: int, sv: int) -> float:
+        return self.reshard_cost(edge.tensor, edge.out_specs[su], edge.in_specs[sv])
+
+    def rep(self, node: Node) -> Node:
+        return self.classes.get(node, node)
+
+    def live_set_memory(self, live: list[Node], choice: dict[Node, int]) -> float:
+        return sum(self.act_mem[v][choice[v]] for v in live)
+
+    def cost_of(self, choice: dict[Node, int]) -> float:
+        """The objective of any assignment, computed directly (the reference for brute force)."""
+        total = sum(self.node_cost[n][choice[n]] for n in self.nodes)
+        return total + sum(self.edge_cost(e, choice[e.producer], choice[e.consumer]) for e in self.edges)
+
+    def memory_of(self, choice: dict[Node, int]) -> float:
+        params = sum(self.param_mem[p][choice[p]] for p in self.param_mem)
+        mesh = self.cost_model.mesh_shape
+        params += sum(
+            spec_bytes(e.tensor, e.in_specs[choice[e.consumer]], mesh)
+            for e in self.edges
+            if e.producer in self.param_mem and e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]
+        )
+        peak = max((self.live_set_memory(live, choice) for live in self.live_sets), default=0.0)
+        return params + peak
+
+
+def _liveness(gm: GraphModule) -> list[list[Node]]:
+    """Maximal sets of activations live at once, in graph order; views share their base's storage."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    base: dict[Node, Node] = {}
+    end: dict[Node, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.meta.get("fxpar_is_view"):
+            base[n] = base.get(n.args[0], n.args[0])
+        elif n.op in ("placeholder", "call_function") and n.meta.get("fxpar_role") != "param":
+            end[n] = order[n]
+    for n in gm.graph.nodes:
+        for arg in n.all_input_nodes:
+            root = base.get(arg, arg)
+            if root in end and n.op != "output":
+                end[root] = max(end[root], order[n])
+    dying: dict[int, list[Node]] = {}
+    for n, t in end.items():
+        dying.setdefault(t, []).append(n)
+    live: list[Node] = []
+    sets: list[list[Node]] = []
+    for n in gm.graph.nodes:
+        if n in end:
+            live.append(n)
+        dead = dying.get(order[n], [])
+        if dead:
+            sets.append(list(live))
+            live = [v for v in live if v not in set(dead)]
+    return sets
+
+
+def build_problem(
+    gm: GraphModule,
+    strategies: dict[Node, list[OpStrategy]],
+    cost_model: CostModel,
+    *,
+    optimizer: str = "adam",
+    share_repeated: bool = True,
+) -> Problem:
+    start = time.perf_counter()
+    mesh_shape = cost_model.mesh_shape
+    nodes = list(strategies)
+    compute_cache: dict = {}
+
+    def compute(n: Node, s: OpStrategy) -> float:
+        # Repeated layers repeat signatures: price each (op, shapes, strategy) once.
+        key = (node_signature(n), s)
+        if key not in compute_cache:
+            compute_cache[key] = cost_model.compute_time(n, s)
+        return compute_cache[key]
+
+    node_cost = {n: [compute(n, s) for s in strategies[n]] for n in nodes}
+    edges: list[Edge] = []
+    for v in nodes:
+        for j, _ in enumerate(tensor_arg_nodes(v)):
+            u, idx = input_source(v, j)
+            edges.append(
+                Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]])
+            )
+    loss, grads, buffer_updates = step_outputs(gm)
+    rep = replicated(len(mesh_shape))
+    # The loss and updated buffers leave the step replicated.
+    for out in [loss] + [value for value, _ in buffer_updates]:
+        val = out.meta["val"]
+        node_cost[out] = [c + cost_model.reshard_time(val, s.outputs[0], rep) for c, s in zip(node_cost[out], strategies[out])]
+    params = [param for _, param in grads]
+    for grad, param in grads:
+        edges.append(
+            Edge(grad, param, 0, grad.meta["val"], [s.outputs[0] for s in strategies[grad]], [s.outputs[0] for s in strategies[param]])
+        )
+    factor = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
+    param_mem = {p: [factor * spec_bytes(p.meta["val"], s.outputs[0], mesh_shape) for s in strategies[p]] for p in params}
+    live_sets = _liveness(gm)
+    act_mem = {}
+    for n in {v for live in live_sets for v in live}:
+        vals = output_values(n)
+        act_mem[n] = [float(sum(spec_bytes(t, sp, mesh_shape) for t, sp in zip(vals, s.outputs) if hasattr(t, "shape"))) for s in strategies[n]]
+    problem = Problem(
+        nodes, strategies, node_cost, edges, param_mem, live_sets, act_mem,
+        cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
+    )
+    if share_repeated:
+        problem.classes = repeated_classes(nodes, strategies)
+    return problem
+
+
