@@ -1,6 +1,7 @@
 """Annotate pass: FLOPs, bytes and forward/backward role of every node.
 
-Reads ``node.meta["val"]`` (fake tensors from capture). Writes ``node.meta``:
+Reads ``node.meta["val"]`` (fake tensors from capture). Counts are ints, or sympy expressions of
+the symbol ``batch`` where capture made the batch symbolic. Writes ``node.meta``:
   ``fxpar_flops``: FLOPs as ``torch.utils.flop_counter`` counts them (matmuls, convolutions,
       attention; 0 for ops it does not count, whose time the cost model takes from bytes instead);
   ``fxpar_bytes_read`` / ``fxpar_bytes_written``: bytes of tensor inputs / outputs (0 for views);
@@ -15,6 +16,7 @@ Before: ``%mm = aten.mm(%x, %w)``; after: the same node with
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import flop_registry
@@ -38,9 +40,22 @@ VIEW_OPS = {
 }
 
 
-def tensor_bytes(value) -> int:
+BATCH = sympy.Symbol("batch", positive=True, integer=True)
+
+
+def as_number(value) -> int | sympy.Expr:
+    """An int, or for a symbolic size a sympy expression of ``batch`` (the inputs' dim 0)."""
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        if isinstance(expr, sympy.Integer):
+            return int(expr)
+        return expr.subs({s: BATCH for s in expr.free_symbols})
+    return int(value)
+
+
+def tensor_bytes(value) -> int | sympy.Expr:
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return as_number(value.numel()) * value.element_size()
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
     return 0
@@ -50,14 +65,14 @@ def _val(arg):
     return arg.meta.get("val") if isinstance(arg, Node) else arg
 
 
-def node_flops(node: Node) -> int:
+def node_flops(node: Node) -> int | sympy.Expr:
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     if packet not in flop_registry:
         return 0
     args = torch.fx.node.map_arg(node.args, _val)
     kwargs = torch.fx.node.map_arg(node.kwargs, _val)
-    return int(flop_registry[packet](*args, **kwargs, out_val=node.meta["val"]))
+    return as_number(flop_registry[packet](*args, **kwargs, out_val=node.meta["val"]))
 
 
 def annotate(gm: GraphModule) -> GraphModule:

@@ -35,6 +35,7 @@ from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils import _pytree as pytree
 
 from fxpar.errors import CaptureError
@@ -64,8 +65,20 @@ def _fake_like(mode: FakeTensorMode, t: torch.Tensor, *, requires_grad: bool = F
     return out
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
-    """Trace ``model(*example_inputs)`` (which must return a scalar loss) and its gradients."""
+def _symbolic_batch(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        raise CaptureError("dynamic_batch needs every input to have a batch dim 0; got a scalar input")
+    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1))
+    real = torch.empty(tuple(t.shape), dtype=t.dtype) if t.device.type == "meta" else t
+    return mode.from_tensor(real, symbolic_context=ctx)
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = False) -> GraphModule:
+    """Trace ``model(*example_inputs)`` (which must return a scalar loss) and its gradients.
+
+    With ``dynamic_batch``, dim 0 of every input is a symbol, so the graph's shapes (and the
+    annotations of ``annotate``) are expressions of the batch size; such a graph is for analysis,
+    and planning takes a static capture."""
     if not isinstance(example_inputs, (tuple, list)):
         raise CaptureError(f"example_inputs must be a tuple or list of tensors, got {type(example_inputs).__name__}")
     for i, x in enumerate(example_inputs):
@@ -79,10 +92,10 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphMo
     param_names = [n for n, _ in named]
     buffer_names = [n for n, _ in buffers]
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv() if dynamic_batch else None)
     params = [_fake_like(mode, p, requires_grad=True) for _, p in named]
     bufs = [_fake_like(mode, b) for _, b in buffers]
-    inputs = [_fake_like(mode, x) for x in example_inputs]
+    inputs = [_symbolic_batch(mode, x) if dynamic_batch else _fake_like(mode, x) for x in example_inputs]
 
     def step(params, bufs, inputs):
         state = {**dict(zip(param_names, params)), **dict(zip(buffer_names, bufs))}
@@ -97,7 +110,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphMo
         return (loss, *grads)
 
     with torch.device("cpu"):
-        gm = make_fx(step, decomposition_table=get_decompositions(_DECOMPOSE), tracing_mode="fake")(
+        gm = make_fx(step, decomposition_table=get_decompositions(_DECOMPOSE), tracing_mode="symbolic" if dynamic_batch else "fake")(
             params, bufs, inputs
         )
     _drop_identities(gm)

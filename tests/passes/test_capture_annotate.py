@@ -120,3 +120,23 @@ def test_buffer_updates_become_outputs_equal_to_eager():
     new_values = dict(zip([fqn for kind, fqn in gm.meta["fxpar_outputs"] if kind == "buffer"], outs[1 + len(params):]))
     for name, value in model.named_buffers():
         torch.testing.assert_close(new_values[name], value)
+
+
+def test_symbolic_batch_annotations_are_expressions_of_the_batch():
+    from fxpar.passes.annotate import BATCH, annotate
+    from fxpar.passes.capture import capture
+
+    model = MLP((16, 32, 24, 8))
+    symbolic = annotate(capture(model, model.example_inputs(8), dynamic_batch=True))
+    mm_flops = [n.meta["fxpar_flops"] for n in symbolic.graph.nodes if n.target == aten.addmm.default]
+    assert mm_flops and all(BATCH in f.free_symbols for f in mm_flops)
+    for batch in (4, 12):
+        static = capture_and_annotate(model, model.example_inputs(batch))
+        sym_nodes = [n for n in symbolic.graph.nodes if n.op != "output"]
+        static_nodes = [n for n in static.graph.nodes if n.op != "output"]
+        assert [n.target for n in sym_nodes] == [n.target for n in static_nodes]
+        for s, c in zip(sym_nodes, static_nodes):
+            for key in ("fxpar_flops", "fxpar_bytes_read", "fxpar_bytes_written", "fxpar_output_bytes"):
+                value = s.meta[key]
+                value = int(value.subs(BATCH, batch)) if hasattr(value, "subs") else value
+                assert value == c.meta[key], (s.name, key)
