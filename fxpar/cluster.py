@@ -1,13 +1,16 @@
 """Cluster descriptions: devices, their links per mesh axis, and presets.
 
-All figures are SI: FLOP/s, bytes, bytes/s, seconds, watts. GPU presets take their numbers from the
-public datasheet and measurement table in ``docs/hardware.md`` (dense FP32 peaks unless the preset
-says otherwise; bus bandwidths as nccl-tests report them).
+All figures are SI: FLOP/s, bytes, bytes/s, seconds, watts. GPU presets take their numbers from
+public datasheets and published measurements; every preset names its source in ``source`` and
+``docs/hardware.md`` / ``docs/cost-model.md`` give the derivation (dense FP32 peaks unless the preset
+says otherwise; bus bandwidths as nccl-tests report them). ``python -m fxpar calibrate`` measures
+the machine at hand and writes a ``Cluster`` as JSON; ``Cluster.load(path)`` reads it back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,9 +19,19 @@ from fxpar.errors import ClusterSpecError
 GB = 1e9
 GiB = 2**30
 
+# The op classes a device's efficiencies can be given for (fxpar.cost.op_class assigns them).
+OP_CLASSES = ("matmul", "convolution", "elementwise", "reduction")
+# The collectives a link's figures can be given for (fxpar.cost.collective_time prices them).
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+
 
 @dataclass(frozen=True)
 class DeviceSpec:
+    """One device. The compute time of an op of class ``c`` is the roofline
+    ``max(flops / (peak_flops * compute_eff(c)), bytes / (memory_bandwidth * memory_eff(c)))``
+    plus ``kernel_overhead_s``; ``compute_efficiency_by_class`` / ``memory_efficiency_by_class``
+    override the device-wide fractions for single classes (a calibrated profile sets them)."""
+
     name: str
     peak_flops: float  # FLOP/s for the dtype the model trains in
     memory_bytes: float
@@ -28,14 +41,47 @@ class DeviceSpec:
     kernel_overhead_s: float = 5e-6  # launch/dispatch floor per op
     board_power_w: float = 0.0
     idle_power_w: float = 0.0
+    compute_efficiency_by_class: dict[str, float] = field(default_factory=dict)
+    memory_efficiency_by_class: dict[str, float] = field(default_factory=dict)
+
+    def efficiencies(self, op_class: str) -> tuple[float, float]:
+        """(fraction of peak FLOP/s, fraction of memory bandwidth) an op of ``op_class`` reaches."""
+        return (
+            self.compute_efficiency_by_class.get(op_class, self.compute_efficiency),
+            self.memory_efficiency_by_class.get(op_class, self.memory_efficiency),
+        )
 
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A ring's bus bandwidth (bytes/s, per direction) and per-hop latency (s) along one mesh axis."""
+    """A ring's bus bandwidth (bytes/s, per direction) and per-hop latency (s) along one mesh axis.
+
+    ``bandwidth_by_collective`` / ``latency_by_collective`` override them for single collectives:
+    some backends (gloo on CPU) reach very different bus bandwidths for an all-gather and an
+    all-reduce over the same wires, and a calibrated profile records each."""
 
     bandwidth: float
     latency: float
+    bandwidth_by_collective: dict[str, float] = field(default_factory=dict)
+    latency_by_collective: dict[str, float] = field(default_factory=dict)
+
+    def figures(self, kind: str) -> tuple[float, float]:
+        """(bus bandwidth, per-hop latency) for collective ``kind``."""
+        return self.bandwidth_by_collective.get(kind, self.bandwidth), self.latency_by_collective.get(kind, self.latency)
+
+
+def _check_positive(cluster: str, pairs: list[tuple[float, str]], *, allow_zero: bool = False) -> None:
+    for value, what in pairs:
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            bound = ">= 0" if allow_zero else "positive"
+            raise ClusterSpecError(f"cluster {cluster!r}: {what} is {value}; it must be {bound} (and finite)")
+
+
+def _check_keys(cluster: str, what: str, keys, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ClusterSpecError(f"cluster {cluster!r}: {what} has unknown keys {unknown}; known: {list(known)}")
 
 
 @dataclass(frozen=True)
@@ -55,14 +101,32 @@ class Cluster:
             raise ClusterSpecError(f"cluster {self.name!r}: num_devices is {self.num_devices}; it must be >= 1")
         if not self.links:
             raise ClusterSpecError(f"cluster {self.name!r} has no links; give at least one LinkSpec")
-        for value, what in [
-            (self.device.peak_flops, "device.peak_flops"),
-            (self.device.memory_bytes, "device.memory_bytes"),
-            (self.device.memory_bandwidth, "device.memory_bandwidth"),
+        d = self.device
+        _check_positive(self.name, [
+            (d.peak_flops, "device.peak_flops"),
+            (d.memory_bytes, "device.memory_bytes"),
+            (d.memory_bandwidth, "device.memory_bandwidth"),
+            (d.compute_efficiency, "device.compute_efficiency"),
+            (d.memory_efficiency, "device.memory_efficiency"),
+            *[(v, f"device.compute_efficiency_by_class[{k!r}]") for k, v in d.compute_efficiency_by_class.items()],
+            *[(v, f"device.memory_efficiency_by_class[{k!r}]") for k, v in d.memory_efficiency_by_class.items()],
             *[(link.bandwidth, f"links[{i}].bandwidth") for i, link in enumerate(self.links)],
-        ]:
-            if not value > 0:
-                raise ClusterSpecError(f"cluster {self.name!r}: {what} is {value}; it must be positive")
+            *[(v, f"links[{i}].bandwidth_by_collective[{k!r}]") for i, link in enumerate(self.links)
+              for k, v in link.bandwidth_by_collective.items()],
+        ])
+        _check_positive(self.name, [
+            (d.kernel_overhead_s, "device.kernel_overhead_s"),
+            (d.board_power_w, "device.board_power_w"),
+            (d.idle_power_w, "device.idle_power_w"),
+            *[(link.latency, f"links[{i}].latency") for i, link in enumerate(self.links)],
+            *[(v, f"links[{i}].latency_by_collective[{k!r}]") for i, link in enumerate(self.links)
+              for k, v in link.latency_by_collective.items()],
+        ], allow_zero=True)
+        _check_keys(self.name, "device.compute_efficiency_by_class", d.compute_efficiency_by_class, OP_CLASSES)
+        _check_keys(self.name, "device.memory_efficiency_by_class", d.memory_efficiency_by_class, OP_CLASSES)
+        for i, link in enumerate(self.links):
+            _check_keys(self.name, f"links[{i}].bandwidth_by_collective", link.bandwidth_by_collective, COLLECTIVES)
+            _check_keys(self.name, f"links[{i}].latency_by_collective", link.latency_by_collective, COLLECTIVES)
 
     def link(self, axis: int, mesh_ndim: int) -> LinkSpec:
         if len(self.links) == 1:
@@ -92,7 +156,7 @@ class Cluster:
                 source=data.get("source", ""),
                 extra=data.get("extra", {}),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ClusterSpecError(f"not a cluster description: {exc}; see Cluster.to_json() for the format") from exc
 
     def save(self, path: str | Path) -> None:
@@ -100,7 +164,14 @@ class Cluster:
 
     @staticmethod
     def load(path: str | Path) -> Cluster:
-        return Cluster.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ClusterSpecError(
+                f"cannot read cluster profile {str(path)!r}: {exc.strerror}; write one with "
+                "`python -m fxpar calibrate --out PATH` or Cluster.save(PATH)"
+            ) from exc
+        return Cluster.from_json(text)
 
 
 def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: float, idle_w: float) -> DeviceSpec:
@@ -114,15 +185,17 @@ def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: 
     )
 
 
-P100 = _gpu("P100-SXM2-16GB", 10.6, 16, 732, 300, 35)
-V100 = _gpu("V100-SXM2-32GB", 15.7, 32, 900, 300, 48)
-V100_PCIE = _gpu("V100-PCIe-32GB", 14.0, 32, 900, 250, 40)
-A100 = _gpu("A100-SXM4-80GB", 19.5, 80, 2039, 400, 55)
-H100 = _gpu("H100-SXM5-80GB", 66.9, 80, 3350, 700, 100)
-H200 = _gpu("H200-141GB", 66.9, 141, 4800, 700, 78)
+# Datasheet figures (dense FP32, capacity, HBM bandwidth, max board power); idle power is a point in
+# the range public nvidia-smi readings report. Sources per device in docs/hardware.md.
+P100 = _gpu("P100-SXM2-16GB", 10.6, 16, 732, 300, 35)  # NVIDIA Tesla P100 datasheet (SXM2)
+V100 = _gpu("V100-SXM2-32GB", 15.7, 32, 900, 300, 48)  # NVIDIA Tesla V100 datasheet (SXM2)
+V100_PCIE = _gpu("V100-PCIe-32GB", 14.0, 32, 900, 250, 40)  # NVIDIA Tesla V100 datasheet (PCIe)
+A100 = _gpu("A100-SXM4-80GB", 19.5, 80, 2039, 400, 55)  # NVIDIA A100 datasheet (80 GB SXM)
+H100 = _gpu("H100-SXM5-80GB", 66.9, 80, 3350, 700, 100)  # NVIDIA H100 datasheet (SXM)
+H200 = _gpu("H200-141GB", 66.9, 141, 4800, 700, 78)  # NVIDIA H200 datasheet (SXM)
 
 # A CPU process of a small machine running gloo over loopback: rough defaults, to be replaced by
-# figures measured on the machine at hand (a Cluster loads from JSON).
+# figures measured on the machine at hand (`python -m fxpar calibrate`).
 CPU = DeviceSpec(
     name="cpu-process",
     peak_flops=50e9,
@@ -131,21 +204,35 @@ CPU = DeviceSpec(
     kernel_overhead_s=10e-6,
 )
 
+# Links (bus bandwidth per direction, per-hop latency). 0.75 x a per-direction peak is an assumed
+# achievable fraction where no measurement is published; see docs/hardware.md.
+_US = 1e-6
+NVLINK1 = LinkSpec(80 * GB * 0.75, 3 * _US)  # P100: 4 links x 20 GB/s per direction (DGX-1)
+NVLINK2 = LinkSpec(150 * GB * 0.75, 3 * _US)  # V100: 6 links x 25 GB/s per direction
+NVLINK3 = LinkSpec(230 * GB, 3 * _US)  # nccl-tests busbw, 8 x A100 over NVSwitch (peak 300 GB/s)
+NVLINK4 = LinkSpec(370 * GB, 3 * _US)  # nccl-tests ring busbw, 8 x H100 over NVSwitch (peak 450 GB/s)
+PCIE3 = LinkSpec(16 * GB * 0.75, 10 * _US)  # PCIe Gen3 x16: 16 GB/s per direction
+PCIE4 = LinkSpec(32 * GB * 0.75, 10 * _US)  # PCIe Gen4 x16: 32 GB/s per direction
+IB_HDR = LinkSpec(23 * GB, 10 * _US)  # HDR InfiniBand 200 Gb/s = 25 GB/s raw per NIC, x 0.92 (NDR's measured fraction)
+IB_NDR = LinkSpec(46 * GB, 10 * _US)  # NDR InfiniBand 400 Gb/s = 50 GB/s raw; 46-48 GB/s measured
+
 
 def _presets() -> dict[str, Cluster]:
-    us = 1e-6
     return {
-        "cpu-local": Cluster("cpu-local", CPU, 2, (LinkSpec(2 * GB, 50 * us),), source="rough loopback gloo defaults"),
-        "p100-nvlink-8": Cluster("p100-nvlink-8", P100, 8, (LinkSpec(80 * GB * 0.75, 3 * us),), source="docs/hardware.md: NVLink1, DGX-1"),
-        "v100-pcie-4": Cluster("v100-pcie-4", V100_PCIE, 4, (LinkSpec(16 * GB * 0.75, 10 * us),), source="docs/hardware.md: PCIe Gen3 x16"),
-        "v100-nvlink-8": Cluster("v100-nvlink-8", V100, 8, (LinkSpec(150 * GB * 0.75, 3 * us),), source="docs/hardware.md: NVLink2"),
-        "a100-nvlink-8": Cluster("a100-nvlink-8", A100, 8, (LinkSpec(230 * GB, 3 * us),), source="docs/hardware.md: nccl-tests busbw 8xA100"),
-        "h200-nvlink-8": Cluster("h200-nvlink-8", H200, 8, (LinkSpec(370 * GB, 3 * us),), source="docs/hardware.md: NVLink4 busbw"),
+        "cpu-local": Cluster("cpu-local", CPU, 2, (LinkSpec(2 * GB, 50 * _US),), source="rough loopback gloo defaults"),
+        "p100-nvlink-8": Cluster("p100-nvlink-8", P100, 8, (NVLINK1,), source="docs/hardware.md: NVLink1, DGX-1"),
+        "v100-pcie-4": Cluster("v100-pcie-4", V100_PCIE, 4, (PCIE3,), source="docs/hardware.md: PCIe Gen3 x16"),
+        "v100-nvlink-8": Cluster("v100-nvlink-8", V100, 8, (NVLINK2,), source="docs/hardware.md: NVLink2"),
+        "a100-pcie-8": Cluster("a100-pcie-8", A100, 8, (PCIE4,), source="docs/cost-model.md: PCIe Gen4 x16, no NVLink"),
+        "a100-nvlink-8": Cluster("a100-nvlink-8", A100, 8, (NVLINK3,), source="docs/hardware.md: nccl-tests busbw 8xA100"),
+        "a100-2node-16": Cluster(
+            "a100-2node-16", A100, 16, (IB_HDR, NVLINK3), extra={"devices_per_node": 8},
+            source="docs/cost-model.md: HDR InfiniBand between nodes, NVLink3 busbw within",
+        ),
+        "h100-nvlink-8": Cluster("h100-nvlink-8", H100, 8, (NVLINK4,), source="docs/hardware.md: NVLink4 busbw 8xH100"),
+        "h200-nvlink-8": Cluster("h200-nvlink-8", H200, 8, (NVLINK4,), source="docs/hardware.md: NVLink4 busbw"),
         "h100-2node-16": Cluster(
-            "h100-2node-16",
-            H100,
-            16,
-            (LinkSpec(46 * GB, 10 * us), LinkSpec(370 * GB, 3 * us)),
+            "h100-2node-16", H100, 16, (IB_NDR, NVLINK4), extra={"devices_per_node": 8},
             source="docs/hardware.md: NDR InfiniBand between nodes, NVLink4 busbw within",
         ),
     }

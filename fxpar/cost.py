@@ -1,21 +1,34 @@
 """The cost model: seconds for compute and for communication, bytes for memory, from one place.
 
-Compute (per node, per device): roofline ``max(flops / (peak * eff), bytes / (mem_bw * eff))`` plus
-a per-kernel overhead; views cost nothing. FLOPs come from the annotate pass; the per-device share
-shrinks by every mesh axis on which the strategy shards some tensor of the op.
+Compute (per node, per device), for an op of class ``c`` (``op_class``: matmul, convolution,
+elementwise, reduction)::
 
-Resharding runs the steps of ``fxpar.reshard``; each collective costs the alpha-beta time below
-and each step, collective or local slice, one kernel overhead.
+    max(flops / (peak * compute_eff(c)), bytes / (mem_bw * memory_eff(c))) + kernel_overhead
 
-Communication (alpha-beta, ring, per mesh axis; ``docs/hardware.md``), n devices on the axis,
-B bus bandwidth, alpha per-hop latency:
+Views cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``); the
+per-device share shrinks by every mesh axis on which the strategy shards some tensor of the op;
+``bytes`` are the per-device sizes of the op's inputs and outputs. The efficiencies are the
+device's (``DeviceSpec.efficiencies``), per class where a profile gives them.
+
+Resharding runs the steps of ``fxpar.reshard``; each collective costs the alpha-beta time below,
+each step (collective or local slice) one kernel overhead, and the copies a step makes on the
+device (a local slice, the transposition of a non-leading dim before and after a collective) are
+priced as memory traffic.
+
+Communication (alpha-beta, ring, per mesh axis; ``docs/cost-model.md``), n devices on the axis,
+B bus bandwidth, alpha per-hop latency (``LinkSpec.figures(kind)``; per collective where a
+calibrated profile gives them):
+
   all-reduce      2(n-1) alpha + 2(n-1)/n * S/B   (S: bytes per device)
   all-gather      (n-1) alpha + (n-1)/n * S/B     (S: gathered bytes per device)
   reduce-scatter  (n-1) alpha + (n-1)/n * S/B     (S: input bytes per device)
-  all-to-all      (n-1) alpha + (n-1)/n * S/B
+  all-to-all      (n-1) alpha + (n-1)/n * S/B     (S: bytes per device)
+  broadcast       ceil(log2 n) alpha + S/B        (S: bytes per device)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.fx import Node
@@ -25,13 +38,54 @@ from fxpar.placement import Shard, Spec, local_shape, num_pieces
 from fxpar.reshard import reshard_steps, step_bytes
 from fxpar.rules.registry import OpStrategy, output_values, tensor_arg_nodes
 
+aten = torch.ops.aten
+
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "dot", "mv", "addmv", "addbmm",
+           "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+           "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_cudnn_attention_backward"}
+_CONVOLUTION = {"convolution", "convolution_backward", "_convolution", "conv1d", "conv2d", "conv3d",
+                "cudnn_convolution", "mkldnn_convolution", "_slow_conv2d_forward", "_slow_conv2d_backward"}
+# Ops that read a whole row (or window) to write one value, or normalize over one: their speed is
+# that of a reduction, not of a streaming elementwise kernel.
+_REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "var_mean", "std", "std_mean",
+              "norm", "linalg_vector_norm", "logsumexp", "argmax", "argmin", "cumsum", "any", "all",
+              "_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
+              "native_layer_norm", "native_layer_norm_backward", "native_batch_norm",
+              "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+              "_native_batch_norm_legit_no_training", "native_batch_norm_backward",
+              "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
+              "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d",
+              "avg_pool2d_backward", "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward",
+              "embedding_dense_backward", "_fused_rms_norm", "_fused_rms_norm_backward"}
+
+
+def op_class(node: Node) -> str:
+    """The class whose efficiencies price ``node``: matmul, convolution, reduction or elementwise."""
+    packet = getattr(node.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", str(node.target)).split(".")[-1]
+    if name in _MATMUL:
+        return "matmul"
+    if name in _CONVOLUTION:
+        return "convolution"
+    if name in _REDUCTION:
+        return "reduction"
+    return "elementwise"
+
 
 def collective_time(kind: str, nbytes: float, n: int, bandwidth: float, latency: float) -> float:
-    if n <= 1 or kind not in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all"):
+    """Seconds of one ring collective of ``kind`` over ``n`` devices (``nbytes`` as in the module
+    docstring); local steps (chunk, keep_one) and axes of one device cost nothing here."""
+    if n <= 1:
         return 0.0
     if kind == "all_reduce":
         return 2 * (n - 1) * latency + 2 * (n - 1) / n * nbytes / bandwidth
-    return (n - 1) * latency + (n - 1) / n * nbytes / bandwidth
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) * latency + (n - 1) / n * nbytes / bandwidth
+    if kind == "broadcast":
+        return math.ceil(math.log2(n)) * latency + nbytes / bandwidth
+    return 0.0
 
 
 def spec_bytes(t: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]) -> int:
@@ -42,17 +96,27 @@ def spec_bytes(t: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]) -> int:
     return n * t.element_size()
 
 
+# Optimizer state tensors per parameter, and the parameter-sized tensors one update reads plus
+# writes (param, grad and states read; param and states written).
+OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
+
+
 class CostModel:
     def __init__(self, cluster: Cluster, mesh_shape: tuple[int, ...]):
         self.cluster = cluster
         self.mesh_shape = mesh_shape
         self.links = [cluster.link(a, len(mesh_shape)) for a in range(len(mesh_shape))]
 
+    def roofline(self, flops: float, nbytes: float, klass: str) -> float:
+        """Seconds of one kernel of class ``klass`` doing ``flops`` and moving ``nbytes`` on a device."""
+        dev = self.cluster.device
+        ceff, meff = dev.efficiencies(klass)
+        return max(flops / (dev.peak_flops * ceff), nbytes / (dev.memory_bandwidth * meff)) + dev.kernel_overhead_s
+
     def compute_time(self, node: Node, strategy: OpStrategy) -> float:
         meta = node.meta
         if node.op != "call_function" or meta.get("fxpar_is_view"):
             return 0.0
-        dev = self.cluster.device
         split = 1
         for axis, size in enumerate(self.mesh_shape):
             if any(isinstance(spec[axis], Shard) for spec in strategy.inputs + strategy.outputs):
@@ -61,10 +125,12 @@ class CostModel:
         ins = [a.meta["val"] for a in tensor_arg_nodes(node)]
         nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs))
         nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(output_values(node), strategy.outputs))
-        return max(
-            flops / (dev.peak_flops * dev.compute_efficiency),
-            nbytes / (dev.memory_bandwidth * dev.memory_efficiency),
-        ) + dev.kernel_overhead_s
+        return self.roofline(flops, nbytes, op_class(node))
+
+    def collective_time(self, kind: str, nbytes: float, axis: int) -> float:
+        """Seconds of collective ``kind`` on mesh axis ``axis`` (``nbytes`` as in the docstring)."""
+        bandwidth, latency = self.links[axis].figures(kind)
+        return collective_time(kind, nbytes, self.mesh_shape[axis], bandwidth, latency)
 
     def reshard_time(self, t: torch.Tensor, src: Spec, dst: Spec) -> float:
         if src == dst:
@@ -72,13 +138,24 @@ class CostModel:
         total = 0.0
         steps = reshard_steps(src, dst)
         for step, before, after in step_bytes(tuple(t.shape), t.element_size(), src, steps, self.mesh_shape):
-            link = self.links[step.axis]
-            n = self.mesh_shape[step.axis]
-            nbytes = after if step.kind == "all_gather" else before
-            total += collective_time(step.kind, nbytes, n, link.bandwidth, link.latency)
+            copied = 0
+            if step.kind not in ("chunk", "keep_one"):
+                nbytes = after if step.kind == "all_gather" else before
+                total += self.collective_time(step.kind, nbytes, step.axis)
+                # The runtime moves a non-leading dim to the front before the collective and back
+                # after it (fxpar.runtime.collectives.DistComm): two copies, each read and write.
+                if step.kind in ("all_gather", "reduce_scatter") and step.dim != 0:
+                    copied = 2 * (before + after)
             # Every step is a kernel of its own (a collective launch, or a local copy).
-            total += self.cluster.device.kernel_overhead_s
+            total += self.roofline(0.0, copied, "elementwise")
         return total
+
+    def optimizer_time(self, t: torch.Tensor, spec: Spec, optimizer: str) -> float:
+        """Seconds of one optimizer update of a parameter held as ``spec``: a streaming pass over
+        the parameter, its gradient and its state tensors (read, and all but the gradient written)."""
+        states = OPTIMIZER_STATES[optimizer]
+        nbytes = spec_bytes(t, spec, self.mesh_shape)
+        return self.roofline(0.0, (2 + states + 1 + states) * nbytes, "elementwise")
 
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:
         return t.numel() * t.element_size() // num_pieces(spec, self.mesh_shape)
