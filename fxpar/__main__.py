@@ -8,6 +8,7 @@ import importlib
 
 COMMANDS = {
     "demo": "fxpar.demo",
+    "sweep": "fxpar.sweep",
 }
 
 

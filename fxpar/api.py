@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, preset
-from fxpar.errors import CaptureError, ClusterSpecError, ShardingError
+from fxpar.errors import CaptureError, ClusterSpecError, FxparError, ShardingError
 from fxpar.passes.rewrite import rewrite
 from fxpar.placement import Spec, replicated
 from fxpar.plan import Plan
@@ -75,6 +75,10 @@ class _Step(torch.autograd.Function):
         return (None, None, *grads, *([None] * ctx.num_rest))
 
 
+class IdleRankError(FxparError):
+    """A rank that the plan leaves unused was asked to run the step."""
+
+
 class FxparModule(nn.Module):
     """A model's training step split over the ranks of a mesh.
 
@@ -83,6 +87,8 @@ class FxparModule(nn.Module):
     full tensors under the model's own keys. Calling forward computes the gradients too (the joint
     graph runs as one piece); ``loss.backward()`` then delivers them.
     """
+
+    is_active = True
 
     def __init__(self, plan: Plan, graph: GraphModule, local_graph: GraphModule, comm, params: dict, buffers: dict,
                  input_shapes: list[tuple[int, ...]]):
@@ -99,6 +105,11 @@ class FxparModule(nn.Module):
         self._input_shapes = input_shapes
         self._updated_slots = [self._buffer_names.index(fqn) for kind, fqn in graph.meta["fxpar_outputs"] if kind == "buffer"]
 
+    @property
+    def num_ranks(self) -> int:
+        """Ranks the plan runs on (ranks 0..num_ranks-1); the global batch is cut into this many slices."""
+        return math.prod(self.plan.mesh_shape)
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self._input_shapes):
             raise CaptureError(f"expected {len(self._input_shapes)} inputs (as planned), got {len(inputs)}")
@@ -106,7 +117,8 @@ class FxparModule(nn.Module):
             if tuple(x.shape) != shape:
                 raise ShardingError(
                     f"input[{i}] on this rank has shape {list(x.shape)} but the plan expects this rank's slice "
-                    f"of the global batch, {list(shape)}; pass inputs[i].chunk(world_size)[rank]"
+                    f"of the global batch, {list(shape)}; pass inputs[i].chunk({self.num_ranks})[rank] (the plan's "
+                    f"{self.num_ranks} ranks)"
                 )
         buffers = [getattr(self, f"_buffer{i}") for i in range(len(self._buffer_names))]
         return _Step.apply(self, len(buffers) + len(inputs), *self._shards, *buffers, *inputs)
@@ -126,6 +138,34 @@ class FxparModule(nn.Module):
         return out
 
 
+class IdleModule(nn.Module):
+    """What ``fxpar.compile`` returns on a rank the plan does not use: it holds no parameters, and
+    calling it raises ``IdleRankError``. Check ``is_active`` and skip the training loop."""
+
+    is_active = False
+
+    def __init__(self, plan: Plan, rank: int):
+        super().__init__()
+        self.plan = plan
+        self.rank = rank
+
+    @property
+    def num_ranks(self) -> int:
+        return math.prod(self.plan.mesh_shape)
+
+    def _idle(self, what: str) -> IdleRankError:
+        return IdleRankError(
+            f"rank {self.rank} is idle: the plan's mesh {list(self.plan.mesh_shape)} runs on ranks 0..{self.num_ranks - 1}, "
+            f"so {what} has nothing to do here; check `compiled.is_active` and skip the step on idle ranks"
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise self._idle("the step")
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        raise self._idle("state_dict() (call it on the active ranks)")
+
+
 def compile(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -134,11 +174,14 @@ def compile(
     mesh_shape: Sequence[int] | None = None,
     plan: Plan | None = None,
     optimizer: str = "adam",
-) -> FxparModule:
+) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
     ``example_inputs`` hold the global batch (their values are not used). Rank 0 plans and sends the
     plan to the others unless ``plan`` is given; parameters are taken from rank 0, as DDP does.
+    A mesh (or plan) on fewer devices than the group has runs on ranks ``0..k-1``; every rank must
+    still call ``compile`` (the groups are made collectively), and the others get an
+    ``IdleModule`` (``is_active`` False) to skip training with.
     """
     init_distributed()
     world = dist.get_world_size()
@@ -146,15 +189,17 @@ def compile(
     if mesh_shape is None:
         mesh_shape = plan.mesh_shape if plan is not None else (world,)
     mesh = tuple(int(s) for s in mesh_shape)
-    if math.prod(mesh) != world:
+    num_used = math.prod(mesh)
+    if num_used > world or num_used < 1:
         raise ClusterSpecError(
-            f"mesh {list(mesh)} has {math.prod(mesh)} devices but the process group has {world} ranks; "
-            "give a mesh_shape whose sizes multiply to the world size"
+            f"mesh {list(mesh)} has {num_used} devices but the process group has {world} ranks; "
+            f"give a mesh_shape whose sizes multiply to at most {world}"
         )
     for name, p in model.named_parameters():
         if p.device.type == "meta":  # noqa: SIM102
             raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
-    gm = capture_and_annotate(model, example_inputs)
+    active = rank < num_used
+    gm = capture_and_annotate(model, example_inputs) if active else None
     if plan is None:
         box = [None]
         if rank == 0:
@@ -164,10 +209,18 @@ def compile(
         plan = Plan.from_json(box[0])
     if tuple(plan.mesh_shape) != mesh:
         raise ClusterSpecError(f"the plan is for mesh {list(plan.mesh_shape)}, not {list(mesh)}")
-    assignment = plan.assignment(gm)
     device = next(model.parameters()).device
+    if num_used == world:
+        device_mesh = init_device_mesh(device.type, mesh)
+        group = None
+    else:
+        # Sub-groups are created collectively: every rank joins, even the ones left idle.
+        device_mesh = DeviceMesh(device.type, torch.arange(num_used).reshape(mesh))
+        group = dist.new_group(list(range(num_used)))
+    if not active:
+        return IdleModule(plan, rank)
+    assignment = plan.assignment(gm)
     local_gm = rewrite(gm, assignment, mesh, device=device)
-    device_mesh = init_device_mesh(device.type, mesh)
     comm = DistComm(device_mesh)
     rep = replicated(len(mesh))
     params, buffers = {}, {}
@@ -176,16 +229,16 @@ def compile(
             if not p.requires_grad:
                 continue
             full = p.detach().clone()
-            dist.broadcast(full, src=0)
+            dist.broadcast(full, src=0, group=group)
             params[name] = run_steps(full, rep, plan.param_specs[name]).clone()
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         for name, b in frozen + list(model.named_buffers()):
             full = b.detach().clone()
-            dist.broadcast(full, src=0)
+            dist.broadcast(full, src=0, group=group)
             buffers[name] = full
     input_shapes = []
     for x in example_inputs:
         shape = list(x.shape)
-        shape[0] //= world
+        shape[0] //= num_used
         input_shapes.append(tuple(shape))
     return FxparModule(plan, gm, local_gm, comm, params, buffers, input_shapes)
