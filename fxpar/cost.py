@@ -36,7 +36,7 @@ from torch.fx import Node
 from fxpar.cluster import Cluster
 from fxpar.placement import Shard, Spec, local_shape, num_pieces
 from fxpar.reshard import reshard_steps, step_bytes
-from fxpar.rules.registry import OpStrategy, output_values, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, input_source, output_values, tensor_arg_nodes
 
 aten = torch.ops.aten
 
@@ -122,7 +122,8 @@ class CostModel:
             if any(isinstance(spec[axis], Shard) for spec in strategy.inputs + strategy.outputs):
                 split *= size
         flops = meta["fxpar_flops"] / split
-        ins = [a.meta["val"] for a in tensor_arg_nodes(node)]
+        # A getitem reads one output of a multi-output producer.
+        ins = [output_values(u)[i] for u, i in (input_source(node, j) for j in range(len(tensor_arg_nodes(node))))]
         nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs))
         nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(output_values(node), strategy.outputs))
         return self.roofline(flops, nbytes, op_class(node))
