@@ -7,6 +7,7 @@ import argparse
 import importlib
 
 COMMANDS = {
+    "calibrate": "fxpar.calibrate",
     "demo": "fxpar.demo",
     "sweep": "fxpar.sweep",
 }

@@ -1,0 +1,319 @@
+"""``python -m fxpar calibrate``: measure this machine and write a cluster profile (JSON).
+
+Every rank measures at once, as in training, so the figures include the contention for cores and
+memory bandwidth that ranks on one machine cause each other:
+
+- per-op overhead: a graph of tiny aten ops run as an fx ``GraphModule`` (as fxpar runs steps);
+- matmul and convolution throughput: FLOPs as ``torch.utils.flop_counter`` counts them (as the
+  annotate pass does) per second, at a few shapes; the fastest is the device's peak and the median
+  each class's efficiency;
+- memory bandwidth: streaming elementwise kernels (add, copy) and reductions (sum, softmax);
+- collectives: ``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all`` (through
+  ``fxpar.runtime.collectives.DistComm``, the code the rewritten steps call) and ``broadcast``, on
+  groups of 2..N ranks at several sizes; latency and bus bandwidth are fitted per collective to the
+  alpha-beta formulas of ``fxpar.cost``.
+
+Without a process group the ranks are local processes on a gloo group (``fxpar.launch``); under
+torchrun the existing backend and devices are measured. Each timing is the median over repeats of
+the slowest rank. The profile loads with ``fxpar.Cluster.load(path)`` and is accepted wherever a
+cluster is (``fxpar.plan(..., cluster=...)``, ``fxpar.compile(..., cluster=...)``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxpar.cluster import COLLECTIVES, Cluster, DeviceSpec, LinkSpec
+from fxpar.cost import collective_time
+
+HELP = "measure this machine (compute, memory, per-op overhead, collectives) and write a profile JSON"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What to measure; ``quick`` is for smoke tests (tiny sizes, few repeats, rough figures)."""
+
+    matmuls: tuple[tuple[int, int, int], ...] = ((256, 1024, 1024), (512, 512, 512), (1024, 1024, 1024))
+    conv: tuple[int, int, int, int] = (16, 32, 32, 32)  # batch, channels in = out, height = width
+    stream_numel: int = 4 << 20
+    reduce_shape: tuple[int, int] = (2048, 2048)
+    overhead_ops: int = 200
+    collective_bytes: tuple[int, ...] = (256, 64 << 10, 1 << 20, 4 << 20)
+    repeats: int = 7
+
+
+QUICK = Sizes(((64, 128, 128), (128, 128, 128)), (2, 8, 8, 8), 1 << 16, (64, 256), 50, (256, 16 << 10), 3)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(f"[calibrate] {text}", flush=True)
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _overhead_graph(num_ops: int) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = x
+    for _ in range(num_ops):
+        y = graph.call_function(torch.ops.aten.add.Tensor, (y, x))
+    graph.output(y)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _compute(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
+    """Raw timings: {"what": [(work, [seconds per repeat])]}; work is FLOPs or bytes."""
+    out: dict[str, list] = {}
+    reps = sizes.repeats
+    gm = _overhead_graph(sizes.overhead_ops)
+    tiny = torch.ones(4, device=device)
+    _say(rank, f"per-op overhead: fx graph of {sizes.overhead_ops} tiny ops")
+    out["overhead"] = [(sizes.overhead_ops, _time(lambda: gm(tiny), device, reps))]
+    out["matmul"] = []
+    for m, k, n in sizes.matmuls:
+        _say(rank, f"matmul {m}x{k} @ {k}x{n}")
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+        out["matmul"].append((_flops(fn), _time(fn, device, reps)))
+    batch, ch, hw, _ = sizes.conv[0], sizes.conv[1], sizes.conv[2], sizes.conv[3]
+    _say(rank, f"convolution 3x3, batch {batch}, {ch} channels, {hw}x{hw}, forward and backward")
+    x = torch.randn(batch, ch, hw, hw, device=device, requires_grad=True)
+    w = torch.randn(ch, ch, 3, 3, device=device, requires_grad=True)
+    fwd = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+    y = fwd().detach()
+    grad = torch.randn_like(y)
+    bwd = lambda: torch.autograd.grad(fwd(), (x, w), grad)  # noqa: E731
+    out["convolution"] = [(_flops(fwd), _time(fwd, device, reps)), (_flops(bwd), _time(bwd, device, reps))]
+    _say(rank, f"memory bandwidth: {sizes.stream_numel * 4 / 2**20:.2f} MiB streams, reductions")
+    s1, s2 = torch.randn(sizes.stream_numel, device=device), torch.randn(sizes.stream_numel, device=device)
+    dst = torch.empty_like(s1)
+    nbytes = s1.numel() * s1.element_size()
+    out["elementwise"] = [(3 * nbytes, _time(lambda: torch.add(s1, s2), device, reps)),
+                          (2 * nbytes, _time(lambda: dst.copy_(s1), device, reps))]
+    r = torch.randn(*sizes.reduce_shape, device=device)
+    rbytes = r.numel() * r.element_size()
+    out["reduction"] = [(rbytes + rbytes // r.shape[1], _time(lambda: r.sum(dim=1), device, reps)),
+                        (2 * rbytes, _time(lambda: torch.softmax(r, dim=1), device, reps))]
+    return out
+
+
+def _collectives(rank: int, world: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
+    """{"kind": [(n, bytes per device as the cost formula takes it, [seconds per repeat])]}."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from fxpar.runtime.collectives import DistComm
+
+    out: dict[str, list] = {k: [] for k in COLLECTIVES}
+    for n in range(2, world + 1):
+        # Every rank takes part in making each group; ranks outside it wait at the barrier.
+        mesh = DeviceMesh(device.type, list(range(n)))
+        group = mesh.get_group(0)
+        _say(rank, f"collectives on {n} ranks: {', '.join(COLLECTIVES)} at {len(sizes.collective_bytes)} sizes")
+        if rank < n:
+            comm = DistComm(mesh)
+            for nbytes in sizes.collective_bytes:
+                numel = max(n, nbytes // 4 // n * n)
+                x = torch.randn(numel, device=device)
+                size = numel * 4
+                calls = {
+                    "all_reduce": (lambda: comm.all_reduce(x, 0), size),
+                    "all_gather": (lambda: comm.all_gather(x, 0, 0), size * n),
+                    "reduce_scatter": (lambda: comm.reduce_scatter(x, 0, 0), size),
+                    "all_to_all": (lambda: comm.all_to_all(x, 0, 0, 0), size),
+                    "broadcast": (lambda: dist.broadcast(x, 0, group=group), size),
+                }
+                # Small messages are cheap and their latency noisy: repeat them more.
+                repeats = sizes.repeats * (3 if nbytes <= 64 << 10 else 1)
+                for kind, (fn, formula_bytes) in calls.items():
+                    times = []
+                    fn()
+                    for _ in range(repeats):
+                        dist.barrier(group=group)
+                        start = time.perf_counter()
+                        fn()
+                        _sync(device)
+                        times.append(time.perf_counter() - start)
+                    out[kind].append((n, formula_bytes, times))
+        dist.barrier()
+    return out
+
+
+def measure(rank: int, sizes: Sizes) -> dict:
+    """One rank's raw measurements (call inside a process group; every rank must call it)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    world = dist.get_world_size()
+    _say(rank, f"{world} ranks on {device.type}, backend {dist.get_backend()}, {torch.get_num_threads()} threads per rank")
+    dist.barrier()
+    compute = _compute(rank, sizes, device)
+    dist.barrier()
+    comms = _collectives(rank, world, sizes, device)
+    return {"compute": compute, "collectives": comms, "threads": torch.get_num_threads(), "device": device.type,
+            "backend": str(dist.get_backend())}
+
+
+def _slowest(per_rank: list[list[float]]) -> float:
+    """Median over repeats of the slowest rank's time."""
+    return statistics.median(max(ts) for ts in zip(*per_rank))
+
+
+def _fit_link(points: list[tuple[int, int, float]], kind: str, overhead: float) -> tuple[float, float]:
+    """Least-squares (relative error) fit of alpha and 1/B to t - overhead over (n, S, t) points."""
+    rows, ts = [], []
+    for n, nbytes, t in points:
+        lat = collective_time(kind, 0.0, n, 1.0, 1.0)
+        per_byte = collective_time(kind, float(nbytes), n, 1.0, 0.0)
+        rows.append([lat, per_byte])
+        ts.append(max(t - overhead, 1e-9))
+    a, b = np.array(rows), np.array(ts)
+    w = 1.0 / b
+    coef, *_ = np.linalg.lstsq(a * w[:, None], b * w, rcond=None)
+    alpha, inv_bw = float(coef[0]), float(coef[1])
+    if alpha < 0:
+        alpha = 0.0
+        inv_bw = float(np.sum(w * w * a[:, 1] * b) / np.sum(w * w * a[:, 1] ** 2))
+    if inv_bw <= 0:  # latency-bound at every size measured: the bandwidth is beyond resolution
+        inv_bw = 1e-12
+        alpha = float(np.median((b - a[:, 1] * inv_bw) / a[:, 0]))
+    return 1.0 / inv_bw, alpha
+
+
+def build_profile(results: list[dict], *, name: str, wall_s: float) -> Cluster:
+    """The cluster profile from every rank's measurements (``results[r]`` from ``measure``)."""
+    world = len(results)
+
+    def medians(kind: str) -> list[tuple[float, float]]:
+        per_rank = [r["compute"][kind] for r in results]  # each rank: [(work, [seconds per repeat])]
+        return [(entries[0][0], _slowest([ts for _, ts in entries])) for entries in zip(*per_rank)]
+
+    overhead_ops, overhead_t = medians("overhead")[0]
+    overhead = overhead_t / overhead_ops
+    rates = {k: [w / max(t - overhead, 1e-12) for w, t in medians(k)] for k in ("matmul", "convolution", "elementwise", "reduction")}
+    peak = max(rates["matmul"] + rates["convolution"])
+    bandwidth = max(rates["elementwise"] + rates["reduction"])
+    compute_eff = {k: statistics.median(rates[k]) / peak for k in ("matmul", "convolution")}
+    memory_eff = {k: statistics.median(rates[k]) / bandwidth for k in ("elementwise", "reduction")}
+    links_raw: dict[str, list] = {}
+    link_by = {}
+    for kind in COLLECTIVES:
+        groups = zip(*[r["collectives"][kind] for r in results])
+        points = [(g[0][0], g[0][1], _slowest([ts for _, _, ts in g])) for g in groups]
+        links_raw[kind] = [{"ranks": n, "bytes": s, "seconds": t} for n, s, t in points]
+        link_by[kind] = _fit_link(points, kind, overhead)
+    bw, lat = link_by["all_reduce"]
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    first = results[0]
+    device_name = f"{first['device']}-rank ({platform.processor() or platform.machine()}, {first['threads']} threads)"
+    device = DeviceSpec(
+        name=device_name,
+        peak_flops=peak,
+        memory_bytes=float(ram // world) if first["device"] == "cpu" else float(torch.cuda.get_device_properties(0).total_memory),
+        memory_bandwidth=bandwidth,
+        compute_efficiency=compute_eff["matmul"],
+        memory_efficiency=memory_eff["elementwise"],
+        kernel_overhead_s=overhead,
+        compute_efficiency_by_class=compute_eff,
+        memory_efficiency_by_class=memory_eff,
+    )
+    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
+    raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)] for k in ("overhead", "matmul", "convolution", "elementwise", "reduction")}
+    extra = {"calibration": {
+        "ranks": world, "threads_per_rank": first["threads"], "backend": first["backend"], "torch": torch.__version__,
+        "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
+        "compute": raw, "collectives": links_raw,
+    }}
+    source = f"python -m fxpar calibrate on {platform.node()} ({world} ranks, {first['backend']}) {extra['calibration']['date']}"
+    return Cluster(name, device, world, (link,), source=source, extra=extra)
+
+
+def _rank_main(rank: int, sizes: Sizes) -> dict:
+    return measure(rank, sizes)
+
+
+def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated") -> Cluster:
+    """Measure this machine on ``max_ranks`` local gloo ranks (or the running torchrun group)."""
+    sizes = QUICK if quick else Sizes()
+    start = time.perf_counter()
+    if dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        mine = measure(dist.get_rank(), sizes)
+        results: list = [None] * dist.get_world_size()
+        dist.all_gather_object(results, mine)
+    else:
+        from fxpar.launch import launch
+
+        print(f"[calibrate] starting {max_ranks} local gloo ranks", flush=True)
+        results = launch(_rank_main, max_ranks, sizes)
+    return build_profile(results, name=name, wall_s=time.perf_counter() - start)
+
+
+def summary(c: Cluster) -> str:
+    d, link = c.device, c.links[0]
+    lines = [
+        f"{c.name}: {c.num_devices} x {d.name}",
+        f"  peak {d.peak_flops / 1e9:.1f} GFLOP/s; efficiency matmul {d.efficiencies('matmul')[0]:.2f}, "
+        f"convolution {d.efficiencies('convolution')[0]:.2f}",
+        f"  memory bandwidth {d.memory_bandwidth / 1e9:.1f} GB/s; efficiency elementwise "
+        f"{d.efficiencies('elementwise')[1]:.2f}, reduction {d.efficiencies('reduction')[1]:.2f}",
+        f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB",
+    ]
+    for kind in COLLECTIVES:
+        bw, lat = link.figures(kind)
+        lines.append(f"  {kind:<15} bus bandwidth {bw / 1e9:8.3f} GB/s, latency {lat * 1e6:8.1f} us per hop")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="fxpar-profile.json", help="where to write the profile (default %(default)s)")
+    parser.add_argument("--max-ranks", type=int, default=max(2, min(8, os.cpu_count() or 2)),
+                        help="measure collectives on 2..N local ranks (default: cores, at most 8)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke test, rough figures)")
+    parser.add_argument("--name", default="calibrated", help="the profile's cluster name")
+
+
+def run(args) -> None:
+    from fxpar.errors import ClusterSpecError
+
+    if args.max_ranks < 2:
+        raise ClusterSpecError(f"--max-ranks is {args.max_ranks}; collectives need at least 2 ranks")
+    profile = calibrate(max_ranks=args.max_ranks, quick=args.quick, name=args.name)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        profile.save(args.out)
+        print(summary(profile))
+        wall = profile.extra["calibration"]["wall_s"]
+        print(f"wrote {args.out} after {wall:.0f} s; use it with fxpar.plan(..., cluster=fxpar.Cluster.load({args.out!r}))")
+
