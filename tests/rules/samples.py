@@ -7,6 +7,7 @@ import operator
 import torch
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 def _r(*shape):
@@ -94,4 +95,78 @@ def samples() -> list[tuple[object, list[torch.Tensor], object]]:
         out.append((op, [_r(4, 6), _r(4, 6)], lambda g_, x, op=op: op(g_, x)))
     for op in [aten.sigmoid_backward.default, aten.tanh_backward.default]:
         out.append((op, [_r(4, 6), torch.rand(4, 6)], lambda g_, y, op=op: op(g_, y)))
+    out += model_op_samples()
     return out
+
+
+def _flat(*outs) -> torch.Tensor:
+    """Several outputs as one tensor (a sample returns one): every output is checked."""
+    return torch.cat([o.flatten().to(torch.float32) for o in outs])
+
+
+def model_op_samples() -> list[tuple[object, list[torch.Tensor], object]]:
+    """Samples for the ops of the shipped models (conv, pooling, norms, embedding, attention, ...)."""
+    g = torch.Generator().manual_seed(1)
+    conv_args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    ids = torch.randint(0, 8, (4, 3), generator=g)
+    pool = ([3, 3], [2, 2], [0, 0], [1, 1], False)
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu
+    return [
+        (aten.convolution.default, [_r(4, 4, 6, 6), _r(6, 4, 3, 3), _r(6)],
+         lambda x, w, b: aten.convolution(x, w, b, *conv_args)),
+        (aten.convolution.default, [_r(4, 4, 6, 6), _r(8, 4, 3, 3)],
+         lambda x, w: aten.convolution(x, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1)),
+        (aten.convolution.default, [_r(4, 4, 6, 6), _r(4, 2, 3, 3)],
+         lambda x, w: aten.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 2)),
+        (aten.convolution_backward.default, [_r(4, 6, 6, 6), _r(4, 4, 6, 6), _r(6, 4, 3, 3)],
+         lambda g_, x, w: _flat(*aten.convolution_backward(g_, x, w, [6], *conv_args, [True, True, True]))),
+        (aten.convolution_backward.default, [_r(4, 6, 6, 6), _r(4, 4, 6, 6), _r(6, 4, 3, 3)],
+         lambda g_, x, w: aten.convolution_backward(g_, x, w, [0], *conv_args, [False, True, False])[1]),
+        (aten.max_pool2d_with_indices.default, [_r(4, 4, 7, 7)],
+         lambda x: _flat(*aten.max_pool2d_with_indices(x, [3, 3], [2, 2]))),
+        (aten.max_pool2d_with_indices_backward.default, [_r(4, 4, 3, 3), _r(4, 4, 7, 7)],
+         lambda g_, x: aten.max_pool2d_with_indices_backward(g_, x, *pool, aten.max_pool2d_with_indices(x, [3, 3], [2, 2])[1])),
+        (aten.avg_pool2d.default, [_r(4, 4, 6, 6)], lambda x: aten.avg_pool2d(x, [3, 3], [2, 2], [1, 1])),
+        (aten.avg_pool2d_backward.default, [_r(4, 4, 3, 3), _r(4, 4, 6, 6)],
+         lambda g_, x: aten.avg_pool2d_backward(g_, x, [3, 3], [2, 2], [1, 1], False, True, None)),
+        (aten._adaptive_avg_pool2d.default, [_r(4, 4, 5, 5)], lambda x: aten._adaptive_avg_pool2d(x, [2, 2])),
+        (aten._adaptive_avg_pool2d_backward.default, [_r(4, 4, 2, 2), _r(4, 4, 5, 5)],
+         lambda g_, x: aten._adaptive_avg_pool2d_backward(g_, x)),
+        (aten._native_batch_norm_legit_functional.default, [_r(4, 4, 3, 3), _r(4), _r(4), _r(4), _pos(4)],
+         lambda x, w, b, m, v: _flat(*aten._native_batch_norm_legit_functional(x, w, b, m, v, True, 0.1, 1e-5))),
+        (aten.native_batch_norm_backward.default, [_r(4, 4, 3, 3), _r(4, 4, 3, 3), _r(4), _r(4), _pos(4), _r(4), _pos(4)],
+         lambda g_, x, w, m, v, sm, si: _flat(*aten.native_batch_norm_backward(g_, x, w, m, v, sm, si, True, 1e-5, [True] * 3))),
+        (aten.native_layer_norm.default, [_r(4, 6, 8), _r(8), _r(8)],
+         lambda x, w, b: _flat(*aten.native_layer_norm(x, [8], w, b, 1e-5))),
+        (aten.native_layer_norm_backward.default, [_r(4, 6, 8), _r(4, 6, 8), _r(4, 6, 1), _pos(4, 6, 1), _r(8), _r(8)],
+         lambda g_, x, m, rs, w, b: _flat(*aten.native_layer_norm_backward(g_, x, [8], m, rs, w, b, [True] * 3))),
+        (aten.embedding.default, [_r(8, 6), ids], lambda w, i: aten.embedding(w, i)),
+        (aten.embedding_dense_backward.default, [_r(4, 3, 6), ids],
+         lambda g_, i: aten.embedding_dense_backward(g_, i, 8, -1, False)),
+        (aten.embedding_dense_backward.default, [_r(4, 3, 6), ids],
+         lambda g_, i: aten.embedding_dense_backward(g_, i, 8, 5, False)),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, [_r(2, 4, 6, 8), _r(2, 4, 6, 8), _r(2, 4, 6, 8)],
+         lambda q, k, v: _flat(*sdpa(q, k, v, 0.0, True))),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, [_r(2, 4, 6, 8), _r(2, 4, 6, 8), _r(2, 4, 6, 8), _r(2, 1, 6, 6)],
+         lambda q, k, v, m: _flat(*sdpa(q, k, v, 0.0, False, attn_mask=m))),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward.default, [_r(2, 4, 6, 8), _r(2, 4, 6, 8), _r(2, 4, 6, 8), _r(2, 4, 6, 8)],
+         lambda g_, q, k, v: _flat(*aten._scaled_dot_product_flash_attention_for_cpu_backward(g_, q, k, v, *sdpa(q, k, v, 0.0, True), 0.0, True))),
+        (aten.cat.default, [_r(4, 3), _r(4, 5)], lambda a, b: aten.cat([a, b], 1)),
+        (aten.stack.default, [_r(4, 6), _r(4, 6)], lambda a, b: aten.stack([a, b], 1)),
+        (aten.split.Tensor, [_r(4, 6)], lambda x: _flat(*aten.split(x, 2, 1))),
+        (aten.split_with_sizes.default, [_r(4, 6)], lambda x: _flat(*aten.split_with_sizes(x, [2, 4], 1))),
+        (aten.slice.Tensor, [_r(4, 6)], lambda x: aten.slice(x, 1, 1, 5)),
+        (aten.select.int, [_r(4, 6, 2)], lambda x: aten.select(x, 1, 3)),
+        (aten.slice_backward.default, [_r(4, 4)], lambda g_: aten.slice_backward(g_, [4, 6], 1, 1, 5, 1)),
+        (aten.select_backward.default, [_r(4, 2)], lambda g_: aten.select_backward(g_, [4, 6, 2], 1, 3)),
+        (aten.index_select.default, [_r(4, 6), torch.tensor([5, 0, 2, 2])], lambda x, i: aten.index_select(x, 1, i)),
+        (aten.arange.default, [_r(8)], lambda x: aten.add(x, aten.arange(8))),
+        (aten.arange.start, [_r(8)], lambda x: aten.add(x, aten.arange(3, 11))),
+        (aten.arange.start_step, [_r(8)], lambda x: aten.add(x, aten.arange(2, 26, 3))),
+        (aten.native_dropout.default, [_r(4, 6)], lambda x: _flat(*aten.native_dropout(x, 0.0, True))),
+        (aten.native_dropout_backward.default, [_r(4, 6), _r(4, 6)],
+         lambda g_, x: aten.native_dropout_backward(g_, aten.gt(x, 0), 2.0)),
+        (prims.sum.default, [_r(4, 6, 2)], lambda x: prims.sum(x, [1])),
+        (prims.div.default, [_r(4, 6)], lambda x: prims.div(x, 3.0)),
+        (prims.broadcast_in_dim.default, [_r(4, 6)], lambda x: prims.broadcast_in_dim(x, [4, 2, 6], [0, 2])),
+    ]

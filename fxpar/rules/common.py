@@ -1,0 +1,59 @@
+"""Helpers shared by the rule modules for convolution, pooling, norms, embedding and attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fxpar.placement import Placement, R, Shard
+from fxpar.rules.registry import OpInfo, OpStrategy
+from fxpar.runtime import collectives as C
+
+
+def present(args: Sequence, placements: Sequence[Placement]) -> tuple[Placement, ...]:
+    """The placements of the arguments that are tensors, in order: an optional tensor argument
+    passed as None is no tensor argument of the node."""
+    assert len(args) == len(placements)
+    return tuple(p for a, p in zip(args, placements) if isinstance(a, torch.Tensor))
+
+
+def fill_absent_outputs(info: OpInfo) -> tuple[bool, ...]:
+    """Give outputs the op does not compute (None, per its ``output_mask``) an empty stand-in, in
+    ``info`` and in the node's ``meta["val"]``.
+
+    Workaround: ``registry.combine`` and ``CostModel.compute_time`` read the shape of every output
+    and fail on None. No node reads such an output, so an empty tensor is what it costs: nothing."""
+    val = info.node.meta["val"]
+    absent = tuple(v is None for v in info.outputs)
+    if not isinstance(val, (tuple, list)) or all(v is not None for v in val):
+        return absent
+    like = next(v for v in val if v is not None)
+    filled = [like.new_empty((0,)) if v is None else v for v in val]
+    info.node.meta["val"] = type(val)(filled)
+    info.outputs = list(filled)
+    return absent
+
+
+def absent_as_r(absent: Sequence[bool], placements: Sequence[Placement]) -> tuple[Placement, ...]:
+    """Output placements, with R for outputs the op does not compute."""
+    return tuple(R if a else p for a, p in zip(absent, placements))
+
+
+def sharding_axes(spec: tuple[Placement, ...], dim: int) -> tuple[int, ...]:
+    """The mesh axes on which ``spec`` cuts tensor dim ``dim``, outer first."""
+    return tuple(a for a, p in enumerate(spec) if isinstance(p, Shard) and p.dim == dim)
+
+
+def shard_index(axes: Sequence[int]) -> int:
+    """At run time: which chunk of a dim cut on ``axes`` this device holds (the mixed-radix number of
+    its coordinates on those axes, outer first, as ``fxpar.placement`` defines)."""
+    comm = C.current()
+    index = 0
+    for axis in axes:
+        index = index * comm.mesh_shape[axis] + comm.coord(axis)
+    return index
+
+
+def input_spec(strategy: OpStrategy, position: int) -> tuple[Placement, ...]:
+    return strategy.inputs[position]
