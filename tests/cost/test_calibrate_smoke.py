@@ -1,0 +1,34 @@
+"""`python -m fxpar calibrate` end to end with tiny sizes: real gloo ranks, a loadable profile."""
+
+from __future__ import annotations
+
+import math
+
+import fxpar
+from fxpar.__main__ import main
+from fxpar.cluster import COLLECTIVES, OP_CLASSES
+
+
+def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
+    path = tmp_path / "profile.json"
+    main(["calibrate", "--quick", "--max-ranks", "2", "--out", str(path), "--name", "here"])
+    out = capfd.readouterr().out
+    # Progress while it runs (from the ranks), then the summary.
+    for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks"):
+        assert f"[calibrate] {stage}" in out
+    assert f"wrote {path}" in out
+    c = fxpar.Cluster.load(path)
+    assert c.name == "here" and c.num_devices == 2
+    d = c.device
+    for value in (d.peak_flops, d.memory_bandwidth, d.memory_bytes, d.kernel_overhead_s):
+        assert math.isfinite(value) and value > 0
+    for klass in OP_CLASSES:
+        assert all(math.isfinite(e) and e > 0 for e in d.efficiencies(klass))
+    for kind in COLLECTIVES:
+        bw, lat = c.links[0].figures(kind)
+        assert math.isfinite(bw) and bw > 0 and math.isfinite(lat) and lat >= 0
+        assert [p["ranks"] for p in c.extra["calibration"]["collectives"][kind]] == [2, 2]
+    assert fxpar.Cluster.from_json(c.to_json()) == c
+    model = fxpar.models.MLP((16, 32, 4))
+    plan = fxpar.plan(model, model.example_inputs(8), cluster=c)
+    assert plan.mesh_shape == (2,) and plan.predicted_step_s > 0

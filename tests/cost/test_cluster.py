@@ -1,0 +1,119 @@
+"""Presets, JSON round trips of clusters and calibrated profiles, and the profile errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fxpar
+from fxpar.calibrate import _fit_link, build_profile
+from fxpar.cluster import OP_CLASSES, PRESETS, Cluster, DeviceSpec, LinkSpec
+from fxpar.cost import collective_time
+
+NAMES = ["cpu-local", "p100-nvlink-8", "v100-pcie-4", "v100-nvlink-8", "a100-nvlink-8", "h200-nvlink-8", "h100-2node-16"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_and_cite_a_source(name):
+    c = fxpar.preset(name)
+    assert Cluster.from_json(c.to_json()) == c
+    assert c.source
+    if name != "cpu-local":
+        assert c.device.board_power_w > c.device.idle_power_w > 0
+
+
+def test_existing_preset_names_and_two_node_topologies():
+    assert set(NAMES) <= set(PRESETS)
+    for name in ("h100-2node-16", "a100-2node-16"):
+        c = fxpar.preset(name)
+        # Between nodes (axis 0) InfiniBand is slower than NVLink within a node (axis 1).
+        assert len(c.links) == 2 and c.links[0].bandwidth < c.links[1].bandwidth
+        assert c.extra["devices_per_node"] == 8
+
+
+def _synthetic_results(alpha: float, bw: float, overhead: float) -> list[dict]:
+    """What two ranks' ``measure`` would return on an ideal machine with these figures."""
+    kinds = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+    coll = {}
+    for k in kinds:
+        coll[k] = [(2, s, [collective_time(k, s, 2, bw, alpha) + overhead] * 3) for s in (256, 65536, 1 << 20)]
+    compute = {
+        "overhead": [(100, [100 * overhead] * 3)],
+        "matmul": [(2e9, [2e9 / 50e9 + overhead] * 3), (1e9, [1e9 / 40e9 + overhead] * 3)],
+        "convolution": [(1e9, [1e9 / 25e9 + overhead] * 3)],
+        "elementwise": [(3e8, [3e8 / 10e9 + overhead] * 3), (2e8, [2e8 / 8e9 + overhead] * 3)],
+        "reduction": [(1e8, [1e8 / 5e9 + overhead] * 3)],
+    }
+    rank = {"compute": compute, "collectives": coll, "threads": 1, "device": "cpu", "backend": "gloo"}
+    return [rank, rank]
+
+
+def test_fit_recovers_known_latency_and_bandwidth():
+    for kind in ("all_reduce", "all_gather", "broadcast"):
+        points = [(n, s, collective_time(kind, s, n, 2e9, 40e-6) + 5e-6) for n in (2, 3, 4) for s in (256, 1 << 16, 1 << 22)]
+        bw, lat = _fit_link(points, kind, 5e-6)
+        assert bw == pytest.approx(2e9, rel=1e-6) and lat == pytest.approx(40e-6, rel=1e-6)
+
+
+def test_profile_from_measurements():
+    c = build_profile(_synthetic_results(30e-6, 1e9, 4e-6), name="synthetic", wall_s=1.0)
+    d = c.device
+    assert d.kernel_overhead_s == pytest.approx(4e-6)
+    assert d.peak_flops == pytest.approx(50e9)  # the fastest kernel measured
+    assert d.efficiencies("matmul")[0] == pytest.approx(45 / 50)  # median of 50 and 40 GFLOP/s
+    assert d.efficiencies("convolution")[0] == pytest.approx(0.5)
+    assert d.memory_bandwidth == pytest.approx(10e9)
+    assert d.efficiencies("elementwise")[1] == pytest.approx(0.9)
+    assert d.efficiencies("reduction")[1] == pytest.approx(0.5)
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"):
+        bw, lat = c.links[0].figures(kind)
+        assert bw == pytest.approx(1e9, rel=1e-6) and lat == pytest.approx(30e-6, rel=1e-6)
+    assert Cluster.from_json(c.to_json()) == c
+
+
+def test_calibrated_profile_is_accepted_by_plan(tmp_path):
+    c = build_profile(_synthetic_results(30e-6, 1e9, 4e-6), name="synthetic", wall_s=1.0)
+    path = tmp_path / "p.json"
+    c.save(path)
+    loaded = fxpar.Cluster.load(path)
+    assert loaded == c
+    model = fxpar.models.MLP((16, 32, 4))
+    plan = fxpar.plan(model, model.example_inputs(8), cluster=loaded, mesh_shape=(2,))
+    assert plan.cluster == c and plan.predicted_step_s > 0
+    assert fxpar.Plan.from_json(plan.to_json()).cluster == c
+
+
+def _device(**kw) -> DeviceSpec:
+    return DeviceSpec(**{"name": "d", "peak_flops": 1e12, "memory_bytes": 1e9, "memory_bandwidth": 1e11, **kw})
+
+
+def test_bad_profiles_are_refused():
+    link = LinkSpec(1e9, 1e-6)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"compute_efficiency_by_class has unknown keys \['gemm'\]; known: \['matmul'"):
+        Cluster("c", _device(compute_efficiency_by_class={"gemm": 0.5}), 2, (link,))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"memory_efficiency_by_class\['reduction'\] is 0; it must be positive"):
+        Cluster("c", _device(memory_efficiency_by_class={"reduction": 0}), 2, (link,))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"links\[0\].bandwidth_by_collective has unknown keys \['allreduce'\]"):
+        Cluster("c", _device(), 2, (LinkSpec(1e9, 1e-6, {"allreduce": 1e9}),))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"links\[0\].latency is -1e-06; it must be >= 0"):
+        Cluster("c", _device(), 2, (LinkSpec(1e9, -1e-6),))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.kernel_overhead_s is nan; it must be >= 0"):
+        Cluster("c", _device(kernel_overhead_s=float("nan")), 2, (link,))
+    bad = json.loads(fxpar.preset("cpu-local").to_json())
+    bad["device"]["compute_efficiency_by_class"] = ["matmul"]
+    with pytest.raises(fxpar.ClusterSpecError, match=r"not a cluster description"):
+        Cluster.from_json(json.dumps(bad))
+    assert set(OP_CLASSES) == {"matmul", "convolution", "elementwise", "reduction"}
+
+
+def test_missing_profile_file(tmp_path):
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cannot read cluster profile .*nope.json.*python -m fxpar calibrate --out PATH"):
+        fxpar.Cluster.load(tmp_path / "nope.json")
+
+
+def test_calibrate_needs_two_ranks():
+    from fxpar.__main__ import main
+
+    with pytest.raises(fxpar.ClusterSpecError, match=r"--max-ranks is 1; collectives need at least 2 ranks"):
+        main(["calibrate", "--max-ranks", "1"])
