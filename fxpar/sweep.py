@@ -222,6 +222,10 @@ def sweep_graph(
     batch = _global_batch(gm)
     shapes = [tuple(int(s) for s in m) for m in meshes] if meshes is not None else candidate_meshes(
         cluster, devices_per_node=devices_per_node)
+    # Every mesh must be planned from the graph as captured, as a fresh capture in fxpar.compile
+    # will be; planning may annotate node.meta (a rule fills in outputs an op does not compute),
+    # so each node's metadata is restored after each plan.
+    saved = [(n, dict(n.meta)) for n in gm.graph.nodes]
     points = []
     for mesh in shapes:
         try:
@@ -230,6 +234,9 @@ def sweep_graph(
         except (InfeasiblePlanError, ShardingError) as exc:
             points.append(SweepPoint(mesh, excluded=f"{type(exc).__name__}: {exc}"))
             continue
+        finally:
+            for node, meta in saved:
+                node.meta = dict(meta)
         points.append(SweepPoint(mesh, plan, step_energy(plan, batch, power, cluster_devices=cluster.num_devices)))
     front = pareto_front(points)
     if not front:

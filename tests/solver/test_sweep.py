@@ -136,6 +136,27 @@ def test_sweep_matches_independent_plans(count_unused):
         assert choose(result.points, objective) is brute_choice(feasible, kind, value), objective
 
 
+def test_sweep_plans_equal_plans_of_fresh_captures_on_a_conv_net():
+    """Capturing once must not change the plans: each mesh's plan is what a fresh capture gives, and
+    it applies to a fresh capture (as fxpar.compile makes on every rank)."""
+    from fxpar.models import AlexNet
+    from fxpar.planner import capture_and_annotate
+
+    def fresh():
+        with torch.device("meta"):
+            model = AlexNet(num_classes=10, image_size=32, width=0.25)
+            return model, model.example_inputs(128)
+
+    cluster = fxpar.preset("v100-pcie-4")
+    result = sweep(*fresh(), cluster=cluster, optimizer="sgd")
+    assert [p.num_devices for p in result.points if p.feasible] == [1, 2, 4]
+    for p in result.points:
+        if p.feasible:
+            own = fxpar.plan(*fresh(), cluster=cluster, mesh_shape=p.mesh_shape, optimizer="sgd")
+            assert p.plan.strategies == own.strategies, p.mesh_shape
+            p.plan.assignment(capture_and_annotate(*fresh()))
+
+
 def test_infeasible_device_counts_are_excluded_with_the_reason():
     model, inputs = meta_mlp()
     # About 0.40 GiB per device on one device and 0.21 on two (Adam): 0.15 GiB leaves 4 and 8.
