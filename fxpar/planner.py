@@ -71,7 +71,7 @@ def plan_graph(
     force: dict[str, str] | None = None,
     time_limit_s: float = 60.0,
     strict: bool = False,
-    share_repeated: bool = True,
+    simplify: bool = True,
 ) -> tuple[Plan, Problem]:
     if optimizer not in OPTIMIZER_STATE_FACTOR:
         raise ClusterSpecError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)}")
@@ -79,7 +79,7 @@ def plan_graph(
     cost_model = CostModel(cluster, mesh)
     start = time.perf_counter()
     strategies = all_strategies(gm, mesh, strict=strict)
-    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, share_repeated=share_repeated)
+    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, simplify=simplify)
     problem.build_seconds = time.perf_counter() - start
     if force:
         _apply_force(problem, force)

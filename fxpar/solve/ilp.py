@@ -32,6 +32,12 @@ Constraints
                      solution overflows is added before solving again, so the final plan satisfies
                      every set.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
+
+Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
+(elementwise or views) free of resharding: sum_{t: in_k(t)=b} x[v,t] <= sum_{s: out_k(s)=b} x[u,s]
+for every spec b, with no edge variables; layouts then change only at edges into or out of ops
+that do real work (matmuls, reductions, norms, ...) or at parameters, which is where changing them
+costs the same or less.
 """
 
 from __future__ import annotations
@@ -130,6 +136,17 @@ class _Model:
                 continue
             a_specs = sorted(set(e.out_specs), key=repr)
             b_specs = sorted(set(e.in_specs), key=repr)
+            if len(a_specs) > 1 and len(b_specs) > 1 and e in p.no_reshard:
+                # The consumer takes the producer's output as it is: no edge variables.
+                for b in b_specs:
+                    row = s.Constraint(-s.infinity(), 0)
+                    for x, spec in zip(xv, e.in_specs):
+                        if spec == b:
+                            row.SetCoefficient(x, 1)
+                    for x, spec in zip(xu, e.out_specs):
+                        if spec == b:
+                            row.SetCoefficient(x, -1)
+                continue
             costs = {(a, b): p.reshard_cost(e.tensor, a, b) for a in a_specs for b in b_specs}
             if len(a_specs) == 1:
                 for x, b in zip(xv, e.in_specs):

@@ -2,8 +2,9 @@
 
 ``build_problem`` gathers what the ILP needs from an annotated graph and its strategies; the
 ``Problem`` also evaluates any assignment directly (``cost_of``, ``memory_of``), which is the
-reference the solver is tested against. Repeated layers can share decisions (``classes``): nodes
-in one class take the same strategy (see ``fxpar.solve.repeat``).
+reference the solver is tested against. With ``simplify`` (the default), repeated layers share decisions (``classes``: nodes in one class
+take the same strategy, see ``fxpar.solve.repeat``) and edges between cheap ops carry no resharding
+(``no_reshard``, see ``fxpar.solve.ilp``); both restrict the search space to keep the model small.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from torch.fx import GraphModule, Node
 from fxpar.cost import CostModel, spec_bytes
 from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
-from fxpar.rules.registry import OpStrategy, input_source, output_values, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, get_rule, input_source, output_values, tensor_arg_nodes
 from fxpar.solve.repeat import node_signature, repeated_classes
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 
 
-@dataclass
+@dataclass(eq=False)
 class Edge:
     producer: Node
     consumer: Node
@@ -46,6 +47,7 @@ class Problem:
     build_seconds: float = 0.0
     forced: dict[Node, set[int]] = field(default_factory=dict)
     classes: dict[Node, Node] = field(default_factory=dict)  # node -> its class representative
+    no_reshard: set = field(default_factory=set)  # edges the consumer takes as the producer gives
     _reshard_cache: dict = field(default_factory=dict, repr=False)
 
     def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
@@ -118,7 +120,7 @@ def build_problem(
     cost_model: CostModel,
     *,
     optimizer: str = "adam",
-    share_repeated: bool = True,
+    simplify: bool = True,
 ) -> Problem:
     start = time.perf_counter()
     mesh_shape = cost_model.mesh_shape
@@ -162,8 +164,20 @@ def build_problem(
         nodes, strategies, node_cost, edges, param_mem, live_sets, act_mem,
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
     )
-    if share_repeated:
+    if simplify:
         problem.classes = repeated_classes(nodes, strategies)
+        problem.no_reshard = {e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)}
     return problem
 
 
+
+
+_CHEAP_RULE_MODULES = {"fxpar.rules.pointwise", "fxpar.rules.views"}
+
+
+def _is_cheap(node: Node) -> bool:
+    """Elementwise ops and views: changing a layout before one costs what it costs after it."""
+    if node.op != "call_function":
+        return False
+    rule = get_rule(node.target)
+    return rule is not None and rule.__module__ in _CHEAP_RULE_MODULES

@@ -10,8 +10,7 @@ when their users are.
 
 from __future__ import annotations
 
-from collections import Counter
-
+import numpy as np
 import torch
 from torch.fx import Node
 
@@ -35,14 +34,22 @@ def node_signature(node: Node) -> tuple:
     )
 
 
-def _candidate_periods(seq: list[int], max_candidates: int = 6) -> list[int]:
-    last: dict[int, int] = {}
-    diffs: Counter = Counter()
-    for i, s in enumerate(seq):
-        if s in last:
-            diffs[i - last[s]] += 1
-        last[s] = i
-    return [p for p, _ in diffs.most_common(max_candidates) if p > 0]
+def _candidate_periods(seq: list[int], max_candidates: int = 4) -> list[int]:
+    """Shifts p at which the sequence matches itself most often (a block repeated k times matches
+    at its length on nearly all of its nodes; short motifs inside one block match far less)."""
+    arr = np.asarray(seq)
+    n = len(arr)
+    matches = [(int(np.count_nonzero(arr[:-p] == arr[p:])), p) for p in range(1, n // 2 + 1)]
+    matches.sort(key=lambda mp: (-mp[0], mp[1]))
+    chosen: list[int] = []
+    for m, p in matches:
+        # Multiples of a chosen period match too (k blocks apart); the forward and backward
+        # blocks have periods of their own, so skip the multiples to find both.
+        if m == 0 or len(chosen) == max_candidates:
+            break
+        if not any(p % c == 0 for c in chosen):
+            chosen.append(p)
+    return chosen
 
 
 def repeated_classes(nodes: list[Node], strategies: dict[Node, list], min_repeats: int = 2) -> dict[Node, Node]:

@@ -28,7 +28,7 @@ class Tiny(nn.Module):
 def _problem(cluster_name: str, batch: int, mesh=(2,)):
     gm = capture_and_annotate(Tiny(), (torch.randn(batch, 64),))
     cluster = fxpar.preset(cluster_name, num_devices=math.prod(mesh))
-    return build_problem(gm, all_strategies(gm, mesh), CostModel(cluster, mesh))
+    return build_problem(gm, all_strategies(gm, mesh), CostModel(cluster, mesh), simplify=False)
 
 
 def _brute_force(problem, budget=None):

@@ -1,0 +1,98 @@
+"""Planning at scale: time every phase of planning a GPT-2-small-sized model on 8 devices and a
+Llama-7B-sized model on an 8x8 mesh, on fake tensors (no process group, no model memory).
+
+    python tools/plan_scale.py [--quick] [--out docs/results/plan_scale.json]
+
+Writes the results file and the table in docs/solver-scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import fxpar
+from fxpar.models import GPT, GPTConfig, Llama, LlamaConfig
+from fxpar.passes.annotate import annotate
+from fxpar.passes.capture import capture
+from fxpar.passes.rewrite import rewrite
+from fxpar.planner import plan_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cases(quick: bool) -> list[dict]:
+    gpt = GPTConfig(n_layer=2 if quick else 12)
+    llama = LlamaConfig(n_layer=2 if quick else 32)
+    return [
+        {"name": f"GPT-2 small ({gpt.n_layer} layers, seq {gpt.seq_len})", "model": lambda: GPT(gpt), "batch": 8,
+         "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0},
+        {"name": f"Llama-7B ({llama.n_layer} layers, seq {llama.seq_len})", "model": lambda: Llama(llama), "batch": 64,
+         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0},
+    ]
+
+
+def run_case(case: dict) -> dict:
+    mesh = case["mesh"]
+    cluster = dataclasses.replace(fxpar.preset(case["cluster"]), num_devices=math.prod(mesh))
+    times = {}
+    with torch.device("meta"):
+        model = case["model"]()
+        inputs = model.example_inputs(case["batch"])
+    num_params = sum(p.numel() for p in model.parameters())
+    t = time.perf_counter()
+    gm = capture(model, inputs)
+    times["capture"] = time.perf_counter() - t
+    t = time.perf_counter()
+    annotate(gm)
+    times["annotate"] = time.perf_counter() - t
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=120)
+    times["build"] = plan.solver["build_s"]
+    times["solve"] = plan.solver["solve_s"]
+    t = time.perf_counter()
+    rewrite(gm, plan.assignment(gm), mesh)
+    times["rewrite"] = time.perf_counter() - t
+    total = sum(times.values())
+    return {
+        "name": case["name"], "mesh": list(mesh), "cluster": case["cluster"], "batch": case["batch"],
+        "num_params": num_params, "nodes": plan.solver["num_nodes"], "classes": plan.solver["num_classes"],
+        "variables": plan.solver["num_variables"], "constraints": plan.solver["num_constraints"],
+        "memory_sets": f"{plan.solver['num_memory_sets']}/{plan.solver['num_live_sets']}",
+        "status": plan.solver["status"], "gap": plan.solver["gap"], "times_s": times, "total_s": total,
+        "target_s": case["target_s"], "predicted_step_s": plan.predicted_step_s,
+        "memory_gib": plan.memory_bytes / 2**30, "fallbacks": len(caught),
+        "param_specs": sorted({str(s) for s in plan.param_specs.values()}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="2 layers each (a smoke run)")
+    parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
+    args = parser.parse_args()
+    results = []
+    for case in cases(args.quick):
+        r = run_case(case)
+        results.append(r)
+        t = r["times_s"]
+        print(f"{r['name']} on {r['mesh']}: {r['nodes']} nodes, {r['classes']} classes, {r['variables']} variables, "
+              f"capture {t['capture']:.1f}s annotate {t['annotate']:.1f}s build {t['build']:.1f}s solve {t['solve']:.1f}s "
+              f"rewrite {t['rewrite']:.1f}s = {r['total_s']:.1f}s (target {r['target_s']:.0f}s), {r['status']}, gap {r['gap']:.2%}")
+    if not args.quick:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
