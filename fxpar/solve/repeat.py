@@ -24,6 +24,8 @@ def tensor_sig(value) -> object:
 
 
 def node_signature(node: Node) -> tuple:
+    if node.op == "placeholder":
+        return (node.op, node.meta.get("fxpar_role"), tensor_sig(node.meta.get("val")))
     consts = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: "T")
     return (
         node.op,
