@@ -121,7 +121,8 @@ class _Model:
         mesh = p.cost_model.mesh_shape
         groups: dict[tuple, list] = defaultdict(list)
         for e in p.edges:
-            key = (p.rep(e.producer), e.out_index, p.rep(e.consumer), tuple(e.in_specs), tuple(e.out_specs))
+            # Class members have equal strategy lists, so one member edge stands for the group.
+            key = (p.rep(e.producer), e.out_index, p.rep(e.consumer), e.position)
             groups[key].append(e)
         for k, members in enumerate(groups.values()):
             e, count = members[0], len(members)
@@ -147,7 +148,7 @@ class _Model:
                         if spec == b:
                             row.SetCoefficient(x, -1)
                 continue
-            costs = {(a, b): p.reshard_cost(e.tensor, a, b) for a in a_specs for b in b_specs}
+            costs = p.cost_matrix(e.tensor, a_specs, b_specs)
             if len(a_specs) == 1:
                 for x, b in zip(xv, e.in_specs):
                     self.obj[x] += count * costs[(a_specs[0], b)]

@@ -31,6 +31,7 @@ class Edge:
     tensor: object
     out_specs: list  # per producer strategy: the spec of its output out_index
     in_specs: list  # per consumer strategy: the spec it wants
+    position: int = -1  # which tensor argument of the consumer; -1 for a gradient's edge
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Problem:
     classes: dict[Node, Node] = field(default_factory=dict)  # node -> its class representative
     no_reshard: set = field(default_factory=set)  # edges the consumer takes as the producer gives
     _reshard_cache: dict = field(default_factory=dict, repr=False)
+    _matrix_cache: dict = field(default_factory=dict, repr=False)
 
     def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
         if src == dst:
@@ -57,6 +59,12 @@ class Problem:
         if key not in self._reshard_cache:
             self._reshard_cache[key] = self.cost_model.reshard_time(tensor, src, dst)
         return self._reshard_cache[key]
+
+    def cost_matrix(self, tensor, a_specs: list[Spec], b_specs: list[Spec]) -> dict[tuple[Spec, Spec], float]:
+        key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs))
+        if key not in self._matrix_cache:
+            self._matrix_cache[key] = {(a, b): self.reshard_cost(tensor, a, b) for a in a_specs for b in b_specs}
+        return self._matrix_cache[key]
 
     def edge_cost(self, edge: Edge, su: int, sv: int) -> float:
         return self.reshard_cost(edge.tensor, edge.out_specs[su], edge.in_specs[sv])
@@ -127,20 +135,20 @@ def build_problem(
     nodes = list(strategies)
     compute_cache: dict = {}
 
-    def compute(n: Node, s: OpStrategy) -> float:
-        # Repeated layers repeat signatures: price each (op, shapes, strategy) once.
-        key = (node_signature(n), s)
+    def compute(n: Node) -> list[float]:
+        # Repeated layers repeat signatures: price each (op, shapes) once.
+        key = node_signature(n)
         if key not in compute_cache:
-            compute_cache[key] = cost_model.compute_time(n, s)
+            compute_cache[key] = [cost_model.compute_time(n, s) for s in strategies[n]]
         return compute_cache[key]
 
-    node_cost = {n: [compute(n, s) for s in strategies[n]] for n in nodes}
+    node_cost = {n: list(compute(n)) for n in nodes}
     edges: list[Edge] = []
     for v in nodes:
         for j, _ in enumerate(tensor_arg_nodes(v)):
             u, idx = input_source(v, j)
             edges.append(
-                Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]])
+                Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]], j)
             )
     loss, grads, buffer_updates = step_outputs(gm)
     rep = replicated(len(mesh_shape))

@@ -73,7 +73,23 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
 
 
 def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool = False) -> dict[Node, list[OpStrategy]]:
-    return {n: node_strategies(n, mesh_shape, strict=strict) for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+    # Rules see only an op's shapes and constant arguments: nodes with the same signature (every
+    # copy of a repeated layer) share one list.
+    from fxpar.solve.repeat import node_signature
+
+    cache: dict[tuple, list[OpStrategy]] = {}
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            out[n] = node_strategies(n, mesh_shape, strict=strict)
+        elif n.op == "call_function":
+            key = node_signature(n)
+            if key not in cache:
+                cache[key] = node_strategies(n, mesh_shape, strict=strict)
+            elif get_rule(n.target) is None:
+                n.meta["fxpar_fallback"] = True
+            out[n] = cache[key]
+    return out
 
 
 def describe(strategy: OpStrategy) -> str:
