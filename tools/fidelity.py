@@ -1,0 +1,181 @@
+"""Fidelity of the cost model: predicted vs measured step time and memory on local gloo ranks.
+
+For each small model (MLP, CNN, transformer; ``benchlib.small_models``) it plans fxpar's own plan
+and four forced reference plans (data parallel, Megatron tensor parallel, ZeRO-3, a DP/TP hybrid)
+with a calibrated profile, runs all of them on the same ranks with interleaved timing, and
+reports per plan the measured and predicted step time, their relative error, the median absolute
+relative error, and Spearman's rank correlation (per model and over all plans); also the
+predicted per-device memory against the measured peak of tensor memory.
+
+The step timed is what the plan predicts: the compiled call (forward, backward and the plan's
+collectives, as one graph) and ``loss.backward()``. The optimizer update is timed apart and
+compared with ``CostModel.optimizer_time``.
+
+    python tools/fidelity.py [--profile PATH] [--rounds 5] [--steps 3] [--out docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+import fxpar  # noqa: E402
+from fxpar.calibrate import calibrate  # noqa: E402
+from fxpar.cost import CostModel  # noqa: E402
+from fxpar.plan import Plan  # noqa: E402
+
+
+def _rank(rank: int, jobs: list[tuple[str, str, str]], rounds: int, steps: int) -> dict:
+    warnings.simplefilter("ignore")
+    world = dist.get_world_size()
+    runners, opt_runners, memory = {}, {}, {}
+    for key, model_name, plan_json in jobs:
+        model, inputs = benchlib.build(model_name)
+        compiled = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
+        opt = torch.optim.Adam(compiled.parameters(), lr=1e-4)
+        local = [t.chunk(world)[rank] for t in inputs]
+
+        def step(c=compiled, x=local):
+            c(*x).backward()
+
+        def update(o=opt):
+            o.step()
+            o.zero_grad()
+
+        step()
+        update()  # creates the optimizer state
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        resident = list(compiled.parameters()) + list(compiled.buffers()) + state + local
+
+        def whole(s=step, u=update):
+            s()
+            u()
+
+        memory[key] = benchlib.measured_peak_bytes(whole, resident)
+        runners[key] = step
+        opt_runners[key] = (step, update)
+    times = benchlib.interleave(runners, rounds=rounds, steps=steps)
+    opt_times = {}
+    for key, (step, update) in opt_runners.items():
+        ts = []
+        for _ in range(steps):
+            step()
+            ts.append(benchlib.timed_step(update))
+        opt_times[key] = ts
+    return {"times": times, "opt_times": opt_times, "memory": memory}
+
+
+def optimizer_prediction(plan: Plan, model_name: str) -> float:
+    model, _ = benchlib.build(model_name)
+    cm = CostModel(plan.cluster, plan.mesh_shape)
+    return sum(cm.optimizer_time(p, plan.param_specs[n], plan.optimizer) for n, p in model.named_parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", help="a calibrated profile (default: calibrate now)")
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--models", default="mlp,cnn,transformer")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.profile:
+        cluster = fxpar.Cluster.load(args.profile)
+    else:
+        cluster = calibrate(max_ranks=args.nprocs)
+        cluster.save(out / "calibrated-profile.json")
+    mesh = (args.nprocs,)
+    plans: dict[str, Plan] = {}
+    for name in args.models.split(","):
+        model, inputs = benchlib.build(name)
+        for kind, plan in benchlib.reference_plans(model, inputs, cluster, mesh).items():
+            plans[f"{name}/{kind}"] = plan
+            print(f"planned {name}/{kind}: predicted {plan.predicted_step_s * 1e3:.2f} ms "
+                  f"({benchlib.param_summary(plan)})", flush=True)
+    jobs = [(key, key.split("/")[0], plan.to_json()) for key, plan in plans.items()]
+    print(f"running {len(jobs)} plans on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
+          flush=True)
+    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps)
+    rows = []
+    for key, plan in plans.items():
+        model_name, kind = key.split("/")
+        measured = benchlib.slowest_rank_median([r["times"][key] for r in results])
+        opt_measured = benchlib.slowest_rank_median([r["opt_times"][key] for r in results])
+        mem = max(r["memory"][key] for r in results)
+        rows.append({
+            "model": model_name, "plan": kind, "params": benchlib.param_summary(plan),
+            "predicted_s": plan.predicted_step_s, "compute_s": plan.compute_s, "comm_s": plan.comm_s,
+            "measured_s": measured, "error": plan.predicted_step_s / measured - 1,
+            "optimizer_predicted_s": optimizer_prediction(plan, model_name), "optimizer_measured_s": opt_measured,
+            "memory_predicted": plan.memory_bytes, "memory_measured": mem,
+        })
+    report = summarize(rows)
+    report.update({"profile": cluster.name, "profile_source": cluster.source, "nprocs": args.nprocs,
+                   "rounds": args.rounds, "steps": args.steps, "wall_s": round(time.perf_counter() - start, 1),
+                   "torch": torch.__version__})
+    (out / "fidelity.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "fidelity.md").write_text(table + "\n")
+    print(table)
+
+
+def summarize(rows: list[dict]) -> dict:
+    errors = [abs(r["error"]) for r in rows]
+    per_model = {}
+    for m in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == m]
+        per_model[m] = {
+            "median_abs_error": statistics.median(abs(r["error"]) for r in mine),
+            "spearman": benchlib.spearman([r["predicted_s"] for r in mine], [r["measured_s"] for r in mine]),
+            "fxpar_fastest_measured": min(mine, key=lambda r: r["measured_s"])["plan"] == "fxpar",
+        }
+    mem_err = [r["memory_predicted"] / r["memory_measured"] - 1 for r in rows]
+    return {
+        "rows": rows, "per_model": per_model,
+        "median_abs_error": statistics.median(errors),
+        "spearman_all": benchlib.spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+        "memory_median_abs_error": statistics.median(abs(e) for e in mem_err),
+    }
+
+
+def markdown(rep: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    lines = [
+        "| model | plan | parameters | predicted ms (compute + comm) | measured ms | error | "
+        "optimizer pred / meas ms | memory pred / meas MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['plan']} | {r['params']} | {ms(r['predicted_s'])} ({ms(r['compute_s'])} + {ms(r['comm_s'])}) "
+            f"| {ms(r['measured_s'])} | {r['error']:+.0%} | {ms(r['optimizer_predicted_s'])} / {ms(r['optimizer_measured_s'])} "
+            f"| {mib(r['memory_predicted'])} / {mib(r['memory_measured'])} |"
+        )
+    lines += ["", "| model | median abs. error | Spearman (5 plans) | fxpar's plan fastest measured |", "|---|---|---|---|"]
+    for m, s in rep["per_model"].items():
+        lines.append(f"| {m} | {s['median_abs_error']:.0%} | {s['spearman']:.2f} | {'yes' if s['fxpar_fastest_measured'] else 'no'} |")
+    lines += ["", f"All plans: median absolute error {rep['median_abs_error']:.0%}, Spearman {rep['spearman_all']:.2f}; "
+              f"memory median absolute error {rep['memory_median_abs_error']:.0%}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

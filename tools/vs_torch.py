@@ -1,0 +1,190 @@
+"""fxpar against what users run today, on the same local gloo ranks in one interleaved run.
+
+For each small model (``benchlib.small_models``) one training step (forward, backward, Adam
+update) is timed for:
+
+- ``fxpar``: ``fxpar.compile`` with the plan fxpar makes for the calibrated profile;
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (each rank its slice of the batch);
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on each layer or block and on the root;
+- ``tp``: ``torch.distributed.tensor.parallel.parallelize_module`` with ``ColwiseParallel`` /
+  ``RowwiseParallel`` (Megatron pairs; every rank runs the whole batch, as tensor parallelism
+  does). Its styles cover linear and embedding layers only, so for the CNN only the classifier is
+  split and the convolutions run replicated.
+
+Every rank builds all runners, then the runners of a model take turns (rotating order) for a few
+steps per round; the step time is the median over steps of the slowest rank.
+
+    python tools/vs_torch.py [--profile PATH] [--rounds 5] [--steps 3] [--out docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+import fxpar  # noqa: E402
+from fxpar.calibrate import calibrate  # noqa: E402
+from fxpar.models import GPT, MLP  # noqa: E402
+from fxpar.plan import Plan  # noqa: E402
+
+RUNNERS = ("fxpar", "ddp", "fsdp2", "tp")
+
+
+def _units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 wraps one by one: the MLP's layers, the transformer's blocks, the CNN's
+    residual blocks."""
+    if isinstance(model, MLP):
+        return list(model.layers)
+    if isinstance(model, GPT):
+        return list(model.blocks)
+    return [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+
+
+def _tp_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GPT attention for column-split q, k, v: each rank holds n_head / world whole heads (the
+    model's own forward derives the head count from the full width)."""
+    b, t, d = x.shape
+    heads = [p(x).view(b, t, -1, d // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)]
+    y = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+    return self.dropout(self.out_proj(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def _tp_plan(model: nn.Module, world: int) -> dict:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if isinstance(model, MLP):
+        return {"layers.0": ColwiseParallel(), "layers.1": RowwiseParallel()}
+    if isinstance(model, GPT):
+        plan = {}
+        for i, block in enumerate(model.blocks):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plan[f"blocks.{i}.attn.{name}"] = ColwiseParallel()
+            plan[f"blocks.{i}.attn.out_proj"] = RowwiseParallel()
+            plan[f"blocks.{i}.fc"] = ColwiseParallel()
+            plan[f"blocks.{i}.proj"] = RowwiseParallel()
+            block.attn.forward = types.MethodType(_tp_attention_forward, block.attn)
+        return plan
+    return {"fc": ColwiseParallel(output_layouts=Replicate())}
+
+
+def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, inputs = benchlib.build(model_name)
+    local = [t.chunk(world)[rank] for t in inputs]
+    if kind == "fxpar":
+        module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
+    elif kind == "ddp":
+        module = DistributedDataParallel(model)
+    elif kind == "fsdp2":
+        mesh = init_device_mesh("cpu", (world,))
+        for unit in _units(model):
+            fully_shard(unit, mesh=mesh)
+        module = fully_shard(model, mesh=mesh)
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+        module = parallelize_module(model, mesh, _tp_plan(model, world))
+        local = list(inputs)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+    def step() -> None:
+        module(*local).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int) -> dict:
+    warnings.simplefilter("ignore")
+    world = dist.get_world_size()
+    times = {}
+    for model_name, plan_json in jobs:
+        runners = {kind: _runner(kind, model_name, plan_json, rank, world) for kind in RUNNERS}
+        for kind, ts in benchlib.interleave(runners, rounds=rounds, steps=steps).items():
+            times[f"{model_name}/{kind}"] = ts
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", help="a calibrated profile (default: calibrate now)")
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--models", default="mlp,cnn,transformer")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cluster = fxpar.Cluster.load(args.profile) if args.profile else calibrate(max_ranks=args.nprocs)
+    jobs = []
+    for name in args.models.split(","):
+        model, inputs = benchlib.build(name)
+        plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,))
+        print(f"planned {name}: predicted {plan.predicted_step_s * 1e3:.2f} ms ({benchlib.param_summary(plan)})", flush=True)
+        jobs.append((name, plan.to_json()))
+    print(f"timing {', '.join(RUNNERS)} on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
+          flush=True)
+    load_before = _load()
+    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps)
+    rows = []
+    for name, _ in jobs:
+        med = {k: benchlib.slowest_rank_median([r[f"{name}/{k}"] for r in results]) for k in RUNNERS}
+        best = min((k for k in RUNNERS if k != "fxpar"), key=med.get)
+        rows.append({"model": name, **{f"{k}_s": med[k] for k in RUNNERS}, "best_torch": best,
+                     "ratio_to_best": med["fxpar"] / med[best],
+                     **{f"ratio_{k}": med["fxpar"] / med[k] for k in RUNNERS if k != "fxpar"}})
+    report = {"rows": rows, "profile": cluster.name, "nprocs": args.nprocs, "rounds": args.rounds, "steps": args.steps,
+              "load_average_before": load_before, "load_average_after": _load(),
+              "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__}
+    (out / "vs_torch.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "vs_torch.md").write_text(table + "\n")
+    print(table)
+
+
+def _load() -> list[float]:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def markdown(rep: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
+    lines = ["| model | fxpar ms | DDP ms | FSDP2 ms | TP ms | fxpar / DDP | fxpar / FSDP2 | fxpar / TP | fxpar / best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        lines.append(
+            f"| {r['model']} | {ms(r['fxpar_s'])} | {ms(r['ddp_s'])} | {ms(r['fsdp2_s'])} | {ms(r['tp_s'])} "
+            f"| {r['ratio_ddp']:.2f} | {r['ratio_fsdp2']:.2f} | {r['ratio_tp']:.2f} | {r['ratio_to_best']:.2f} ({r['best_torch']}) |"
+        )
+    lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
