@@ -272,7 +272,9 @@ def plot(result: SweepResult, path: str, *, title: str | None = None) -> None:
     ax.set_ylabel("samples/s (predicted)", color="tab:blue")
     ax2.set_ylabel("J/sample (predicted)", color="tab:red")
     ax.set_title(title or f"{result.cluster.name}, global batch {result.global_batch}: {result.objective.describe()}")
-    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    ax.set_xticks(sorted({p.num_devices for p in pts}))
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
