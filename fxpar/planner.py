@@ -84,7 +84,17 @@ def plan_graph(
     if force:
         _apply_force(problem, force)
     try:
-        sol = solve(problem, time_limit_s=time_limit_s)
+        try:
+            sol = solve(problem, time_limit_s=time_limit_s)
+        except Infeasible:
+            if not simplify:
+                raise
+            # The simplifications restrict the search space; the full problem may still fit.
+            problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, simplify=False)
+            problem.build_seconds = time.perf_counter() - start
+            if force:
+                _apply_force(problem, force)
+            sol = solve(problem, time_limit_s=time_limit_s)
     except Infeasible:
         need = min_memory(problem)
         raise InfeasiblePlanError(

@@ -34,10 +34,10 @@ Constraints
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 
 Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
-(elementwise or views) free of resharding: sum_{t: in_k(t)=b} x[v,t] <= sum_{s: out_k(s)=b} x[u,s]
-for every spec b, with no edge variables; layouts then change only at edges into or out of ops
-that do real work (matmuls, reductions, norms, ...) or at parameters, which is where changing them
-costs the same or less.
+(elementwise, views, slicing) free of resharding: sum_{t: in_k(t)=b} x[v,t] <= sum_{s: out_k(s)=b} x[u,s]
+for every spec b, with no edge variables; layouts then change only on edges into or out of ops
+that do real work (matmuls, reductions, norms, ...) and at parameters and inputs. A cheap op's
+output is no larger than what it reads, so resharding before it costs no more.
 """
 
 from __future__ import annotations

@@ -181,11 +181,17 @@ def build_problem(
 
 
 _CHEAP_RULE_MODULES = {"fxpar.rules.pointwise", "fxpar.rules.views"}
+_CHEAP_OPS = {
+    "aten.cat.default", "aten.stack.default", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+    "aten.split_with_sizes.default", "aten.slice_backward.default", "aten.select_backward.default",
+    "aten.native_dropout.default", "aten.native_dropout_backward.default", "prims.broadcast_in_dim.default",
+}
 
 
 def _is_cheap(node: Node) -> bool:
-    """Elementwise ops and views: changing a layout before one costs what it costs after it."""
+    """Elementwise ops, views and slicing: their output can be resharded as cheaply before them as
+    after them, so the solver need not consider both."""
     if node.op != "call_function":
         return False
     rule = get_rule(node.target)
-    return rule is not None and rule.__module__ in _CHEAP_RULE_MODULES
+    return rule is not None and (rule.__module__ in _CHEAP_RULE_MODULES or str(node.target) in _CHEAP_OPS)
