@@ -124,8 +124,10 @@ class CostModel:
         flops = meta["fxpar_flops"] / split
         # A getitem reads one output of a multi-output producer.
         ins = [output_values(u)[i] for u, i in (input_source(node, j) for j in range(len(tensor_arg_nodes(node))))]
-        nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs))
-        nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(output_values(node), strategy.outputs))
+        outs = output_values(node)
+        # An output the op does not compute (None, e.g. a convolution_backward's masked grads) costs nothing.
+        nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs) if t is not None)
+        nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(outs, strategy.outputs) if t is not None)
         return self.roofline(flops, nbytes, op_class(node))
 
     def collective_time(self, kind: str, nbytes: float, axis: int) -> float:
