@@ -15,7 +15,7 @@ memory bandwidth that ranks on one machine cause each other:
 
 Without a process group the ranks are local processes on a gloo group (``fxpar.launch``); under
 torchrun the existing backend and devices are measured. Each timing is the median over repeats of
-the slowest rank. The profile loads with ``fxpar.Cluster.load(path)`` and is accepted wherever a
+the slowest rank (``--quantile`` picks another quantile). The profile loads with ``fxpar.Cluster.load(path)`` and is accepted wherever a
 cluster is (``fxpar.plan(..., cluster=...)``, ``fxpar.compile(..., cluster=...)``).
 """
 
@@ -48,7 +48,7 @@ class Sizes:
     reduce_shape: tuple[int, int] = (2048, 2048)
     overhead_ops: int = 200
     collective_bytes: tuple[int, ...] = (256, 64 << 10, 1 << 20, 4 << 20)
-    repeats: int = 7
+    repeats: int = 9
 
 
 QUICK = Sizes(((64, 128, 128), (128, 128, 128)), (2, 8, 8, 8), 1 << 16, (64, 256), 50, (256, 16 << 10), 3)
@@ -182,9 +182,18 @@ def measure(rank: int, sizes: Sizes) -> dict:
             "backend": str(dist.get_backend())}
 
 
-def _slowest(per_rank: list[list[float]]) -> float:
-    """Median over repeats of the slowest rank's time."""
-    return statistics.median(max(ts) for ts in zip(*per_rank))
+def _slowest(per_rank: list[list[float]], quantile: float = 0.5) -> float:
+    """The ``quantile`` over repeats (0.5: the median) of the slowest rank's time."""
+    return quantile_of([max(ts) for ts in zip(*per_rank)], quantile)
+
+
+def quantile_of(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (``statistics.median`` for q = 0.5)."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _fit_link(points: list[tuple[int, int, float]], kind: str, overhead: float) -> tuple[float, float]:
@@ -208,13 +217,15 @@ def _fit_link(points: list[tuple[int, int, float]], kind: str, overhead: float) 
     return 1.0 / inv_bw, alpha
 
 
-def build_profile(results: list[dict], *, name: str, wall_s: float) -> Cluster:
-    """The cluster profile from every rank's measurements (``results[r]`` from ``measure``)."""
+def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: float = 0.5) -> Cluster:
+    """The cluster profile from every rank's measurements (``results[r]`` from ``measure``). Each
+    timing is the ``quantile`` over repeats of the slowest rank: the median by default; a lower
+    quantile describes a shared machine at its quieter moments."""
     world = len(results)
 
     def medians(kind: str) -> list[tuple[float, float]]:
         per_rank = [r["compute"][kind] for r in results]  # each rank: [(work, [seconds per repeat])]
-        return [(entries[0][0], _slowest([ts for _, ts in entries])) for entries in zip(*per_rank)]
+        return [(entries[0][0], _slowest([ts for _, ts in entries], quantile)) for entries in zip(*per_rank)]
 
     overhead_ops, overhead_t = medians("overhead")[0]
     overhead = overhead_t / overhead_ops
@@ -227,7 +238,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float) -> Cluster:
     link_by = {}
     for kind in COLLECTIVES:
         groups = zip(*[r["collectives"][kind] for r in results])
-        points = [(g[0][0], g[0][1], _slowest([ts for _, _, ts in g])) for g in groups]
+        points = [(g[0][0], g[0][1], _slowest([ts for _, _, ts in g], quantile)) for g in groups]
         links_raw[kind] = [{"ranks": n, "bytes": s, "seconds": t} for n, s, t in points]
         link_by[kind] = _fit_link(points, kind, overhead)
     bw, lat = link_by["all_reduce"]
@@ -251,7 +262,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float) -> Cluster:
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)] for k in ("overhead", "matmul", "convolution", "elementwise", "reduction")}
     extra = {"calibration": {
-        "ranks": world, "threads_per_rank": first["threads"], "backend": first["backend"], "torch": torch.__version__,
+        "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
         "compute": raw, "collectives": links_raw,
     }}
@@ -263,7 +274,7 @@ def _rank_main(rank: int, sizes: Sizes) -> dict:
     return measure(rank, sizes)
 
 
-def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated") -> Cluster:
+def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated", quantile: float = 0.5) -> Cluster:
     """Measure this machine on ``max_ranks`` local gloo ranks (or the running torchrun group)."""
     sizes = QUICK if quick else Sizes()
     start = time.perf_counter()
@@ -278,7 +289,7 @@ def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrate
 
         print(f"[calibrate] starting {max_ranks} local gloo ranks", flush=True)
         results = launch(_rank_main, max_ranks, sizes)
-    return build_profile(results, name=name, wall_s=time.perf_counter() - start)
+    return build_profile(results, name=name, wall_s=time.perf_counter() - start, quantile=quantile)
 
 
 def summary(c: Cluster) -> str:
@@ -303,6 +314,9 @@ def add_arguments(parser) -> None:
                         help="measure collectives on 2..N local ranks (default: cores, at most 8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke test, rough figures)")
     parser.add_argument("--name", default="calibrated", help="the profile's cluster name")
+    parser.add_argument("--quantile", type=float, default=0.5,
+                        help="which quantile of the repeated timings to keep: 0.5 (default) the median; a lower "
+                             "one (0.25) describes a machine shared with other jobs at its quieter moments")
 
 
 def run(args) -> None:
@@ -310,7 +324,9 @@ def run(args) -> None:
 
     if args.max_ranks < 2:
         raise ClusterSpecError(f"--max-ranks is {args.max_ranks}; collectives need at least 2 ranks")
-    profile = calibrate(max_ranks=args.max_ranks, quick=args.quick, name=args.name)
+    if not 0.0 <= args.quantile <= 1.0:
+        raise ClusterSpecError(f"--quantile is {args.quantile}; give a fraction in [0, 1] (0.5 is the median)")
+    profile = calibrate(max_ranks=args.max_ranks, quick=args.quick, name=args.name, quantile=args.quantile)
     if not dist.is_initialized() or dist.get_rank() == 0:
         profile.save(args.out)
         print(summary(profile))

@@ -11,12 +11,15 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -205,24 +208,56 @@ def slowest_rank_median(per_rank: list[list[float]]) -> float:
     return statistics.median(max(ts) for ts in zip(*per_rank))
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage that ops make while the mode is active, and their peak. A storage
+    counts from the op that makes it until the last tensor object viewing it is gone; storages of
+    the ``resident`` tensors (updated in place) are not counted."""
+
+    def __init__(self, resident: list[torch.Tensor] = ()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # storage address -> [live tensor objects, bytes]
+        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self._resident:
+                continue
+            if key in self._refs:
+                self._refs[key][0] += 1
+            else:
+                self._refs[key] = [1, storage.nbytes()]
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
 def measured_peak_bytes(step: Callable[[], None], resident: list[torch.Tensor]) -> int:
     """Peak bytes of tensor memory during one call of ``step``: the resident tensors (counted by
-    storage, once each) plus the largest net allocation the profiler's memory events show."""
-    from torch.profiler import ProfilerActivity, profile
-
+    storage, once each) plus the peak of the storage the step's ops allocate."""
     seen, base = set(), 0
     for t in resident:
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             base += t.untyped_storage().nbytes()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    mode = LiveTensorBytes(resident)
+    with mode:
         step()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return base + peak
+    return base + mode.peak
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

@@ -2,7 +2,9 @@
 
 For each small model (MLP, CNN, transformer; ``benchlib.small_models``) it plans fxpar's own plan
 and four forced reference plans (data parallel, Megatron tensor parallel, ZeRO-3, a DP/TP hybrid)
-with a calibrated profile, runs all of them on the same ranks with interleaved timing, and
+with a profile calibrated on the same ranks right before (``fxpar.calibrate.measure``), runs
+all of them on those ranks with interleaved timing, calibrates again afterwards to show how much
+the machine drifted meanwhile, and
 reports per plan the measured and predicted step time, their relative error, the median absolute
 relative error, and Spearman's rank correlation (per model and over all plans); also the
 predicted per-device memory against the measured peak of tensor memory.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,17 +35,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 import fxpar  # noqa: E402
-from fxpar.calibrate import calibrate  # noqa: E402
+from fxpar.calibrate import Sizes, build_profile, measure  # noqa: E402
 from fxpar.cost import CostModel  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 
 
-def _rank(rank: int, jobs: list[tuple[str, str, str]], rounds: int, steps: int) -> dict:
+def _plan_all(models: list[str], cluster: fxpar.Cluster, nprocs: int) -> dict[str, str]:
+    plans = {}
+    for name in models:
+        model, inputs = benchlib.build(name)
+        for kind, plan in benchlib.reference_plans(model, inputs, cluster, (nprocs,)).items():
+            plans[f"{name}/{kind}"] = plan.to_json()
+            print(f"planned {name}/{kind}: predicted {plan.predicted_step_s * 1e3:.2f} ms "
+                  f"({benchlib.param_summary(plan)})", flush=True)
+    return plans
+
+
+def _profile_here(rank: int, sizes: Sizes, name: str) -> fxpar.Cluster:
+    """Calibrate on the running ranks; every rank gets the same profile."""
+    mine = measure(rank, sizes)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return build_profile(every, name=name, wall_s=0.0)
+
+
+def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, steps: int) -> dict:
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
+    # Calibrate on these ranks right before the runs (unless a profile is given), so that the
+    # profile sees the machine in the state the measurements will.
+    before = fxpar.Cluster.from_json(profile_json) if profile_json else _profile_here(rank, Sizes(), "calibrated")
+    box = [_plan_all(models, before, world) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    plans: dict[str, str] = box[0]
     runners, opt_runners, memory = {}, {}, {}
-    for key, model_name, plan_json in jobs:
-        model, inputs = benchlib.build(model_name)
+    for key, plan_json in plans.items():
+        model, inputs = benchlib.build(key.split("/")[0])
         compiled = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
         opt = torch.optim.Adam(compiled.parameters(), lr=1e-4)
         local = [t.chunk(world)[rank] for t in inputs]
@@ -56,7 +84,7 @@ def _rank(rank: int, jobs: list[tuple[str, str, str]], rounds: int, steps: int) 
 
         step()
         update()  # creates the optimizer state
-        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         resident = list(compiled.parameters()) + list(compiled.buffers()) + state + local
 
         def whole(s=step, u=update):
@@ -74,7 +102,10 @@ def _rank(rank: int, jobs: list[tuple[str, str, str]], rounds: int, steps: int) 
             step()
             ts.append(benchlib.timed_step(update))
         opt_times[key] = ts
-    return {"times": times, "opt_times": opt_times, "memory": memory}
+    # The machine drifts (other jobs): calibrate again to see by how much.
+    after = _profile_here(rank, Sizes(), "after")
+    return {"times": times, "opt_times": opt_times, "memory": memory, "plans": plans,
+            "before": before.to_json(), "after": after.to_json()}
 
 
 def optimizer_prediction(plan: Plan, model_name: str) -> float:
@@ -83,9 +114,21 @@ def optimizer_prediction(plan: Plan, model_name: str) -> float:
     return sum(cm.optimizer_time(p, plan.param_specs[n], plan.optimizer) for n, p in model.named_parameters())
 
 
+def drift(before: fxpar.Cluster, after: fxpar.Cluster) -> dict[str, float]:
+    """after / before for the profile's main figures."""
+    b, a = before.device, after.device
+    return {
+        "matmul FLOP/s": (a.peak_flops * a.efficiencies("matmul")[0]) / (b.peak_flops * b.efficiencies("matmul")[0]),
+        "memory bandwidth": a.memory_bandwidth / b.memory_bandwidth,
+        "per-op overhead": a.kernel_overhead_s / b.kernel_overhead_s,
+        "all-reduce bandwidth": after.links[0].figures("all_reduce")[0] / before.links[0].figures("all_reduce")[0],
+        "all-gather bandwidth": after.links[0].figures("all_gather")[0] / before.links[0].figures("all_gather")[0],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", help="a calibrated profile (default: calibrate now)")
+    ap.add_argument("--profile", help="a calibrated profile (default: calibrate on the ranks right before the runs)")
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
@@ -96,23 +139,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if args.profile:
-        cluster = fxpar.Cluster.load(args.profile)
-    else:
-        cluster = calibrate(max_ranks=args.nprocs)
-        cluster.save(out / "calibrated-profile.json")
-    mesh = (args.nprocs,)
-    plans: dict[str, Plan] = {}
-    for name in args.models.split(","):
-        model, inputs = benchlib.build(name)
-        for kind, plan in benchlib.reference_plans(model, inputs, cluster, mesh).items():
-            plans[f"{name}/{kind}"] = plan
-            print(f"planned {name}/{kind}: predicted {plan.predicted_step_s * 1e3:.2f} ms "
-                  f"({benchlib.param_summary(plan)})", flush=True)
-    jobs = [(key, key.split("/")[0], plan.to_json()) for key, plan in plans.items()]
-    print(f"running {len(jobs)} plans on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
-          flush=True)
-    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps)
+    profile_json = fxpar.Cluster.load(args.profile).to_json() if args.profile else None
+    load_before = _load()
+    results = fxpar.launch(_rank, args.nprocs, args.models.split(","), profile_json, args.rounds, args.steps)
+    plans = {k: Plan.from_json(v) for k, v in results[0]["plans"].items()}
+    before, after = (fxpar.Cluster.from_json(results[0][k]) for k in ("before", "after"))
+    before.save(out / "fidelity-profile.json")
     rows = []
     for key, plan in plans.items():
         model_name, kind = key.split("/")
@@ -127,13 +159,21 @@ def main() -> None:
             "memory_predicted": plan.memory_bytes, "memory_measured": mem,
         })
     report = summarize(rows)
-    report.update({"profile": cluster.name, "profile_source": cluster.source, "nprocs": args.nprocs,
-                   "rounds": args.rounds, "steps": args.steps, "wall_s": round(time.perf_counter() - start, 1),
-                   "torch": torch.__version__})
+    report.update({"profile": before.name, "profile_source": before.source, "drift": drift(before, after),
+                   "nprocs": args.nprocs, "rounds": args.rounds, "steps": args.steps,
+                   "load_average_before": load_before, "load_average_after": _load(),
+                   "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__})
     (out / "fidelity.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
     (out / "fidelity.md").write_text(table + "\n")
     print(table)
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -174,6 +214,9 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {m} | {s['median_abs_error']:.0%} | {s['spearman']:.2f} | {'yes' if s['fxpar_fastest_measured'] else 'no'} |")
     lines += ["", f"All plans: median absolute error {rep['median_abs_error']:.0%}, Spearman {rep['spearman_all']:.2f}; "
               f"memory median absolute error {rep['memory_median_abs_error']:.0%}."]
+    drift = ", ".join(f"{k} x{v:.2f}" for k, v in rep["drift"].items())
+    lines += ["", f"Drift of the machine between the calibration before the runs and one after them: {drift}. "
+              f"Load average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}."]
     return "\n".join(lines)
 
 

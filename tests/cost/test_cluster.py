@@ -117,3 +117,25 @@ def test_calibrate_needs_two_ranks():
 
     with pytest.raises(fxpar.ClusterSpecError, match=r"--max-ranks is 1; collectives need at least 2 ranks"):
         main(["calibrate", "--max-ranks", "1"])
+    with pytest.raises(fxpar.ClusterSpecError, match=r"--quantile is 2.0; give a fraction in \[0, 1\]"):
+        main(["calibrate", "--quantile", "2"])
+
+
+def test_profile_quantile_picks_from_the_slowest_rank():
+    results = _synthetic_results(30e-6, 1e9, 4e-6)
+    # Rank 1 is slow on the second of three repeats of the 2 GFLOP matmul; per repeat the slowest
+    # rank counts: [0.04, 0.08, 0.04] + overhead.
+    fast = results[0]["compute"]["matmul"][0][1]
+    slow = [fast[0], 2 * fast[1], fast[2]]
+    results = [results[0], {**results[1], "compute": {**results[1]["compute"], "matmul": [(2e9, slow), results[1]["compute"]["matmul"][1]]}}]
+    median = build_profile(results, name="m", wall_s=1.0)
+    assert median.device.peak_flops == pytest.approx(50e9)
+    lowest = build_profile(results, name="q", wall_s=1.0, quantile=0.0)
+    assert lowest.device.peak_flops == pytest.approx(50e9)
+    highest = build_profile(results, name="q", wall_s=1.0, quantile=1.0)
+    # The slow repeat makes the first matmul 25 GFLOP/s; the 40 GFLOP/s one is now the fastest.
+    slow_rate = 2e9 / (2 * fast[1] - 4e-6)
+    assert slow_rate == pytest.approx(25e9, rel=1e-3)
+    assert highest.device.peak_flops == pytest.approx(40e9)
+    assert highest.device.efficiencies("matmul")[0] == pytest.approx((slow_rate + 40e9) / 2 / 40e9)
+    assert highest.extra["calibration"]["quantile"] == 1.0

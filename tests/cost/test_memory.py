@@ -1,0 +1,105 @@
+"""The memory model against a measured peak: a single-process training step on CPU.
+
+The prediction is the per-device memory of a 1-device plan (parameters, gradients, Adam state and
+the largest set of live activations, in graph order). The measurement runs the same joint graph
+(as the runtime does, without autograd recording) and an Adam update, and takes the resident
+tensors (parameters, buffers, Adam state, inputs) plus the peak of the tensor storage that ops
+allocate during the step (a dispatch mode that follows every op's outputs until they are freed;
+kernel-internal scratch is not seen). Measured on these models the prediction is 3% under to
+11% over the peak (it errs high where each gradient is counted both with its parameter and as an
+activation where it is produced); the bounds below allow 15% under and 30% over.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import fxpar
+from fxpar.models import MLP, GPT, GPTConfig
+from fxpar.planner import capture_and_annotate, plan_graph
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage that ops make while the mode is active, and their peak. A storage
+    counts from the op that makes it until the last tensor object viewing it is gone; storages of
+    the ``resident`` tensors (updated in place) are not counted."""
+
+    def __init__(self, resident: list[torch.Tensor] = ()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # storage address -> [live tensor objects, bytes]
+        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self._resident:
+                continue
+            if key in self._refs:
+                self._refs[key][0] += 1
+            else:
+                self._refs[key] = [1, storage.nbytes()]
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def _measured_peak(gm, model: torch.nn.Module, inputs: tuple) -> int:
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    opt = torch.optim.Adam(params, lr=1e-3)
+
+    def step() -> None:
+        with torch.no_grad():
+            outs = gm(params, buffers, list(inputs))
+        for p, g in zip(params, outs[1 : 1 + len(params)]):
+            p.grad = g
+        del outs
+        opt.step()
+        opt.zero_grad()
+
+    step()  # creates the Adam state
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    resident = params + buffers + state + list(inputs)
+    mode = LiveTensorBytes(resident)
+    with mode:
+        step()
+    assert mode.live == 0, "every tensor the step made is freed by its end"
+    return sum(t.nbytes for t in resident) + mode.peak
+
+
+@pytest.mark.parametrize(
+    "make, batch",
+    [
+        (lambda: MLP((256, 1024, 1024, 10)), 512),
+        (lambda: MLP((512, 512, 10)), 4096),
+        (lambda: GPT(GPTConfig(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=128)), 8),
+    ],
+    ids=["mlp-wide", "mlp-big-batch", "gpt-tiny"],
+)
+def test_predicted_memory_brackets_measured_peak(make, batch):
+    torch.manual_seed(0)
+    model = make()
+    inputs = tuple(model.example_inputs(batch))
+    gm = capture_and_annotate(model, inputs)
+    plan, _ = plan_graph(gm, cluster=fxpar.preset("cpu-local", num_devices=1), mesh_shape=(1,))
+    measured = _measured_peak(gm, model, inputs)
+    ratio = plan.memory_bytes / measured
+    assert 0.85 <= ratio <= 1.3, f"predicted {plan.memory_bytes / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
