@@ -203,9 +203,20 @@ def interleave(runners: dict[str, Callable[[], None]], *, rounds: int, steps: in
     return times
 
 
-def slowest_rank_median(per_rank: list[list[float]]) -> float:
-    """Median over steps of the slowest rank's time (ranks wait for each other every step)."""
-    return statistics.median(max(ts) for ts in zip(*per_rank))
+def slowest_rank_median(per_rank: list[list[float]], quantile: float = 0.5) -> float:
+    """Median (or another quantile) over steps of the slowest rank's time (ranks wait for each
+    other every step)."""
+    from fxpar.calibrate import quantile_of
+
+    return quantile_of([max(ts) for ts in zip(*per_rank)], quantile)
+
+
+def reprice(gm, plan: Plan, cluster: fxpar.Cluster) -> Plan:
+    """The same assignment priced under another profile (every node forced to its strategy)."""
+    from fxpar.planner import plan_graph
+
+    force = {n.name: s.label() for n, s in plan.assignment(gm).items()}
+    return plan_graph(gm, cluster=cluster, mesh_shape=plan.mesh_shape, force=force)[0]
 
 
 class LiveTensorBytes(TorchDispatchMode):
