@@ -19,19 +19,23 @@ def present(args: Sequence, placements: Sequence[Placement]) -> tuple[Placement,
 
 
 def fill_absent_outputs(info: OpInfo) -> tuple[bool, ...]:
-    """Give outputs the op does not compute (None, per its ``output_mask``) an empty stand-in, in
-    ``info`` and in the node's ``meta["val"]``.
+    """Which outputs the op does not compute (None, per its ``output_mask``); gives each an empty
+    stand-in, in ``info`` and in the node's ``meta["val"]``, and records the flags in
+    ``meta["fxpar_absent_outputs"]`` so later calls see the same.
 
     Workaround: ``registry.combine`` and ``CostModel.compute_time`` read the shape of every output
     and fail on None. No node reads such an output, so an empty tensor is what it costs: nothing."""
-    val = info.node.meta["val"]
+    meta = info.node.meta
+    if "fxpar_absent_outputs" in meta:
+        return meta["fxpar_absent_outputs"]
+    val = meta["val"]
     absent = tuple(v is None for v in info.outputs)
-    if not isinstance(val, (tuple, list)) or all(v is not None for v in val):
-        return absent
-    like = next(v for v in val if v is not None)
-    filled = [like.new_empty((0,)) if v is None else v for v in val]
-    info.node.meta["val"] = type(val)(filled)
-    info.outputs = list(filled)
+    if isinstance(val, (tuple, list)) and any(absent):
+        like = next(v for v in val if v is not None)
+        filled = [like.new_empty((0,)) if v is None else v for v in val]
+        meta["val"] = type(val)(filled)
+        info.outputs = list(filled)
+    meta["fxpar_absent_outputs"] = absent
     return absent
 
 
