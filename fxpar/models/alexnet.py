@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpar.models.layers import Dropout, scaled
+from fxpar.models.layers import Dropout, ModelConfigError, scaled
 
 
 class AlexNet(nn.Module):
@@ -24,6 +24,10 @@ class AlexNet(nn.Module):
         c1, c2, c3, c4, c5 = (scaled(c, width) for c in (64, 192, 384, 256, 256))
         hidden = scaled(4096, width)
         small = image_size < 64
+        if small and image_size < 15:
+            raise ModelConfigError(
+                f"AlexNet's three 3x3 stride-2 max-pools need image_size >= 15; got {image_size} (use 32 for small images)"
+            )
         stem = nn.Conv2d(3, c1, kernel_size=3, stride=1, padding=1) if small else nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)
         self.features = nn.Sequential(
             stem,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpar.models.layers import Dropout
+from fxpar.models.layers import Dropout, ModelConfigError
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+            raise ModelConfigError(
+                f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}): each head gets d_model // n_head features"
+            )
 
 
 class CausalSelfAttention(nn.Module):

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxpar.errors import FxparError
+
+
+class ModelConfigError(FxparError):
+    """A shipped model was asked for a configuration it cannot build."""
+
 
 class Dropout(nn.Module):
     """Dropout through ``aten.native_dropout``, a functional op that returns its mask.
@@ -18,7 +24,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            raise ModelConfigError(f"dropout probability is {p}; it must be in [0, 1) (0 disables dropout)")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,4 +51,6 @@ class RMSNorm(nn.Module):
 
 def scaled(value: int, width: float) -> int:
     """A channel or hidden size times ``width``, at least 1."""
+    if not width > 0:
+        raise ModelConfigError(f"width is {width}; it scales channel and hidden sizes and must be positive (1.0 = standard)")
     return max(1, round(value * width))

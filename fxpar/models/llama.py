@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpar.models.layers import RMSNorm
+from fxpar.models.layers import ModelConfigError, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,14 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model ({self.d_model}) / n_head ({self.n_head}) must be an even integer (RoPE rotates pairs)")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise ModelConfigError(
+                f"d_model ({self.d_model}) / n_head ({self.n_head}) must be an even integer: RoPE rotates pairs of features"
+            )
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ModelConfigError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each key/value head serves "
+                "a whole group of query heads"
+            )
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

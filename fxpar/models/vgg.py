@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpar.models.layers import Dropout, scaled
+from fxpar.models.layers import Dropout, ModelConfigError, scaled
 
 VGG16_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -22,7 +22,7 @@ class VGG16(nn.Module):
     def __init__(self, num_classes: int = 1000, image_size: int = 224, *, width: float = 1.0, dropout: float = 0.5):
         super().__init__()
         if image_size < 32:
-            raise ValueError(f"VGG16 halves the image five times; image_size must be at least 32, got {image_size}")
+            raise ModelConfigError(f"VGG16 halves the image five times, so image_size must be at least 32; got {image_size}")
         self.num_classes = num_classes
         self.image_size = image_size
         layers: list[nn.Module] = []
