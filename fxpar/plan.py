@@ -114,6 +114,8 @@ class Plan:
             f"predicted step: {_fmt_s(self.predicted_step_s)} (compute {_fmt_s(self.compute_s)}, "
             f"communication {_fmt_s(self.comm_s)}); memory per device {_fmt_bytes(self.memory_bytes)} "
             f"of {_fmt_bytes(self.cluster.device.memory_bytes)}",
+            f"gradient sync {_fmt_s(self.solver.get('grad_sync_s', 0.0))}, of which "
+            f"{_fmt_s(self.solver.get('hidden_grad_sync_s', 0.0))} hidden behind backward compute",
             f"solver: {s.get('status')}, gap {s.get('gap', 0.0):.2%}, {s.get('num_variables')} variables, "
             f"{s.get('num_constraints')} constraints, build {s.get('build_s', 0):.2f} s, solve {s.get('solve_s', 0):.2f} s",
         ]

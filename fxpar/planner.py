@@ -108,6 +108,7 @@ def plan_graph(
             f"{exc} for {len(problem.nodes)} nodes on mesh {list(mesh)}; raise time_limit_s (now {time_limit_s})"
         ) from None
     assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
+    parts = problem.breakdown(sol.choice)
     compute = sum(cost_model.compute_time(n, problem.strategies[n][k]) for n, k in sol.choice.items())
     params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
     plan = Plan(
@@ -129,6 +130,8 @@ def plan_graph(
             "num_classes": sol.num_classes,
             "num_memory_sets": sol.num_memory_sets,
             "num_live_sets": len(problem.live_sets),
+            "grad_sync_s": parts["grad_sync"],
+            "hidden_grad_sync_s": parts["grad_sync"] - parts["exposed_grad_sync"],
             "build_s": problem.build_seconds,
             "solve_s": sol.solve_seconds,
         },

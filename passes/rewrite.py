@@ -31,7 +31,7 @@ from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_localizer, input_source
-from fxpar.runtime.collectives import STEP_OPS
+from fxpar.runtime.collectives import ASYNC_STEPS, STEP_OPS, wait
 
 
 
@@ -77,6 +77,21 @@ def rewrite(
     wanted: dict[Node, list[Spec]] = {}
     for out, spec in zip(out_nodes, output_specs):
         wanted.setdefault(out, []).append(spec)
+    # Gradients resharded by one all-reduce or reduce-scatter are synchronized asynchronously:
+    # started where the gradient is produced, waited for at the end of the step.
+    is_grad = {grad for grad, _ in step_outputs(gm)[1]} if "fxpar_outputs" in gm.meta else set()
+    pending: dict[tuple[Node, Spec], Node] = {}
+
+    def start_async(u: Node, dst: Spec) -> bool:
+        if u not in is_grad or isinstance(u.meta.get("val"), (tuple, list)):
+            return False
+        steps = reshard_steps(assignment[u].outputs[0], dst)
+        if len(steps) != 1 or steps[0].kind not in ASYNC_STEPS:
+            return False
+        step = steps[0]
+        args = (env[u], step.axis) + ((step.dim,) if step.dim >= 0 else ())
+        pending[(u, dst)] = graph.call_function(ASYNC_STEPS[step.kind], args)
+        return True
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -108,8 +123,10 @@ def rewrite(
         else:
             raise AssertionError(f"unexpected node {node.op} {node.name}")
         for dst in wanted.get(node, []):
-            get(node, 0, dst)
-    graph.output(tuple(get(out, 0, spec) for out, spec in zip(out_nodes, output_specs)))
+            if (node, dst) not in pending and not start_async(node, dst):
+                get(node, 0, dst)
+    waited = {key: graph.call_function(wait, (handle,)) for key, handle in pending.items()}
+    graph.output(tuple(waited.get((out, spec)) or get(out, 0, spec) for out, spec in zip(out_nodes, output_specs)))
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
     return new

@@ -21,6 +21,17 @@ class Comm(Protocol):
     def coord(self, axis: int) -> int: ...
     def all_gather(self, x: torch.Tensor, axis: int, dim: int) -> torch.Tensor: ...
     def all_reduce(self, x: torch.Tensor, axis: int) -> torch.Tensor: ...
+    def all_reduce_start(self, x: torch.Tensor, axis: int) -> _Pending:
+        out = x.clone()
+        return _Pending(out, dist.all_reduce(out, group=self._groups[axis], async_op=True))
+
+    def reduce_scatter_start(self, x: torch.Tensor, axis: int, dim: int) -> _Pending:
+        n = self.mesh_shape[axis]
+        src = x.movedim(dim, 0).contiguous()
+        out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
+        work = dist.reduce_scatter_tensor(out, src, group=self._groups[axis], async_op=True)
+        return _Pending(out, work, lambda t: t.movedim(0, dim).contiguous())
+
     def reduce_scatter(self, x: torch.Tensor, axis: int, dim: int) -> torch.Tensor: ...
     def all_to_all(self, x: torch.Tensor, axis: int, dim: int, dim2: int) -> torch.Tensor: ...
 
@@ -68,12 +79,36 @@ def keep_one(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x if current().coord(axis) == 0 else torch.zeros_like(x)
 
 
-COLLECTIVE_OPS = {all_gather, all_reduce, reduce_scatter, all_to_all}
+def all_reduce_start(x: torch.Tensor, axis: int):
+    """Start an all-reduce and return a handle for ``wait``: gradient synchronization runs while
+    the rest of the backward pass computes."""
+    return current().all_reduce_start(x, axis)
+
+
+def reduce_scatter_start(x: torch.Tensor, axis: int, dim: int):
+    return current().reduce_scatter_start(x, axis, dim)
+
+
+def wait(handle) -> torch.Tensor:
+    return handle if isinstance(handle, torch.Tensor) else handle.wait()
+
+
+COLLECTIVE_OPS = {all_gather, all_reduce, reduce_scatter, all_to_all, all_reduce_start, reduce_scatter_start}
+ASYNC_STEPS = {"all_reduce": all_reduce_start, "reduce_scatter": reduce_scatter_start}
 STEP_OPS = {"all_gather": all_gather, "all_reduce": all_reduce, "reduce_scatter": reduce_scatter,
             "all_to_all": all_to_all, "chunk": chunk, "keep_one": keep_one}
 
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Pending:
+    def __init__(self, tensor: torch.Tensor, work, finish=None):
+        self.tensor, self.work, self.finish = tensor, work, finish
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.finish(self.tensor) if self.finish else self.tensor
 
 
 class DistComm:

@@ -32,9 +32,9 @@ def _collective(target, values: list[torch.Tensor], coords: list[int], n: int, a
     total = values[0].clone()
     for v in values[1:]:
         total = total + v
-    if target is C.all_reduce:
+    if target in (C.all_reduce, C.all_reduce_start):
         return [total.clone() for _ in values]
-    if target is C.reduce_scatter:
+    if target in (C.reduce_scatter, C.reduce_scatter_start):
         return [total.chunk(n, args[0])[c].contiguous() for c in coords]
     if target is C.all_to_all:
         dim, dim2 = args

@@ -31,6 +31,12 @@ Constraints
                      those of largest possible and largest unavoidable size, and any set the
                      solution overflows is added before solving again, so the final plan satisfies
                      every set.
+  add_overlap:       z >= G - B,  z >= G_last,  z >= 0, and the objective pays z for G
+                     G: the gradient synchronization the runtime runs asynchronously (an edge from
+                     a gradient to its parameter resharded by one all-reduce or reduce-scatter),
+                     whose cost terms leave the objective; B: the backward compute, behind which
+                     it hides; G_last: the sync of the last gradients produced, which nothing
+                     follows. B counts all backward compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 
 Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
@@ -93,6 +99,10 @@ class _Model:
         # Memory of parameters resharded for use (e.g. all-gathered ZeRO shards): the rewrite keeps
         # one copy per wanted spec for the step, so it counts in every live set.
         self.param_terms: dict = defaultdict(float)
+        # Overlap: gradient sync that may hide behind backward compute (see add_overlap).
+        self.grad_terms: dict = defaultdict(float)
+        self.last_terms: dict = defaultdict(float)
+        self.window_terms: dict = defaultdict(float)
         self.memory_rows: list = []
 
     def xs(self, node: Node) -> list:
@@ -107,9 +117,12 @@ class _Model:
             for x in xs:
                 row.SetCoefficient(x, 1)
         for n in self.p.nodes:
+            backward = n in self.p.backward
             for x, c in zip(self.xs(n), self.p.node_cost[n]):
                 if c:
                     self.obj[x] += c
+                    if backward:
+                        self.window_terms[x] += c
         for p, ms in self.p.param_mem.items():
             for x, m in zip(self.xs(p), ms):
                 if m:
@@ -126,12 +139,24 @@ class _Model:
             groups[key].append(e)
         for k, members in enumerate(groups.values()):
             e, count = members[0], len(members)
+            num_last = sum(1 for m in members if m in p.last_grads)
             xu, xv = self.xs(e.producer), self.xs(e.consumer)
+
+            def add_cost(var, a, b, cost, e=e, count=count, num_last=num_last):
+                if not cost:
+                    return
+                if p.overlappable(e, a, b):
+                    self.grad_terms[var] += count * cost
+                    if num_last:
+                        self.last_terms[var] += num_last * cost
+                else:
+                    self.obj[var] += count * cost
+
             from_param = e.producer in p.param_mem
             copy = lambda a, b: spec_bytes(e.tensor, b, mesh) if a != b else 0  # noqa: E731
             if xu is xv:
                 for x, a, b in zip(xu, e.out_specs, e.in_specs):
-                    self.obj[x] += count * p.reshard_cost(e.tensor, a, b)
+                    add_cost(x, a, b, p.reshard_cost(e.tensor, a, b))
                     if from_param and copy(a, b):
                         self.param_terms[x] += count * copy(a, b)
                 continue
@@ -151,13 +176,13 @@ class _Model:
             costs = p.cost_matrix(e.tensor, a_specs, b_specs)
             if len(a_specs) == 1:
                 for x, b in zip(xv, e.in_specs):
-                    self.obj[x] += count * costs[(a_specs[0], b)]
+                    add_cost(x, a_specs[0], b, costs[(a_specs[0], b)])
                     if from_param and copy(a_specs[0], b):
                         self.param_terms[x] += count * copy(a_specs[0], b)
                 continue
             if len(b_specs) == 1:
                 for x, a in zip(xu, e.out_specs):
-                    self.obj[x] += count * costs[(a, b_specs[0])]
+                    add_cost(x, a, b_specs[0], costs[(a, b_specs[0])])
                     if from_param and copy(a, b_specs[0]):
                         self.param_terms[x] += count * copy(a, b_specs[0])
                 continue
@@ -179,8 +204,7 @@ class _Model:
                     if spec == b:
                         row.SetCoefficient(x, -1)
             for key, var in ev.items():
-                if costs[key]:
-                    self.obj[var] += count * costs[key]
+                add_cost(var, key[0], key[1], costs[key])
                 if from_param and copy(*key):
                     self.param_terms[var] += count * copy(*key)
 
@@ -200,6 +224,27 @@ class _Model:
         if bound_var is not None:
             row.SetCoefficient(bound_var, -1)
         self.memory_rows.append(row)
+
+    def add_overlap(self) -> None:
+        """z >= G - B and z >= G_last, z >= 0; the objective pays z instead of G."""
+        if not self.grad_terms:
+            return
+        s = self.solver
+        z = s.NumVar(0, s.infinity(), "exposed_grad_sync")
+        self.obj[z] += 1.0
+        row = s.Constraint(0, s.infinity())
+        row.SetCoefficient(z, 1)
+        coef: dict = defaultdict(float)
+        for x, c in self.grad_terms.items():
+            coef[x] -= c
+        for x, c in self.window_terms.items():
+            coef[x] += c
+        for x, c in coef.items():
+            row.SetCoefficient(x, c)
+        row = s.Constraint(0, s.infinity())
+        row.SetCoefficient(z, 1)
+        for x, c in self.last_terms.items():
+            row.SetCoefficient(x, -c)
 
     def add_forced(self) -> None:
         for v, allowed in self.p.forced.items():
@@ -238,6 +283,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     m = _Model(problem)
     m.add_one_strategy()
     m.add_edge_links()
+    m.add_overlap()
     m.add_forced()
     m.set_objective()
     added = set(_initial_sets(problem)) if problem.live_sets else set()

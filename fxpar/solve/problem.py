@@ -17,8 +17,12 @@ from torch.fx import GraphModule, Node
 from fxpar.cost import CostModel, spec_bytes
 from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
+from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_rule, input_source, output_values, tensor_arg_nodes
 from fxpar.solve.repeat import node_signature, repeated_classes
+
+# Collectives the runtime can leave in flight (fxpar.runtime.collectives.ASYNC_STEPS).
+ASYNC_KINDS = ("all_reduce", "reduce_scatter")
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 
@@ -49,6 +53,11 @@ class Problem:
     forced: dict[Node, set[int]] = field(default_factory=dict)
     classes: dict[Node, Node] = field(default_factory=dict)  # node -> its class representative
     no_reshard: set = field(default_factory=set)  # edges the consumer takes as the producer gives
+    # Gradient synchronization that the runtime runs asynchronously (a single all-reduce or
+    # reduce-scatter per gradient) hides behind backward compute that follows it.
+    overlap: bool = True
+    backward: set = field(default_factory=set)  # nodes of the backward pass
+    last_grads: set = field(default_factory=set)  # gradient edges of the last gradients produced
     _reshard_cache: dict = field(default_factory=dict, repr=False)
     _matrix_cache: dict = field(default_factory=dict, repr=False)
 
@@ -75,10 +84,33 @@ class Problem:
     def live_set_memory(self, live: list[Node], choice: dict[Node, int]) -> float:
         return sum(self.act_mem[v][choice[v]] for v in live)
 
+    def overlappable(self, edge: Edge, src: Spec, dst: Spec) -> bool:
+        if not self.overlap or edge.position != -1 or src == dst:
+            return False
+        steps = reshard_steps(src, dst)
+        return len(steps) == 1 and steps[0].kind in ASYNC_KINDS
+
+    def breakdown(self, choice: dict[Node, int]) -> dict[str, float]:
+        """Seconds: compute, communication on the critical path, overlappable gradient sync, the
+        backward compute it can hide behind, the part of it exposed, and the step in total."""
+        compute = sum(self.node_cost[n][choice[n]] for n in self.nodes)
+        comm = grad_sync = last = 0.0
+        for e in self.edges:
+            a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
+            cost = self.reshard_cost(e.tensor, a, b)
+            if self.overlappable(e, a, b):
+                grad_sync += cost
+                last += cost if e in self.last_grads else 0.0
+            else:
+                comm += cost
+        window = sum(self.node_cost[n][choice[n]] for n in self.backward)
+        exposed = max(0.0, grad_sync - window, last)
+        return {"compute": compute, "comm": comm, "grad_sync": grad_sync, "window": window,
+                "exposed_grad_sync": exposed, "step": compute + comm + exposed}
+
     def cost_of(self, choice: dict[Node, int]) -> float:
         """The objective of any assignment, computed directly (the reference for brute force)."""
-        total = sum(self.node_cost[n][choice[n]] for n in self.nodes)
-        return total + sum(self.edge_cost(e, choice[e.producer], choice[e.consumer]) for e in self.edges)
+        return self.breakdown(choice)["step"]
 
     def memory_of(self, choice: dict[Node, int]) -> float:
         params = sum(self.param_mem[p][choice[p]] for p in self.param_mem)
@@ -172,6 +204,12 @@ def build_problem(
         nodes, strategies, node_cost, edges, param_mem, live_sets, act_mem,
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
     )
+    problem.backward = {n for n in nodes if n.meta.get("fxpar_phase") == "backward"}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    grad_edges = [e for e in edges if e.position == -1]
+    if grad_edges:
+        latest = max(order[e.producer] for e in grad_edges)
+        problem.last_grads = {e for e in grad_edges if order[e.producer] == latest}
     if simplify:
         problem.classes = repeated_classes(nodes, strategies)
         problem.no_reshard = {e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)}
