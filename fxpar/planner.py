@@ -138,6 +138,11 @@ def plan_graph(
     )
     plan.rows = layer_rows(gm, assignment, problem, sol.choice)
     plan.fallbacks = _fallback_notes(problem, sol.choice)
+    if sol.status != "optimal":
+        plan.fallbacks.append(
+            f"the solver stopped at its time limit ({time_limit_s} s): the plan is the best found, within "
+            f"{sol.gap:.2%} of the optimum (raise time_limit_s to close the gap)"
+        )
     for note in plan.fallbacks:
         warnings.warn(note, FallbackWarning, stacklevel=3)
     return plan, problem

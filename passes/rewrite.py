@@ -103,10 +103,11 @@ def rewrite(
                 env[node] = get(u, idx, strategy.inputs[0])
             else:
                 leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+                arg_nodes = [leaf for leaf in leaves if isinstance(leaf, Node)]
                 j = 0
                 for i, leaf in enumerate(leaves):
                     if isinstance(leaf, Node):
-                        u, idx = input_source(node, j)
+                        u, idx = input_source(node, j, arg_nodes)
                         leaves[i] = get(u, idx, strategy.inputs[j])
                         j += 1
                 args, kwargs = pytree.tree_unflatten(leaves, spec)

@@ -33,9 +33,9 @@ def cases(quick: bool) -> list[dict]:
     llama = LlamaConfig(n_layer=2 if quick else 32)
     return [
         {"name": f"GPT-2 small ({gpt.n_layer} layers, seq {gpt.seq_len})", "model": lambda: GPT(gpt), "batch": 8,
-         "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0},
+         "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0, "time_limit_s": 60.0},
         {"name": f"Llama-7B ({llama.n_layer} layers, seq {llama.seq_len})", "model": lambda: Llama(llama), "batch": 64,
-         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0},
+         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0, "time_limit_s": 12.0},
     ]
 
 
@@ -55,7 +55,7 @@ def run_case(case: dict) -> dict:
     times["annotate"] = time.perf_counter() - t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=120)
+        plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=case["time_limit_s"])
     times["build"] = plan.solver["build_s"]
     times["solve"] = plan.solver["solve_s"]
     t = time.perf_counter()
@@ -68,7 +68,7 @@ def run_case(case: dict) -> dict:
         "variables": plan.solver["num_variables"], "constraints": plan.solver["num_constraints"],
         "memory_sets": f"{plan.solver['num_memory_sets']}/{plan.solver['num_live_sets']}",
         "status": plan.solver["status"], "gap": plan.solver["gap"], "times_s": times, "total_s": total,
-        "target_s": case["target_s"], "predicted_step_s": plan.predicted_step_s,
+        "target_s": case["target_s"], "time_limit_s": case["time_limit_s"], "predicted_step_s": plan.predicted_step_s,
         "memory_gib": plan.memory_bytes / 2**30, "fallbacks": len(caught),
         "param_specs": sorted({str(s) for s in plan.param_specs.values()}),
     }
@@ -91,7 +91,26 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
+        write_table(results, ROOT / "docs/solver-scale.md")
     print(json.dumps(results, indent=1))
+
+
+def write_table(results: list[dict], path: Path) -> None:
+    """Replace the results table between the markers in the docs page."""
+    rows = ["| model | mesh | nodes | classes | variables | capture | annotate | build | solve | rewrite | total | target | solver |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["times_s"]
+        rows.append(
+            f"| {r['name']} | {'x'.join(map(str, r['mesh']))} | {r['nodes']} | {r['classes']} | {r['variables']} | "
+            f"{t['capture']:.1f} s | {t['annotate']:.1f} s | {t['build']:.1f} s | {t['solve']:.1f} s | {t['rewrite']:.1f} s | "
+            f"**{r['total_s']:.1f} s** | {r['target_s']:.0f} s | {r['status']}, gap {r['gap']:.2%} (limit {r['time_limit_s']:.0f} s) |"
+        )
+    text = path.read_text()
+    start, end = "<!-- results -->", "<!-- /results -->"
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    path.write_text(head + start + "\n" + "\n".join(rows) + "\n" + end + tail)
 
 
 if __name__ == "__main__":

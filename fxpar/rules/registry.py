@@ -129,9 +129,10 @@ def op_info(node: Node) -> OpInfo:
     return OpInfo(node, args, kwargs, tensors, output_values(node))
 
 
-def input_source(node: Node, position: int) -> tuple[Node, int]:
-    """The producer of tensor argument ``position`` and which of its outputs it reads."""
-    arg = tensor_arg_nodes(node)[position]
+def input_source(node: Node, position: int, args: list[Node] | None = None) -> tuple[Node, int]:
+    """The producer of tensor argument ``position`` and which of its outputs it reads (``args``:
+    the node's ``tensor_arg_nodes``, if already at hand)."""
+    arg = (args if args is not None else tensor_arg_nodes(node))[position]
     if node.target is operator.getitem and isinstance(arg.meta.get("val"), (tuple, list)):
         return arg, node.args[1]
     return arg, 0

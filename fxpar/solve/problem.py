@@ -177,8 +177,9 @@ def build_problem(
     node_cost = {n: list(compute(n)) for n in nodes}
     edges: list[Edge] = []
     for v in nodes:
-        for j, _ in enumerate(tensor_arg_nodes(v)):
-            u, idx = input_source(v, j)
+        args = tensor_arg_nodes(v)
+        for j in range(len(args)):
+            u, idx = input_source(v, j, args)
             edges.append(
                 Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]], j)
             )
