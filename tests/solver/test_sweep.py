@@ -184,7 +184,7 @@ def test_two_level_cluster_sweeps_node_by_gpu_shapes():
     with pytest.raises(ClusterSpecError, match=r"number of devices per node is None.*--devices-per-node"):
         candidate_meshes(full)
     cluster = fxpar.preset("h100-2node-16", num_devices=4)
-    model, inputs = meta_mlp((64, 256, 256, 10), 64)
+    model, inputs = meta_mlp((16, 64, 10), 64)
     result = sweep(model, inputs, cluster=cluster, devices_per_node=2, objective=fastest())
     assert [p.mesh_shape for p in result.points] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(p.feasible and p.plan.mesh_shape == p.mesh_shape for p in result.points)
