@@ -1,0 +1,36 @@
+"""Run by tests/runtime/test_torchrun.py under torchrun: fxpar.compile picks the process group up
+from torchrun's environment. Rank 0 writes its losses and final parameters to argv[1]."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import fxpar
+from tests.runtime.train_fns import mlp_inputs, mlp_model
+
+
+def main(out_path: str, num_steps: int) -> None:
+    torch.manual_seed(0)
+    model = mlp_model()
+    compiled = fxpar.compile(model, mlp_inputs(0))  # initializes the group from torchrun's env
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(num_steps):
+        x, y = mlp_inputs(step)
+        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = compiled.state_dict()
+    if rank == 0:
+        torch.save({"losses": losses, "state": state}, out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
