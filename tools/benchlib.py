@@ -118,6 +118,36 @@ def zero_params(model: nn.Module, mesh: tuple[int, ...]) -> dict[str, str]:
     return force
 
 
+def _spec(mesh: tuple[int, ...], tp_axes: tuple[int, ...], tp: str, dp: str) -> str:
+    parts = [tp if a in tp_axes else dp for a in range(len(mesh))]
+    return parts[0] if len(mesh) == 1 else "(" + ",".join(parts) + ")"
+
+
+def pin_tensor_parallel(gm, tp_params: dict[str, str], mesh: tuple[int, ...], tp_axes: tuple[int, ...]) -> dict[str, str]:
+    """Node forces that make the forward pass use tensor-parallel weights in place (no gathering
+    of a weight): the transpose of a column-split weight stays split and its matmul writes
+    column-split outputs; a row-split weight's matmul writes partial sums; a convolution with
+    split output channels writes split channels. On the other mesh axes the batch is split."""
+    aten = torch.ops.aten
+    by_fqn = {n.meta.get("fxpar_fqn"): n for n in gm.graph.nodes if n.op == "placeholder"}
+    force: dict[str, str] = {}
+    for fqn, placement in tp_params.items():
+        p = by_fqn.get(fqn)
+        if p is None or placement == "R":
+            continue
+        shape = tuple(p.meta["val"].shape)
+        for u in p.users:
+            if len(shape) == 2 and u.target == aten.t.default:
+                col = placement == "S(0)"
+                force[u.name] = _spec(mesh, tp_axes, "S(1)" if col else "S(0)", "R")
+                for mm in u.users:
+                    if mm.target in (aten.addmm.default, aten.mm.default) and mm.meta.get("fxpar_phase") == "forward":
+                        force[mm.name] = _spec(mesh, tp_axes, "S(1)" if col else "P", "S(0)")
+            elif len(shape) == 4 and u.target == aten.convolution.default and placement == "S(0)":
+                force[u.name] = _spec(mesh, tp_axes, "S(1)", "S(0)")
+    return force
+
+
 def family_force(family: str, model: nn.Module, mesh: tuple[int, ...]) -> dict[str, str]:
     """The parameter placements that define a plan family on ``mesh``: 'data parallel',
     'tensor parallel' (Megatron over every axis), 'dp x tp' (Megatron on the last axis, data
@@ -140,7 +170,8 @@ def forced_plans(gm, model: nn.Module, cluster: fxpar.Cluster, mesh: tuple[int, 
                  *, time_limit_s: float = 60.0) -> dict[str, Plan]:
     """fxpar's own plan ('fxpar') and the best plan of each family on ``mesh``. ZeRO-3 pins every
     node other than the parameters to the data-parallel plan's strategy, so its compute is data
-    parallel and its parameters are gathered for use and their gradients reduce-scattered."""
+    parallel and its parameters are gathered for use and their gradients reduce-scattered; the
+    tensor-parallel families pin the forward use of their split weights (pin_tensor_parallel)."""
     from fxpar.planner import plan_graph
 
     def plan(force: dict[str, str] | None) -> Plan:
@@ -156,7 +187,12 @@ def forced_plans(gm, model: nn.Module, cluster: fxpar.Cluster, mesh: tuple[int, 
             force.update(family_force("zero-3", model, mesh))
             out[family] = plan(force)
         else:
-            out[family] = plan(family_force(family, model, mesh))
+            force = family_force(family, model, mesh)
+            tp_axes = {"tensor parallel": tuple(range(len(mesh))), "dp x tp": (len(mesh) - 1,), "hybrid": (0,)}.get(family)
+            if tp_axes is not None:
+                tp = megatron_params(model) if family != "hybrid" else hybrid_params(model)
+                force.update(pin_tensor_parallel(gm, tp, mesh, tp_axes))
+            out[family] = plan(force)
     return out
 
 
