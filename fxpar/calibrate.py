@@ -8,6 +8,7 @@ memory bandwidth that ranks on one machine cause each other:
   annotate pass does) per second, at a few shapes; the fastest is the device's peak and the median
   each class's efficiency;
 - memory bandwidth: streaming elementwise kernels (add, copy) and reductions (sum, softmax);
+- overlap: an all-reduce started asynchronously under a matmul, against both alone;
 - collectives: ``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all`` (through
   ``fxpar.runtime.collectives.DistComm``, the code the rewritten steps call) and ``broadcast``, on
   groups of 2..N ranks at several sizes; latency and bus bandwidth are fitted per collective to the
@@ -169,6 +170,31 @@ def _collectives(rank: int, world: int, sizes: Sizes, device: torch.device) -> d
     return out
 
 
+def _overlap(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per repeat of a matmul alone, an all-reduce alone, and the all-reduce started
+    asynchronously (as the runtime starts gradient syncs) with the matmul run before waiting."""
+    m, k, n = sizes.matmuls[0]
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    x = torch.randn(sizes.collective_bytes[-1] // 4, device=device)
+    _say(rank, f"overlap: all-reduce of {x.numel() * 4 / 2**20:.2f} MiB under a {m}x{k} @ {k}x{n} matmul")
+
+    def both() -> None:
+        work = dist.all_reduce(x.clone(), async_op=True)
+        torch.mm(a, b)
+        work.wait()
+
+    out: dict[str, list[float]] = {"compute": [], "comm": [], "both": []}
+    for fn, key in ((lambda: torch.mm(a, b), "compute"), (lambda: dist.all_reduce(x.clone()), "comm"), (both, "both")):
+        fn()
+        for _ in range(sizes.repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out[key].append(time.perf_counter() - start)
+    return out
+
+
 def measure(rank: int, sizes: Sizes) -> dict:
     """One rank's raw measurements (call inside a process group; every rank must call it)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -178,7 +204,8 @@ def measure(rank: int, sizes: Sizes) -> dict:
     compute = _compute(rank, sizes, device)
     dist.barrier()
     comms = _collectives(rank, world, sizes, device)
-    return {"compute": compute, "collectives": comms, "threads": torch.get_num_threads(), "device": device.type,
+    overlap = _overlap(rank, sizes, device)
+    return {"compute": compute, "collectives": comms, "overlap": overlap, "threads": torch.get_num_threads(), "device": device.type,
             "backend": str(dist.get_backend())}
 
 
@@ -242,6 +269,14 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         links_raw[kind] = [{"ranks": n, "bytes": s, "seconds": t} for n, s, t in points]
         link_by[kind] = _fit_link(points, kind, overhead)
     bw, lat = link_by["all_reduce"]
+    # How much of an asynchronous collective hides under compute: 1 when the two run side by side,
+    # 0 when they take turns (as gloo's reduction and the matmul do on cores the ranks share).
+    if all("overlap" in r for r in results):
+        t = {k: _slowest([r["overlap"][k] for r in results], quantile) for k in ("compute", "comm", "both")}
+        overlap = min(1.0, max(0.0, (t["compute"] + t["comm"] - t["both"]) / min(t["compute"], t["comm"])))
+    else:
+        overlap = 1.0
+        t = {}
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -258,13 +293,14 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         kernel_overhead_s=overhead,
         compute_efficiency_by_class=compute_eff,
         memory_efficiency_by_class=memory_eff,
+        overlap_efficiency=overlap,
     )
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)] for k in ("overhead", "matmul", "convolution", "elementwise", "reduction")}
     extra = {"calibration": {
         "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
-        "compute": raw, "collectives": links_raw,
+        "compute": raw, "collectives": links_raw, "overlap": t,
     }}
     source = f"python -m fxpar calibrate on {platform.node()} ({world} ranks, {first['backend']}) {extra['calibration']['date']}"
     return Cluster(name, device, world, (link,), source=source, extra=extra)
@@ -300,7 +336,8 @@ def summary(c: Cluster) -> str:
         f"convolution {d.efficiencies('convolution')[0]:.2f}",
         f"  memory bandwidth {d.memory_bandwidth / 1e9:.1f} GB/s; efficiency elementwise "
         f"{d.efficiencies('elementwise')[1]:.2f}, reduction {d.efficiencies('reduction')[1]:.2f}",
-        f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB",
+        f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB; "
+        f"overlap of async collectives with compute {d.overlap_efficiency:.2f}",
     ]
     for kind in COLLECTIVES:
         bw, lat = link.figures(kind)

@@ -43,6 +43,9 @@ class DeviceSpec:
     idle_power_w: float = 0.0
     compute_efficiency_by_class: dict[str, float] = field(default_factory=dict)
     memory_efficiency_by_class: dict[str, float] = field(default_factory=dict)
+    # The fraction of an asynchronous collective's time that can run under independent compute:
+    # 1 where communication has its own engines (GPUs with NCCL), lower where the two share cores.
+    overlap_efficiency: float = 1.0
 
     def efficiencies(self, op_class: str) -> tuple[float, float]:
         """(fraction of peak FLOP/s, fraction of memory bandwidth) an op of ``op_class`` reaches."""
@@ -122,6 +125,10 @@ class Cluster:
             *[(v, f"links[{i}].latency_by_collective[{k!r}]") for i, link in enumerate(self.links)
               for k, v in link.latency_by_collective.items()],
         ], allow_zero=True)
+        if not (isinstance(d.overlap_efficiency, (int, float)) and 0.0 <= d.overlap_efficiency <= 1.0):
+            raise ClusterSpecError(
+                f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"
+            )
         _check_keys(self.name, "device.compute_efficiency_by_class", d.compute_efficiency_by_class, OP_CLASSES)
         _check_keys(self.name, "device.memory_efficiency_by_class", d.memory_efficiency_by_class, OP_CLASSES)
         for i, link in enumerate(self.links):

@@ -45,7 +45,9 @@ def _synthetic_results(alpha: float, bw: float, overhead: float) -> list[dict]:
         "elementwise": [(3e8, [3e8 / 10e9 + overhead] * 3), (2e8, [2e8 / 8e9 + overhead] * 3)],
         "reduction": [(1e8, [1e8 / 5e9 + overhead] * 3)],
     }
-    rank = {"compute": compute, "collectives": coll, "threads": 1, "device": "cpu", "backend": "gloo"}
+    # A matmul of 10 ms and an all-reduce of 4 ms that take 11 ms together: 3 of the 4 ms hide.
+    overlap = {"compute": [0.010] * 3, "comm": [0.004] * 3, "both": [0.011] * 3}
+    rank = {"compute": compute, "collectives": coll, "overlap": overlap, "threads": 1, "device": "cpu", "backend": "gloo"}
     return [rank, rank]
 
 
@@ -66,6 +68,7 @@ def test_profile_from_measurements():
     assert d.memory_bandwidth == pytest.approx(10e9)
     assert d.efficiencies("elementwise")[1] == pytest.approx(0.9)
     assert d.efficiencies("reduction")[1] == pytest.approx(0.5)
+    assert d.overlap_efficiency == pytest.approx(0.75)
     for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"):
         bw, lat = c.links[0].figures(kind)
         assert bw == pytest.approx(1e9, rel=1e-6) and lat == pytest.approx(30e-6, rel=1e-6)
@@ -98,6 +101,8 @@ def test_bad_profiles_are_refused():
         Cluster("c", _device(), 2, (LinkSpec(1e9, 1e-6, {"allreduce": 1e9}),))
     with pytest.raises(fxpar.ClusterSpecError, match=r"links\[0\].latency is -1e-06; it must be >= 0"):
         Cluster("c", _device(), 2, (LinkSpec(1e9, -1e-6),))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.overlap_efficiency is 1.5; it must be in \[0, 1\]"):
+        Cluster("c", _device(overlap_efficiency=1.5), 2, (link,))
     with pytest.raises(fxpar.ClusterSpecError, match=r"device.kernel_overhead_s is nan; it must be >= 0"):
         Cluster("c", _device(kernel_overhead_s=float("nan")), 2, (link,))
     bad = json.loads(fxpar.preset("cpu-local").to_json())
