@@ -1,8 +1,9 @@
 """Energy of a training step: busy power while a device computes or communicates, idle otherwise.
 
-For a plan on ``k`` devices with predicted compute time ``C``, communication time ``M`` and step
-time ``T`` (``T = C + M`` in the cost model, which does not overlap the two; a measured ``T`` may be
-longer), one step costs
+For a plan on ``k`` devices with predicted compute time ``C``, exposed communication time ``M``
+(``Plan.comm_s``: what compute does not hide; hidden communication runs while the device is busy
+computing) and step time ``T`` (``T = C + M`` as predicted; a measured ``T`` may be longer), one
+step costs
 
     E = k * (C * P_busy + M * P_comm + max(0, T - C - M) * P_idle)  [+ (N - k) * T * P_idle]
 
