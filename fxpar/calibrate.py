@@ -43,16 +43,20 @@ HELP = "measure this machine (compute, memory, per-op overhead, collectives) and
 class Sizes:
     """What to measure; ``quick`` is for smoke tests (tiny sizes, few repeats, rough figures)."""
 
-    matmuls: tuple[tuple[int, int, int], ...] = ((256, 1024, 1024), (512, 512, 512), (1024, 1024, 1024))
+    # (m, k, n), each run as x @ w, x @ w^T and x^T @ w: the layouts of a linear layer's forward
+    # and backward matmuls, which run at different speeds.
+    matmuls: tuple[tuple[int, int, int], ...] = ((256, 1024, 1024), (1024, 1024, 1024))
     conv: tuple[int, int, int, int] = (16, 32, 32, 32)  # batch, channels in = out, height = width
-    stream_numel: int = 4 << 20
-    reduce_shape: tuple[int, int] = (2048, 2048)
+    # Elements per stream: an activation-sized one and a large one. Outputs are allocated per call,
+    # as a graph's ops allocate theirs (fresh memory costs page faults on CPUs).
+    stream_numel: tuple[int, ...] = (1 << 18, 4 << 20)
+    reduce_shapes: tuple[tuple[int, int], ...] = ((512, 512), (2048, 2048))
     overhead_ops: int = 200
-    collective_bytes: tuple[int, ...] = (256, 64 << 10, 1 << 20, 4 << 20)
+    collective_bytes: tuple[int, ...] = (256, 16 << 10, 256 << 10, 1 << 20, 4 << 20)
     repeats: int = 9
 
 
-QUICK = Sizes(((64, 128, 128), (128, 128, 128)), (2, 8, 8, 8), 1 << 16, (64, 256), 50, (256, 16 << 10), 3)
+QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3)
 
 
 def _sync(device: torch.device) -> None:
@@ -72,8 +76,11 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
+_VERBOSE = [True]
+
+
 def _say(rank: int, text: str) -> None:
-    if rank == 0:
+    if rank == 0 and _VERBOSE[0]:
         print(f"[calibrate] {text}", flush=True)
 
 
@@ -103,10 +110,11 @@ def _compute(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
     out["overhead"] = [(sizes.overhead_ops, _time(lambda: gm(tiny), device, reps))]
     out["matmul"] = []
     for m, k, n in sizes.matmuls:
-        _say(rank, f"matmul {m}x{k} @ {k}x{n}")
+        _say(rank, f"matmul {m}x{k} @ {k}x{n}, three layouts")
         a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        fn = lambda: torch.mm(a, b)  # noqa: E731
-        out["matmul"].append((_flops(fn), _time(fn, device, reps)))
+        bt, at = torch.randn(n, k, device=device), torch.randn(k, m, device=device)
+        for fn in (lambda: torch.mm(a, b), lambda: torch.mm(a, bt.t()), lambda: torch.mm(at.t(), b)):
+            out["matmul"].append((_flops(fn), _time(fn, device, reps)))
     batch, ch, hw, _ = sizes.conv[0], sizes.conv[1], sizes.conv[2], sizes.conv[3]
     _say(rank, f"convolution 3x3, batch {batch}, {ch} channels, {hw}x{hw}, forward and backward")
     x = torch.randn(batch, ch, hw, hw, device=device, requires_grad=True)
@@ -116,16 +124,22 @@ def _compute(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
     grad = torch.randn_like(y)
     bwd = lambda: torch.autograd.grad(fwd(), (x, w), grad)  # noqa: E731
     out["convolution"] = [(_flops(fwd), _time(fwd, device, reps)), (_flops(bwd), _time(bwd, device, reps))]
-    _say(rank, f"memory bandwidth: {sizes.stream_numel * 4 / 2**20:.2f} MiB streams, reductions")
-    s1, s2 = torch.randn(sizes.stream_numel, device=device), torch.randn(sizes.stream_numel, device=device)
-    dst = torch.empty_like(s1)
-    nbytes = s1.numel() * s1.element_size()
-    out["elementwise"] = [(3 * nbytes, _time(lambda: torch.add(s1, s2), device, reps)),
-                          (2 * nbytes, _time(lambda: dst.copy_(s1), device, reps))]
-    r = torch.randn(*sizes.reduce_shape, device=device)
-    rbytes = r.numel() * r.element_size()
-    out["reduction"] = [(rbytes + rbytes // r.shape[1], _time(lambda: r.sum(dim=1), device, reps)),
-                        (2 * rbytes, _time(lambda: torch.softmax(r, dim=1), device, reps))]
+    mib = ", ".join(f"{n * 4 / 2**20:g}" for n in sizes.stream_numel)
+    _say(rank, f"memory bandwidth: streams of {mib} MiB, reductions")
+    out["elementwise"] = []
+    for numel in sizes.stream_numel:
+        s1, s2 = torch.randn(numel, device=device), torch.randn(numel, device=device)
+        dst = torch.empty_like(s1)
+        nbytes = s1.numel() * s1.element_size()
+        out["elementwise"] += [(3 * nbytes, _time(lambda: torch.add(s1, s2), device, reps)),
+                               (2 * nbytes, _time(lambda: torch.relu(s1), device, reps)),
+                               (2 * nbytes, _time(lambda: dst.copy_(s1), device, reps))]
+    out["reduction"] = []
+    for shape in sizes.reduce_shapes:
+        r = torch.randn(*shape, device=device)
+        rbytes = r.numel() * r.element_size()
+        out["reduction"] += [(rbytes + rbytes // r.shape[1], _time(lambda: r.sum(dim=1), device, reps)),
+                             (2 * rbytes, _time(lambda: torch.softmax(r, dim=1), device, reps))]
     return out
 
 
@@ -195,8 +209,9 @@ def _overlap(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
     return out
 
 
-def measure(rank: int, sizes: Sizes) -> dict:
+def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     """One rank's raw measurements (call inside a process group; every rank must call it)."""
+    _VERBOSE[0] = verbose
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     world = dist.get_world_size()
     _say(rank, f"{world} ranks on {device.type}, backend {dist.get_backend()}, {torch.get_num_threads()} threads per rank")
@@ -207,6 +222,24 @@ def measure(rank: int, sizes: Sizes) -> dict:
     overlap = _overlap(rank, sizes, device)
     return {"compute": compute, "collectives": comms, "overlap": overlap, "threads": torch.get_num_threads(), "device": device.type,
             "backend": str(dist.get_backend())}
+
+
+def merge_measurements(runs: list[list[dict]]) -> list[dict]:
+    """One set of per-rank measurements from several runs of ``measure`` (each a list over ranks),
+    their repeats pooled: a profile of the whole period the runs span."""
+    merged = []
+    for per_run in zip(*runs):
+        first = per_run[0]
+        rank = {**first, "compute": {}, "collectives": {}, "overlap": {}}
+        for kind, entries in first["compute"].items():
+            rank["compute"][kind] = [(e[0], [t for r in per_run for t in r["compute"][kind][i][1]]) for i, e in enumerate(entries)]
+        for kind, entries in first["collectives"].items():
+            rank["collectives"][kind] = [(e[0], e[1], [t for r in per_run for t in r["collectives"][kind][i][2]])
+                                         for i, e in enumerate(entries)]
+        for key in first.get("overlap", {}):
+            rank["overlap"][key] = [t for r in per_run for t in r["overlap"][key]]
+        merged.append(rank)
+    return merged
 
 
 def _slowest(per_rank: list[list[float]], quantile: float = 0.5) -> float:
@@ -258,7 +291,9 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     overhead = overhead_t / overhead_ops
     rates = {k: [w / max(t - overhead, 1e-12) for w, t in medians(k)] for k in ("matmul", "convolution", "elementwise", "reduction")}
     peak = max(rates["matmul"] + rates["convolution"])
-    bandwidth = max(rates["elementwise"] + rates["reduction"])
+    # The memory bandwidth is that of the largest stream (its add, relu and copy come last):
+    # memory-bound, where smaller streams may run from cache, faster (an efficiency can exceed 1).
+    bandwidth = max(rates["elementwise"][-3:])
     compute_eff = {k: statistics.median(rates[k]) / peak for k in ("matmul", "convolution")}
     memory_eff = {k: statistics.median(rates[k]) / bandwidth for k in ("elementwise", "reduction")}
     links_raw: dict[str, list] = {}
