@@ -35,8 +35,10 @@ Constraints
                      G: the gradient synchronization the runtime runs asynchronously (an edge from
                      a gradient to its parameter resharded by one all-reduce or reduce-scatter),
                      whose cost terms leave the objective; B: the backward compute, behind which
-                     it hides; G_last: the sync of the last gradients produced, which nothing
-                     follows. B counts all backward compute, so the overlap is an optimistic bound.
+                     it hides, times the device's overlap efficiency (the share of compute time
+                     that hides communication, measured by calibration); G_last: the sync of the
+                     last gradients produced, which nothing follows. B counts all backward
+                     compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 
 Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
@@ -238,7 +240,7 @@ class _Model:
         for x, c in self.grad_terms.items():
             coef[x] -= c
         for x, c in self.window_terms.items():
-            coef[x] += c
+            coef[x] += self.p.overlap_efficiency * c
         for x, c in coef.items():
             row.SetCoefficient(x, c)
         row = s.Constraint(0, s.infinity())

@@ -56,6 +56,7 @@ class Problem:
     # Gradient synchronization that the runtime runs asynchronously (a single all-reduce or
     # reduce-scatter per gradient) hides behind backward compute that follows it.
     overlap: bool = True
+    overlap_efficiency: float = 1.0  # the share of backward compute time that hides communication
     backward: set = field(default_factory=set)  # nodes of the backward pass
     last_grads: set = field(default_factory=set)  # gradient edges of the last gradients produced
     _reshard_cache: dict = field(default_factory=dict, repr=False)
@@ -103,7 +104,7 @@ class Problem:
                 last += cost if e in self.last_grads else 0.0
             else:
                 comm += cost
-        window = sum(self.node_cost[n][choice[n]] for n in self.backward)
+        window = self.overlap_efficiency * sum(self.node_cost[n][choice[n]] for n in self.backward)
         exposed = max(0.0, grad_sync - window, last)
         return {"compute": compute, "comm": comm, "grad_sync": grad_sync, "window": window,
                 "exposed_grad_sync": exposed, "step": compute + comm + exposed}
@@ -206,6 +207,7 @@ def build_problem(
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
     )
     problem.backward = {n for n in nodes if n.meta.get("fxpar_phase") == "backward"}
+    problem.overlap_efficiency = cost_model.cluster.device.overlap_efficiency
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_edges = [e for e in edges if e.position == -1]
     if grad_edges:
