@@ -31,12 +31,13 @@ Constraints
                      those of largest possible and largest unavoidable size, and any set the
                      solution overflows is added before solving again, so the final plan satisfies
                      every set.
-  add_overlap:       z >= G - B,  z >= G_last,  z >= 0, and the objective pays z for G
+  add_overlap:       z >= G - e B,  z >= (1 - e) G,  z >= G_last,  z >= 0; the objective pays z for G
                      G: the gradient synchronization the runtime runs asynchronously (an edge from
                      a gradient to its parameter resharded by one all-reduce or reduce-scatter),
                      whose cost terms leave the objective; B: the backward compute, behind which
-                     it hides, times the device's overlap efficiency (the share of compute time
-                     that hides communication, measured by calibration); G_last: the sync of the
+                     it hides; e: the device's overlap efficiency (the share of an async
+                     collective's time that can run under compute, measured by calibration);
+                     G_last: the sync of the
                      last gradients produced, which nothing follows. B counts all backward
                      compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
@@ -247,6 +248,11 @@ class _Model:
         row.SetCoefficient(z, 1)
         for x, c in self.last_terms.items():
             row.SetCoefficient(x, -c)
+        if self.p.overlap_efficiency < 1:
+            row = s.Constraint(0, s.infinity())
+            row.SetCoefficient(z, 1)
+            for x, c in self.grad_terms.items():
+                row.SetCoefficient(x, -(1 - self.p.overlap_efficiency) * c)
 
     def add_forced(self) -> None:
         for v, allowed in self.p.forced.items():

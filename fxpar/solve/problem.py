@@ -105,7 +105,7 @@ class Problem:
             else:
                 comm += cost
         window = self.overlap_efficiency * sum(self.node_cost[n][choice[n]] for n in self.backward)
-        exposed = max(0.0, grad_sync - window, last)
+        exposed = max(0.0, grad_sync - window, (1 - self.overlap_efficiency) * grad_sync, last)
         return {"compute": compute, "comm": comm, "grad_sync": grad_sync, "window": window,
                 "exposed_grad_sync": exposed, "step": compute + comm + exposed}
 
