@@ -37,9 +37,8 @@ Constraints
                      whose cost terms leave the objective; B: the backward compute, behind which
                      it hides; e: the device's overlap efficiency (the share of an async
                      collective's time that can run under compute, measured by calibration);
-                     G_last: the sync of the
-                     last gradients produced, which nothing follows. B counts all backward
-                     compute, so the overlap is an optimistic bound.
+                     G_last: the sync of the last gradients produced, which nothing follows.
+                     B counts all backward compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 
 Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
