@@ -134,12 +134,18 @@ def _compute(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
         out["elementwise"] += [(3 * nbytes, _time(lambda: torch.add(s1, s2), device, reps)),
                                (2 * nbytes, _time(lambda: torch.relu(s1), device, reps)),
                                (2 * nbytes, _time(lambda: dst.copy_(s1), device, reps))]
+    # Work in bytes as the cost model counts them: a node's inputs and outputs.
+    F = torch.nn.functional
     out["reduction"] = []
     for shape in sizes.reduce_shapes:
         r = torch.randn(*shape, device=device)
         rbytes = r.numel() * r.element_size()
         out["reduction"] += [(rbytes + rbytes // r.shape[1], _time(lambda: r.sum(dim=1), device, reps)),
-                             (2 * rbytes, _time(lambda: torch.softmax(r, dim=1), device, reps))]
+                             (2 * rbytes, _time(lambda: torch.softmax(r, dim=1), device, reps)),
+                             (2 * rbytes, _time(lambda: F.layer_norm(r, (r.shape[1],)), device, reps))]
+    fmap = torch.randn(batch, ch, hw, hw, device=device)
+    fbytes = fmap.numel() * fmap.element_size()
+    out["reduction"].append((2 * fbytes, _time(lambda: F.batch_norm(fmap, None, None, training=True), device, reps)))
     return out
 
 

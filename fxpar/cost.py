@@ -96,9 +96,12 @@ def spec_bytes(t: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]) -> int:
     return n * t.element_size()
 
 
-# Optimizer state tensors per parameter, and the parameter-sized tensors one update reads plus
-# writes (param, grad and states read; param and states written).
-OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
+# One optimizer update of a parameter as torch.optim's per-tensor implementation runs it (the one
+# used on CPU): (elementwise kernels, parameter-sized tensors read plus written). Adam: lerp_ of
+# the first moment (3), mul_ and addcmul_ of the second (2 + 4), sqrt, division and add_ of eps
+# for the denominator (2 + 2 + 2), addcdiv_ into the parameter (4); AdamW adds the decay mul_ (2);
+# SGD with momentum: mul_ and add_ of the buffer (2 + 3) and add_ into the parameter (3).
+OPTIMIZER_KERNELS = {"sgd": (1, 3), "sgd-momentum": (3, 8), "adam": (7, 19), "adamw": (8, 21)}
 
 
 class CostModel:
@@ -154,11 +157,11 @@ class CostModel:
         return total
 
     def optimizer_time(self, t: torch.Tensor, spec: Spec, optimizer: str) -> float:
-        """Seconds of one optimizer update of a parameter held as ``spec``: a streaming pass over
-        the parameter, its gradient and its state tensors (read, and all but the gradient written)."""
-        states = OPTIMIZER_STATES[optimizer]
+        """Seconds of one optimizer update of a parameter held as ``spec``: the elementwise kernels
+        of torch.optim's per-tensor update (``OPTIMIZER_KERNELS``) over the local shard."""
+        kernels, passes = OPTIMIZER_KERNELS[optimizer]
         nbytes = spec_bytes(t, spec, self.mesh_shape)
-        return self.roofline(0.0, (2 + states + 1 + states) * nbytes, "elementwise")
+        return kernels * self.roofline(0.0, passes * nbytes / kernels, "elementwise")
 
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:
         return t.numel() * t.element_size() // num_pieces(spec, self.mesh_shape)

@@ -224,15 +224,19 @@ def timed_step(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def interleave(runners: dict[str, Callable[[], None]], *, rounds: int, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleave(runners: dict[str, Callable[[], None]], *, rounds: int, steps: int, warmup: int = 2,
+               before_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each runner, measured in ``rounds`` rounds that visit every runner in a
-    rotating order for ``steps`` steps, so slow phases of a shared machine hit all runners alike."""
+    rotating order for ``steps`` steps, so slow phases of a shared machine hit all runners alike;
+    ``before_round`` runs at the start of every round (a calibration pass)."""
     for fn in runners.values():
         for _ in range(warmup):
             timed_step(fn)
     keys = list(runners)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(rounds):
+        if before_round is not None:
+            before_round()
         for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             for _ in range(steps):
                 times[k].append(timed_step(runners[k]))

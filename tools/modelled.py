@@ -92,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--time-limit", type=float, default=30.0, help="solver limit per plan (s)")
+    ap.add_argument("--time-limit", type=float, default=15.0, help="solver limit per plan (s)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
