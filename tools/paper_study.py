@@ -34,6 +34,7 @@ import torch.distributed as dist
 import fxpar
 from fxpar.cluster import Cluster
 from fxpar.energy import PowerModel, step_energy
+from fxpar.launch import RankError
 from fxpar.plan import matmul_kind
 from fxpar.planner import capture_and_annotate, plan_graph
 from fxpar.sweep import Objective, SweepPoint, SweepResult, choose, fastest, least_energy, sweep_graph, within_energy, within_slowdown
@@ -306,7 +307,14 @@ def real_runs(clusters: list[Cluster], num_steps: int) -> list[str]:
         for k in (1, 2):
             plans = [plan_graph(graph_for(name, REAL_BATCH, image_size=32), cluster=c, mesh_shape=(k,),
                                 optimizer=OPTIMIZER)[0] for c in clusters]
-            results = fxpar.launch(_real_rank, k, name, num_steps, plans[0].to_json())
+            try:
+                results = fxpar.launch(_real_rank, k, name, num_steps, plans[0].to_json())
+            except RankError as exc:
+                reason = str(exc).splitlines()[0]
+                lines.append(f"| {name} | {k} | run failed: {reason} | " + " | ".join(
+                    f"{REAL_BATCH / p.predicted_step_s:,.1f}" for p in plans) + " |")
+                print(f"  real {name} on {k} rank(s) failed: {reason}", file=sys.stderr)
+                continue
             per_step = [max(r[i] for r in results) for i in range(num_steps)]
             measured = REAL_BATCH / statistics.median(per_step[1:])
             cells = []

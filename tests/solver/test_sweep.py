@@ -220,17 +220,24 @@ def test_bad_objectives_and_power_figures_are_errors():
 CLI = ["sweep", "--dims", "64,256,10", "--batch", "32", "--cluster", "v100-pcie-4"]
 
 
-def test_command_prints_the_table_and_plots(capsys, tmp_path):
+def test_command_prints_the_table(capsys):
     from fxpar.__main__ import main
 
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "sweep.png"
-    main([*CLI, "--objective", "fastest", "--plot", str(png)])
+    main([*CLI, "--objective", "fastest"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r.split()[0]) for r in rows] == [1, 2, 4]  # 3 does not divide the batch
     assert sum("<--" in r for r in rows) == 1
     assert "excluded [3]: ShardingError" in out
+
+
+def test_command_writes_a_plot(capsys, tmp_path):
+    from fxpar.__main__ import main
+
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    main([*CLI, "--plot", str(png)])
+    assert f"plot written to {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
