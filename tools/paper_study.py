@@ -46,11 +46,14 @@ FIGURE = ROOT / "docs" / "study.png"
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 PRESETS = ("p100-nvlink-8", "v100-pcie-4")
 BATCHES = (32, 64, 128, 256, 512)
-OPTIMIZER = "sgd-momentum"  # what the published benchmarks train with
-# Published TensorFlow benchmarks on a DGX-1 (8 x P100 SXM2, FP32, synthetic data), images/s;
-# per-GPU batch sizes. Source: docs of the TensorFlow benchmarks as collected in the project's
-# hardware reference (see docs/study.md).
-PUBLISHED = {"AlexNet": (512, 2987.0, 17822.0), "VGG-16": (64, 154.0, 1081.0)}
+OPTIMIZER = "sgd"  # what the published benchmarks train with
+# Published TensorFlow benchmarks on an NVIDIA DGX-1 (8 x P100 SXM2, FP32, synthetic data, May
+# 2017), images/s by number of GPUs, with the per-GPU batch size: the "Benchmarks" page of the
+# TensorFlow 1.x performance guide (tensorflow.org/performance/benchmarks).
+PUBLISHED = {
+    "AlexNet": (512, {1: 2987.0, 2: 5658.0, 4: 10509.0, 8: 17822.0}),
+    "VGG-16": (64, {1: 154.0, 2: 295.0, 4: 584.0, 8: 1081.0}),
+}
 
 
 def objectives() -> dict[str, Objective]:
@@ -134,6 +137,18 @@ def sweep_table(cases: list[Case], name: str, preset_name: str) -> list[str]:
     return lines
 
 
+def scaling_table(cases: list[Case]) -> list[str]:
+    """Speed-up and change of energy per image on all GPUs against the fewest GPUs that fit."""
+    lines = ["| model | preset | batch | fewest GPUs that fit | all GPUs: speed-up | all GPUs: J/image change |",
+             "|---|---|---|---|---|---|"]
+    for c in cases:
+        ok = sorted((p for p in c.result.points if p.feasible), key=lambda p: p.num_devices)
+        lo, hi = ok[0], ok[-1]
+        lines.append(f"| {c.model} | {c.preset} | {c.batch} | {lo.num_devices} | {hi.samples_per_s / lo.samples_per_s:.2f}x "
+                     f"on {hi.num_devices // lo.num_devices}x the GPUs | {hi.joules_per_sample / lo.joules_per_sample - 1:+.1%} |")
+    return lines
+
+
 def choice_table(cases: list[Case]) -> list[str]:
     lines = ["| model | preset | batch | fastest | least energy | 5% slowdown (default) | fastest within 1.25x least J | least energy, unused GPUs idle |",
              "|---|---|---|---|---|---|---|---|"]
@@ -162,23 +177,18 @@ def forward_op(gm, fqn: str):
 
 
 def split_of(node, plan) -> str:
-    """How the op's work is divided on a 1-D mesh, in words."""
+    """How the op's work is divided on a 1-D mesh: batch, column, row, channels, partial or replicated."""
     s = plan.strategies[node.name]
-    if math.prod(plan.mesh_shape) == 1:
-        return "whole layer"
     if node.target == aten.convolution.default:
-        x, w = s.inputs[0][0], s.inputs[1][0]
-        out = s.outputs[0][0]
-        if repr(x) == "S(0)":
-            return "batch (data parallel)"
-        if repr(w) == "S(0)" and repr(out) == "S(1)":
-            return "output channels (model parallel)"
-        if repr(out) == "P":
-            return "input channels (partial sums)"
-        return s.label()
-    kind = matmul_kind(node.target, s, 0)
-    return {"batch": "batch (data parallel)", "column": "output features (model parallel, column)",
-            "row": "input features (model parallel, row)", "partial": "partial sums", "replicate": "replicated"}[kind]
+        x, w, out = repr(s.inputs[0][0]), repr(s.inputs[1][0]), repr(s.outputs[0][0])
+        if x == "S(0)":
+            return "batch"
+        if w == "S(0)" and out == "S(1)":
+            return "out-channels"
+        if out == "P":
+            return "in-channels"
+        return "replicated" if out == "R" else s.label()
+    return {"replicate": "replicated"}.get(matmul_kind(node.target, s, 0), matmul_kind(node.target, s, 0))
 
 
 def layer_table(cases: list[Case], name: str) -> list[str]:
@@ -197,32 +207,39 @@ def layer_table(cases: list[Case], name: str) -> list[str]:
         for _, plan, gm in cols:
             node = forward_op(gm, fqn)
             spec = "".join(repr(p) for p in plan.param_specs[fqn])
-            cells.append(f"{split_of(node, plan) if node is not None else '?'}; weight {spec}")
+            cells.append(split_of(node, plan) + (f" (W {spec})" if spec != "R" else ""))
         lines.append(f"| {fqn.removesuffix('.weight')} | " + " | ".join(cells) + " |")
     return lines
 
 
-def published_table(cases: list[Case]) -> tuple[list[str], list[tuple[str, int, float, float]]]:
+def published_table(cases: list[Case]) -> list[str]:
     cluster = fxpar.preset("p100-nvlink-8")
     lines = ["| model | per-GPU batch | GPUs | predicted img/s | published img/s | error |", "|---|---|---|---|---|---|"]
-    errors = []
-    for name, (per_gpu, one, eight) in PUBLISHED.items():
-        for k, published in ((1, one), (8, eight)):
+    predicted: dict[tuple[str, int], float] = {}
+    flops = {}  # counted training FLOPs per image (forward + backward), from the captured step
+    for name, (per_gpu, rates) in PUBLISHED.items():
+        gm = next(c.gm for c in cases if (c.model, c.batch) == (name, per_gpu))
+        flops[name] = sum(float(n.meta.get("fxpar_flops", 0) or 0) for n in gm.graph.nodes) / per_gpu
+        for k, published in rates.items():
             batch = per_gpu * k
             hit = next((c for c in cases if (c.model, c.preset, c.batch) == (name, "p100-nvlink-8", batch)), None)
             point = next((p for p in hit.result.points if p.num_devices == k), None) if hit else None
             if point is not None and point.feasible:
-                predicted = point.samples_per_s
+                rate = point.samples_per_s
             else:
                 plan, _ = plan_graph(graph_for(name, batch), cluster=cluster, mesh_shape=(k,), optimizer=OPTIMIZER)
-                predicted = batch / plan.predicted_step_s
-            err = predicted / published - 1
-            errors.append((name, k, predicted, published))
-            lines.append(f"| {name} | {per_gpu} | {k} | {predicted:,.0f} | {published:,.0f} | {err:+.0%} |")
-    for name, (per_gpu, one, eight) in PUBLISHED.items():
-        pred = {k: p for n, k, p, _ in errors if n == name}
-        lines.append(f"| {name} | {per_gpu} | scaling 8 vs 1 | {pred[8] / pred[1] / 8:.1%} | {eight / one / 8:.1%} | |")
-    return lines, errors
+                rate = batch / plan.predicted_step_s
+            predicted[name, k] = rate
+            lines.append(f"| {name} | {per_gpu} | {k} | {rate:,.0f} | {published:,.0f} | {rate / published - 1:+.0%} |")
+    for name, (per_gpu, rates) in PUBLISHED.items():
+        lines.append(f"| {name} | {per_gpu} | scaling 8 vs 1 | {predicted[name, 8] / predicted[name, 1] / 8:.1%} | "
+                     f"{rates[8] / rates[1] / 8:.1%} | |")
+    peak = cluster.device.peak_flops
+    lines += ["", "| model | counted training GFLOP / image | TFLOP/s per GPU the published 1-GPU rate implies | P100 FP32 peak |",
+              "|---|---|---|---|"]
+    for name, (_, rates) in PUBLISHED.items():
+        lines.append(f"| {name} | {flops[name] / 1e9:.2f} | {rates[1] * flops[name] / 1e12:.1f} | {peak / 1e12:.1f} |")
+    return lines
 
 
 def figure(cases: list[Case]) -> bool:
@@ -351,10 +368,17 @@ def main() -> None:
         for preset_name in PRESETS:
             sections += [f"### {name} on {preset_name}: predicted throughput and energy per image", "",
                          *sweep_table(cases, name, preset_name), ""]
+    sections += ["### Scaling and energy on all GPUs", "", *scaling_table(cases), ""]
     sections += ["### Chosen number of GPUs under each objective", "", *choice_table(cases), ""]
+    sections += ["### Per-layer parallelization", "",
+                 "How the forward convolution or matmul of each layer is split in the plan on all GPUs: "
+                 "*batch* = data parallel (the layer's input is split by samples, the weight replicated, its "
+                 "gradient all-reduced); *column* = the weight split by output features (W S(0)); *row* = "
+                 "split by input features (W S(1)), partial sums reduced; *out-channels* / *in-channels* the "
+                 "same for a convolution; *replicated* = every GPU computes the whole layer.", ""]
     for name in ("AlexNet", "VGG-16"):
-        sections += [f"### Per-layer parallelization chosen for {name}", "", *layer_table(cases, name), ""]
-    pub_lines, _ = published_table(cases)
+        sections += [f"#### {name}", "", *layer_table(cases, name), ""]
+    pub_lines = published_table(cases)
     sections += ["### Predicted against published (TensorFlow, DGX-1, 8 x P100)", "", *pub_lines, ""]
     if not args.no_real:
         clusters = [fxpar.preset("cpu-local")]
