@@ -40,3 +40,15 @@ def test_plan_on_two_of_three_ranks_matches_single_process(mesh, force):
     for r in results:
         assert "mesh [4] has 4 devices but the process group has 3 ranks; give a mesh_shape whose sizes " \
                "multiply to at most 3" in r[-1]
+
+
+def test_idle_module_refuses_to_run_and_says_why():
+    from fxpar.api import IdleModule, IdleRankError
+
+    plan = fxpar.plan(t.mlp_model(), t.mlp_inputs(0), mesh_shape=(2,))
+    idle = IdleModule(plan, rank=2)
+    assert not idle.is_active and idle.num_ranks == 2 and list(idle.parameters()) == []
+    with pytest.raises(IdleRankError, match=r"rank 2 is idle: the plan's mesh \[2\] runs on ranks 0..1, so the step"):
+        idle(*t.mlp_inputs(0))
+    with pytest.raises(IdleRankError, match=r"state_dict\(\) \(call it on the active ranks\)"):
+        idle.state_dict()
