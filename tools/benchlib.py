@@ -167,32 +167,40 @@ def family_force(family: str, model: nn.Module, mesh: tuple[int, ...]) -> dict[s
 
 
 def forced_plans(gm, model: nn.Module, cluster: fxpar.Cluster, mesh: tuple[int, ...], families: list[str],
-                 *, time_limit_s: float = 60.0) -> dict[str, Plan]:
+                 *, time_limit_s: float = 60.0, skip_timeouts: bool = False) -> dict[str, Plan]:
     """fxpar's own plan ('fxpar') and the best plan of each family on ``mesh``. ZeRO-3 pins every
     node other than the parameters to the data-parallel plan's strategy, so its compute is data
     parallel and its parameters are gathered for use and their gradients reduce-scattered; the
-    tensor-parallel families pin the forward use of their split weights (pin_tensor_parallel)."""
+    tensor-parallel families pin the forward use of their split weights (pin_tensor_parallel).
+    With ``skip_timeouts`` a family the solver finds no plan for in time is left out."""
     from fxpar.planner import plan_graph
 
     def plan(force: dict[str, str] | None) -> Plan:
         return plan_graph(gm, cluster=cluster, mesh_shape=mesh, force=force, time_limit_s=time_limit_s)[0]
 
+    from fxpar.errors import PlanTimeoutError
+
     out: dict[str, Plan] = {}
     for family in ["fxpar"] + families:
-        if family == "fxpar":
-            out[family] = plan(None)
-        elif family == "zero-3":
-            dp = out.get("data parallel") or plan(family_force("data parallel", model, mesh))
-            force = {n.name: s.label() for n, s in dp.assignment(gm).items() if n.meta.get("fxpar_role") != "param"}
-            force.update(family_force("zero-3", model, mesh))
-            out[family] = plan(force)
-        else:
-            force = family_force(family, model, mesh)
-            tp_axes = {"tensor parallel": tuple(range(len(mesh))), "dp x tp": (len(mesh) - 1,), "hybrid": (0,)}.get(family)
-            if tp_axes is not None:
-                tp = megatron_params(model) if family != "hybrid" else hybrid_params(model)
-                force.update(pin_tensor_parallel(gm, tp, mesh, tp_axes))
-            out[family] = plan(force)
+        try:
+            if family == "fxpar":
+                out[family] = plan(None)
+            elif family == "zero-3":
+                dp = out.get("data parallel") or plan(family_force("data parallel", model, mesh))
+                force = {n.name: s.label() for n, s in dp.assignment(gm).items() if n.meta.get("fxpar_role") != "param"}
+                force.update(family_force("zero-3", model, mesh))
+                out[family] = plan(force)
+            else:
+                force = family_force(family, model, mesh)
+                tp_axes = {"tensor parallel": tuple(range(len(mesh))), "dp x tp": (len(mesh) - 1,), "hybrid": (0,)}.get(family)
+                if tp_axes is not None:
+                    tp = megatron_params(model) if family != "hybrid" else hybrid_params(model)
+                    force.update(pin_tensor_parallel(gm, tp, mesh, tp_axes))
+                out[family] = plan(force)
+        except PlanTimeoutError as exc:
+            if not skip_timeouts:
+                raise
+            print(f"  no {family} plan on mesh {list(mesh)}: {exc}", flush=True)
     return out
 
 

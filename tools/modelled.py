@@ -64,6 +64,7 @@ def compare(name: str, preset: str, time_limit_s: float) -> dict:
     meshes = PRESETS[preset]
     full = meshes[0]
     best: dict[str, tuple[float, tuple, str]] = {}
+    per_mesh: list[dict] = []
     for mesh in meshes:
         # One node: the pure families on the 1-D mesh, the hybrid on the 2-D ones. Two nodes: all
         # families on (nodes, GPUs).
@@ -72,17 +73,19 @@ def compare(name: str, preset: str, time_limit_s: float) -> dict:
         else:
             families = list(FAMILIES)
         try:
-            plans = benchlib.forced_plans(gm, model, cluster, mesh, families, time_limit_s=time_limit_s)
+            plans = benchlib.forced_plans(gm, model, cluster, mesh, families, time_limit_s=time_limit_s, skip_timeouts=True)
         except InfeasiblePlanError as exc:
             print(f"  {name} on {preset} mesh {list(mesh)}: {exc}", flush=True)
             continue
+        per_mesh.append({"mesh": list(mesh), **{f: {"predicted_s": p.predicted_step_s, "solver": p.solver.get("status", "")}
+                                                 for f, p in plans.items()}})
         for family, plan in plans.items():
             status = plan.solver.get("status", "")
             print(f"  {name:<11} {preset:<14} {str(list(mesh)):<8} {family:<16} {plan.predicted_step_s * 1e3:9.2f} ms  "
                   f"{plan.memory_bytes / 2**30:6.2f} GiB  {status}", flush=True)
             if family not in best or plan.predicted_step_s < best[family][0]:
                 best[family] = (plan.predicted_step_s, mesh, status)
-    row = {"model": name, "preset": preset, "batch": batch}
+    row = {"model": name, "preset": preset, "batch": batch, "per_mesh": per_mesh}
     for family, (t, mesh, status) in best.items():
         row[family] = {"predicted_s": t, "mesh": list(mesh), "solver": status}
     return row
@@ -92,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--time-limit", type=float, default=15.0, help="solver limit per plan (s)")
+    ap.add_argument("--time-limit", type=float, default=20.0, help="solver limit per plan (s)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -114,13 +117,13 @@ def markdown(rep: dict) -> str:
              "|---|---|---|" + "---|" * len(heads) + "---|"]
     for r in rep["rows"]:
         if "fxpar" not in r:
-            lines.append(f"| {r['model']} | {r['preset']} | no plan fits | " + " | ".join("" for _ in heads) + " | |")
+            lines.append(f"| {r['model']} | {r['preset']} | no plan (memory or time limit) | " + " | ".join("" for _ in heads) + " | |")
             continue
         f = r["fxpar"]["predicted_s"]
         cells = []
         for h in heads:
             if h not in r:
-                cells.append("does not fit")
+                cells.append("no plan (memory or time limit)")
                 continue
             t = r[h]["predicted_s"]
             cells.append(f"{t * 1e3:.2f} ({t / f:.2f}x)")
@@ -129,6 +132,18 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {r['model']} | {r['preset']} | {f * 1e3:.2f} {tuple(r['fxpar']['mesh'])}{solver} | "
                      + " | ".join(cells) + f" | {'yes' if ok else 'NO'} |")
     lines.append("\n(x) = the family's predicted step time divided by fxpar's: how much faster fxpar's plan is predicted to be.")
+    slower = []
+    for r in rep["rows"]:
+        for m in r.get("per_mesh", []):
+            if "fxpar" not in m:
+                continue
+            for h in heads:
+                if h in m and m[h]["predicted_s"] < m["fxpar"]["predicted_s"] * (1 - 1e-9):
+                    slower.append(f"{r['model']} on {r['preset']} mesh {tuple(m['mesh'])}: fxpar {m['fxpar']['predicted_s'] * 1e3:.2f} ms "
+                                  f"({m['fxpar']['solver']}) vs {h} {m[h]['predicted_s'] * 1e3:.2f} ms")
+    if slower:
+        lines.append("\nMeshes where fxpar's own plan on that mesh is predicted slower than a forced family on the same mesh:\n")
+        lines += [f"- {x}" for x in slower]
     return "\n".join(lines)
 
 

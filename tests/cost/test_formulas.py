@@ -88,6 +88,28 @@ def test_op_classes(graph):
     assert any(k.startswith("aten.sum") and v == "reduction" for k, v in classes.items())
 
 
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x, y):
+        return torch.nn.functional.cross_entropy(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)), y)
+
+
+def test_op_classes_of_a_conv_net():
+    gm = capture_and_annotate(_ConvNet(), (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))))
+    classes = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            classes.setdefault(n.target.overloadpacket.__name__ if hasattr(n.target, "overloadpacket") else str(n.target), op_class(n))
+    assert classes["convolution"] == "convolution" and classes["convolution_backward"] == "convolution"
+    norms = {k: v for k, v in classes.items() if "batch_norm" in k}
+    assert norms and set(norms.values()) == {"reduction"}, norms
+
+
 def test_reshard_times_by_hand():
     t = torch.empty(64, 256)  # 65536 bytes
     size = 64 * 256 * 4
