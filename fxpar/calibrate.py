@@ -1,23 +1,15 @@
 """``python -m fxpar calibrate``: measure this machine and write a cluster profile (JSON).
 
-Every rank measures at once, as in training, so the figures include the contention for cores and
-memory bandwidth that ranks on one machine cause each other:
-
-- per-op overhead: a graph of tiny aten ops run as an fx ``GraphModule`` (as fxpar runs steps);
-- matmul and convolution throughput: FLOPs as ``torch.utils.flop_counter`` counts them (as the
-  annotate pass does) per second, at a few shapes; the fastest is the device's peak and the median
-  each class's efficiency;
-- memory bandwidth: streaming elementwise kernels (add, copy) and reductions (sum, softmax);
-- overlap: an all-reduce started asynchronously under a matmul, against both alone;
-- collectives: ``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all`` (through
-  ``fxpar.runtime.collectives.DistComm``, the code the rewritten steps call) and ``broadcast``, on
-  groups of 2..N ranks at several sizes; latency and bus bandwidth are fitted per collective to the
-  alpha-beta formulas of ``fxpar.cost``.
-
-Without a process group the ranks are local processes on a gloo group (``fxpar.launch``); under
-torchrun the existing backend and devices are measured. Each timing is the median over repeats of
-the slowest rank (``--quantile`` picks another quantile). The profile loads with ``fxpar.Cluster.load(path)`` and is accepted wherever a
-cluster is (``fxpar.plan(..., cluster=...)``, ``fxpar.compile(..., cluster=...)``).
+Every rank measures at once, as in training (so contention between ranks is in the figures):
+per-op overhead (tiny ops in an fx ``GraphModule``, as fxpar runs steps); matmul and convolution
+throughput (FLOPs as ``torch.utils.flop_counter`` counts them; the fastest kernel is the peak, the
+median of a class its efficiency); memory bandwidth (elementwise streams, reductions and norms);
+the overlap of an asynchronous all-reduce with a matmul; and the collectives (through
+``fxpar.runtime.collectives.DistComm``, the code rewritten steps call, plus broadcast) on groups
+of 2..N ranks at several sizes, fitted per collective to the alpha-beta formulas of ``fxpar.cost``.
+Without a process group the ranks are local gloo processes (``fxpar.launch``); under torchrun the
+running backend is measured. Each timing is the median over repeats of the slowest rank
+(``--quantile`` picks another). ``fxpar.Cluster.load(path)`` reads the profile back.
 """
 
 from __future__ import annotations
@@ -33,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxpar.cluster import COLLECTIVES, Cluster, DeviceSpec, LinkSpec
+from fxpar.cluster import COLLECTIVES, OP_CLASSES, Cluster, DeviceSpec, LinkSpec
 from fxpar.cost import collective_time
 
 HELP = "measure this machine (compute, memory, per-op overhead, collectives) and write a profile JSON"
@@ -347,10 +339,6 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     return Cluster(name, device, world, (link,), source=source, extra=extra)
 
 
-def _rank_main(rank: int, sizes: Sizes) -> dict:
-    return measure(rank, sizes)
-
-
 def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated", quantile: float = 0.5) -> Cluster:
     """Measure this machine on ``max_ranks`` local gloo ranks (or the running torchrun group)."""
     sizes = QUICK if quick else Sizes()
@@ -365,24 +353,21 @@ def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrate
         from fxpar.launch import launch
 
         print(f"[calibrate] starting {max_ranks} local gloo ranks", flush=True)
-        results = launch(_rank_main, max_ranks, sizes)
+        results = launch(measure, max_ranks, sizes)
     return build_profile(results, name=name, wall_s=time.perf_counter() - start, quantile=quantile)
 
 
 def summary(c: Cluster) -> str:
     d, link = c.device, c.links[0]
-    lines = [
-        f"{c.name}: {c.num_devices} x {d.name}",
-        f"  peak {d.peak_flops / 1e9:.1f} GFLOP/s; efficiency matmul {d.efficiencies('matmul')[0]:.2f}, "
-        f"convolution {d.efficiencies('convolution')[0]:.2f}",
-        f"  memory bandwidth {d.memory_bandwidth / 1e9:.1f} GB/s; efficiency elementwise "
-        f"{d.efficiencies('elementwise')[1]:.2f}, reduction {d.efficiencies('reduction')[1]:.2f}",
-        f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB; "
-        f"overlap of async collectives with compute {d.overlap_efficiency:.2f}",
-    ]
-    for kind in COLLECTIVES:
-        bw, lat = link.figures(kind)
-        lines.append(f"  {kind:<15} bus bandwidth {bw / 1e9:8.3f} GB/s, latency {lat * 1e6:8.1f} us per hop")
+    ce, me = {k: d.efficiencies(k)[0] for k in OP_CLASSES}, {k: d.efficiencies(k)[1] for k in OP_CLASSES}
+    lines = [f"{c.name}: {c.num_devices} x {d.name}",
+             f"  peak {d.peak_flops / 1e9:.1f} GFLOP/s; efficiency matmul {ce['matmul']:.2f}, convolution {ce['convolution']:.2f}",
+             f"  memory bandwidth {d.memory_bandwidth / 1e9:.1f} GB/s; efficiency elementwise {me['elementwise']:.2f}, "
+             f"reduction {me['reduction']:.2f}",
+             f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB; "
+             f"overlap of async collectives with compute {d.overlap_efficiency:.2f}"]
+    lines += [f"  {k:<15} bus bandwidth {link.figures(k)[0] / 1e9:8.3f} GB/s, latency {link.figures(k)[1] * 1e6:8.1f} us per hop"
+              for k in COLLECTIVES]
     return "\n".join(lines)
 
 
