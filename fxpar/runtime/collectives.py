@@ -21,17 +21,8 @@ class Comm(Protocol):
     def coord(self, axis: int) -> int: ...
     def all_gather(self, x: torch.Tensor, axis: int, dim: int) -> torch.Tensor: ...
     def all_reduce(self, x: torch.Tensor, axis: int) -> torch.Tensor: ...
-    def all_reduce_start(self, x: torch.Tensor, axis: int) -> _Pending:
-        out = x.clone()
-        return _Pending(out, dist.all_reduce(out, group=self._groups[axis], async_op=True))
-
-    def reduce_scatter_start(self, x: torch.Tensor, axis: int, dim: int) -> _Pending:
-        n = self.mesh_shape[axis]
-        src = x.movedim(dim, 0).contiguous()
-        out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, src, group=self._groups[axis], async_op=True)
-        return _Pending(out, work, lambda t: t.movedim(0, dim).contiguous())
-
+    def all_reduce_start(self, x: torch.Tensor, axis: int) -> _Pending: ...
+    def reduce_scatter_start(self, x: torch.Tensor, axis: int, dim: int) -> _Pending: ...
     def reduce_scatter(self, x: torch.Tensor, axis: int, dim: int) -> torch.Tensor: ...
     def all_to_all(self, x: torch.Tensor, axis: int, dim: int, dim2: int) -> torch.Tensor: ...
 
@@ -134,6 +125,17 @@ class DistComm:
         out = x.clone()
         dist.all_reduce(out, group=self._groups[axis])
         return out
+
+    def all_reduce_start(self, x: torch.Tensor, axis: int) -> _Pending:
+        out = x.clone()
+        return _Pending(out, dist.all_reduce(out, group=self._groups[axis], async_op=True))
+
+    def reduce_scatter_start(self, x: torch.Tensor, axis: int, dim: int) -> _Pending:
+        n = self.mesh_shape[axis]
+        src = x.movedim(dim, 0).contiguous()
+        out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
+        work = dist.reduce_scatter_tensor(out, src, group=self._groups[axis], async_op=True)
+        return _Pending(out, work, lambda t: t.movedim(0, dim).contiguous())
 
     def reduce_scatter(self, x: torch.Tensor, axis: int, dim: int) -> torch.Tensor:
         n = self.mesh_shape[axis]
