@@ -270,6 +270,13 @@ class _Model:
         return {n: best[self.p.rep(n)] for n in self.p.nodes}
 
 
+def _exact_params() -> pywraplp.MPSolverParameters:
+    """Solve to optimality: a default relative gap would let near-optimal plans through."""
+    params = pywraplp.MPSolverParameters()
+    params.SetDoubleParam(pywraplp.MPSolverParameters.RELATIVE_MIP_GAP, 0.0)
+    return params
+
+
 def _initial_sets(problem: Problem) -> list[int]:
     """Live sets most likely to bind: largest if everything is replicated, largest at best."""
     top = lambda f: sorted(range(len(problem.live_sets)), key=f, reverse=True)[:_INITIAL_SETS]  # noqa: E731
@@ -303,7 +310,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     for _ in range(_MAX_ROUNDS):
         remaining = time_limit_s - (time.perf_counter() - start)
         solver.SetTimeLimit(max(1, int(remaining * 1000)))
-        status = solver.Solve()
+        status = solver.Solve(_exact_params())
         if status == pywraplp.Solver.INFEASIBLE:
             raise Infeasible()
         if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
@@ -347,7 +354,7 @@ def min_memory(problem: Problem, *, time_limit_s: float = 30.0) -> float:
     objective.SetMinimization()
     m.solver.SetTimeLimit(int(time_limit_s * 1000))
     for _ in range(_MAX_ROUNDS):
-        m.solver.Solve()
+        m.solver.Solve(_exact_params())
         choice = m.choice()
         new = _overflowing(problem, choice, peak.solution_value(), added)
         if not new:
