@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -389,8 +390,13 @@ def main() -> None:
                 profile = calibrated_cpu(Path(tmp) / "profile.json")
             if profile is not None:
                 clusters.insert(0, profile)
+        load_before = os.getloadavg()[0]
+        rows = real_runs(clusters, args.steps)
         sections += [f"### Measured on local CPU ranks against predicted (global batch {REAL_BATCH}, one core per rank)", "",
-                     *real_runs(clusters, args.steps), ""]
+                     f"{os.cpu_count()} cores; 1-minute load average {load_before:.1f} before the runs and "
+                     f"{os.getloadavg()[0]:.1f} after (above the number of ranks, other work shared the cores). "
+                     f"Median of {args.steps - 1} steps after one warm-up step, the slowest rank's time per step.", "",
+                     *rows, ""]
     if figure(cases):
         sections += ["![predicted throughput and energy per image against GPUs](study.png)", ""]
     sections.append(f"Study run time: {time.perf_counter() - start:.0f} s.")
