@@ -15,6 +15,13 @@ def localize_size_arg1(node, args, kwargs, strategy, mesh_shape):
     return node.target, [args[0], local_out_shape(node, strategy, mesh_shape), *args[2:]], kwargs
 
 
+def localize_view(node, args, kwargs, strategy, mesh_shape):
+    # A rank's input can be laid out differently from the traced one (a collective or a chunk
+    # returns it contiguous where the trace had a transposed layout), so a traced view may not
+    # apply to it: reshape computes the same values, viewing where it can and copying where not.
+    return aten.reshape.default, [args[0], local_out_shape(node, strategy, mesh_shape)], kwargs
+
+
 def localize_squeeze(node, args, kwargs, strategy, mesh_shape):
     # Sharding can make a dim 1 long locally; squeeze only the dims that are 1 globally.
     dims = [d for d, size in enumerate(node.args[0].meta["val"].shape) if size == 1]
@@ -55,7 +62,7 @@ def reshape_dim_pairs(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     return pairs
 
 
-@register_rule(aten.view.default, aten._unsafe_view.default, localize=localize_size_arg1)
+@register_rule(aten.view.default, aten._unsafe_view.default, localize=localize_view)
 def reshape_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 
