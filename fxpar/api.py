@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, preset
-from fxpar.errors import CaptureError, ClusterSpecError, FxparError, ShardingError
+from fxpar.errors import CaptureError, ClusterSpecError, IdleRankError, ShardingError
 from fxpar.passes.rewrite import rewrite
 from fxpar.placement import Spec, replicated
 from fxpar.plan import Plan
@@ -74,9 +74,6 @@ class _Step(torch.autograd.Function):
         grads = [g * grad_loss for g in ctx.saved_tensors]
         return (None, None, *grads, *([None] * ctx.num_rest))
 
-
-class IdleRankError(FxparError):
-    """A rank that the plan leaves unused was asked to run the step."""
 
 
 class FxparModule(nn.Module):

@@ -10,12 +10,14 @@ the step but not optimizer memory, and their gradients are all-gathered back to 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule
 
-from fxpar.errors import CaptureError
+from fxpar.errors import CaptureError, ClusterSpecError
 from fxpar.placement import replicated
 from fxpar.runtime.collectives import use_comm
 
@@ -91,6 +93,12 @@ def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = 
 
     init_distributed()
     world = dist.get_world_size()
+    mesh = options.get("mesh_shape") or (options["plan"].mesh_shape if options.get("plan") else (world,))
+    if math.prod(mesh) != world:
+        raise ClusterSpecError(
+            f"the fxpar backend runs every rank of the group ({world}), but mesh {list(mesh)} has "
+            f"{math.prod(mesh)} devices; use a mesh over all ranks, or fxpar.compile to leave ranks idle"
+        )
     module = _DynamoGraph(gm, list(example_inputs))
     with torch.no_grad():
         for p in module.parameters():

@@ -27,6 +27,14 @@ class DuplicateRuleError(FxparError):
     """A second sharding rule was registered for an op."""
 
 
+class SweepError(FxparError):
+    """An objective's parameters are invalid, or no configuration meets them."""
+
+
+class IdleRankError(FxparError):
+    """A rank that the plan leaves unused was asked to run the step."""
+
+
 class ClusterSpecError(FxparError):
     """A cluster description is malformed."""
 

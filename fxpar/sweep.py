@@ -28,13 +28,10 @@ from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster
 from fxpar.energy import PowerModel, StepEnergy, step_energy
-from fxpar.errors import ClusterSpecError, FxparError, InfeasiblePlanError, ShardingError
+from fxpar.errors import ClusterSpecError, InfeasiblePlanError, ShardingError, SweepError
 from fxpar.plan import Plan, _fmt_s
 from fxpar.planner import capture_and_annotate, plan_graph
 
-
-class SweepError(FxparError):
-    """An objective's parameters are invalid, or no configuration meets them."""
 
 
 @dataclass(frozen=True)

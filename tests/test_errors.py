@@ -147,3 +147,8 @@ def test_compile_without_process_group(monkeypatch):
 def test_wrong_local_batch_at_run_time():
     with pytest.raises(RankError, match=r"input\[0\] on this rank has shape \[16, 16\] but the plan expects this rank's slice of the global batch, \[8, 16\]"):
         fxpar.launch(train_fns.pass_global_batch, 2)
+
+
+def test_backend_mesh_must_cover_the_group():
+    with pytest.raises(RankError, match=r"the fxpar backend runs every rank of the group \(2\), but mesh \[1\] has 1 devices"):
+        fxpar.launch(train_fns.backend_with_smaller_mesh, 2)

@@ -85,3 +85,9 @@ def world_info(rank: int):
 def pass_global_batch(rank: int):
     compiled = fxpar.compile(mlp_model(), mlp_inputs(0))
     return compiled(*mlp_inputs(0))
+
+
+def backend_with_smaller_mesh(rank: int):
+    compiled = torch.compile(mlp_model(), backend="fxpar", options={"mesh_shape": (1,)})
+    x, y = mlp_inputs(0)
+    return compiled(x.chunk(2)[rank], y.chunk(2)[rank])
