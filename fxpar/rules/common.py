@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fxpar.placement import Placement, R, Shard
-from fxpar.rules.registry import OpInfo, OpStrategy
+from fxpar.rules.registry import OpInfo
 from fxpar.runtime import collectives as C
 
 
@@ -19,23 +19,13 @@ def present(args: Sequence, placements: Sequence[Placement]) -> tuple[Placement,
 
 
 def fill_absent_outputs(info: OpInfo) -> tuple[bool, ...]:
-    """Which outputs the op does not compute (None, per its ``output_mask``); gives each an empty
-    stand-in, in ``info`` and in the node's ``meta["val"]``, and records the flags in
-    ``meta["fxpar_absent_outputs"]`` so later calls see the same.
-
-    Workaround: ``registry.combine`` and ``CostModel.compute_time`` read the shape of every output
-    and fail on None. No node reads such an output, so an empty tensor is what it costs: nothing."""
-    meta = info.node.meta
-    if "fxpar_absent_outputs" in meta:
-        return meta["fxpar_absent_outputs"]
-    val = meta["val"]
+    """Which outputs the op does not compute (None, per its ``output_mask``). Each gets an empty
+    stand-in in ``info.outputs``, which ``registry.combine`` checks for even shards after the rule
+    returns and which would otherwise fail on None; no node reads such an output."""
     absent = tuple(v is None for v in info.outputs)
-    if isinstance(val, (tuple, list)) and any(absent):
-        like = next(v for v in val if v is not None)
-        filled = [like.new_empty((0,)) if v is None else v for v in val]
-        meta["val"] = type(val)(filled)
-        info.outputs = list(filled)
-    meta["fxpar_absent_outputs"] = absent
+    if any(absent):
+        like = next(v for v in info.outputs if v is not None)
+        info.outputs = [like.new_empty((0,)) if v is None else v for v in info.outputs]
     return absent
 
 
@@ -57,7 +47,3 @@ def shard_index(axes: Sequence[int]) -> int:
     for axis in axes:
         index = index * comm.mesh_shape[axis] + comm.coord(axis)
     return index
-
-
-def input_spec(strategy: OpStrategy, position: int) -> tuple[Placement, ...]:
-    return strategy.inputs[position]

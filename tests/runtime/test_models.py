@@ -111,13 +111,6 @@ def _captured(name: str):
     return _CAPTURED[name]
 
 
-# Known failure, not in the rules: the rewrite replays a traced ``view`` on the local tensor, and
-# after a collective that tensor can be contiguous where the traced one was not (attention
-# outputs and gradients come in a transposed layout), so the view raises. Draws that hit it are
-# reported as an expected failure once the draws that do run have been checked.
-_VIEW_ERROR = "view size is not compatible with input tensor's size and stride"
-
-
 @pytest.mark.parametrize("mesh", MESHES, ids=str)
 @pytest.mark.parametrize("name", M.MODELS)
 def test_any_assignment_computes_the_single_device_step(name, mesh, one_thread):
@@ -125,16 +118,9 @@ def test_any_assignment_computes_the_single_device_step(name, mesh, one_thread):
     _, grads, buffers = step_outputs(gm)
     strategies = all_strategies(gm, mesh)
     rng = random.Random(f"{name}{mesh}")
-    view_errors = 0
     for _ in range(3):
         assignment = {n: s[rng.randrange(len(s))] for n, s in strategies.items()}
-        try:
-            results = simulate_plan(gm, assignment, mesh, flat_inputs)
-        except RuntimeError as exc:
-            if _VIEW_ERROR not in str(exc):
-                raise
-            view_errors += 1
-            continue
+        results = simulate_plan(gm, assignment, mesh, flat_inputs)
         for rank, (loss, *outs) in enumerate(results):
             torch.testing.assert_close(loss, ref[0], rtol=1e-4, atol=1e-6)
             for i, (_, param) in enumerate(grads):
@@ -142,5 +128,3 @@ def test_any_assignment_computes_the_single_device_step(name, mesh, one_thread):
                 torch.testing.assert_close(outs[i], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} grad {param.name}: {m}")
             for j in range(len(buffers)):
                 torch.testing.assert_close(outs[len(grads) + j], ref[1 + len(grads) + j], rtol=1e-4, atol=1e-6)
-    if view_errors:
-        pytest.xfail(f"{view_errors} of 3 draws hit the local-view layout problem (see the comment above)")
