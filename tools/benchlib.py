@@ -11,15 +11,12 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +24,7 @@ import fxpar  # noqa: E402
 from fxpar.models import GPT, MLP, GPTConfig, ResNet18  # noqa: E402
 from fxpar.placement import spec_str  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
+from fxpar.runtime.memory import LiveTensorBytes  # noqa: E402
 
 
 def small_models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
@@ -265,43 +263,6 @@ def reprice(gm, plan: Plan, cluster: fxpar.Cluster) -> Plan:
 
     force = {n.name: s.label() for n, s in plan.assignment(gm).items()}
     return plan_graph(gm, cluster=cluster, mesh_shape=plan.mesh_shape, force=force)[0]
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage that ops make while the mode is active, and their peak. A storage
-    counts from the op that makes it until the last tensor object viewing it is gone; storages of
-    the ``resident`` tensors (updated in place) are not counted."""
-
-    def __init__(self, resident: list[torch.Tensor] = ()):
-        super().__init__()
-        self.live = self.peak = 0
-        self._refs: dict[int, list[int]] = {}  # storage address -> [live tensor objects, bytes]
-        self._resident = {t.untyped_storage().data_ptr() for t in resident}
-
-    def _release(self, key: int) -> None:
-        entry = self._refs[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self._refs[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in self._resident:
-                continue
-            if key in self._refs:
-                self._refs[key][0] += 1
-            else:
-                self._refs[key] = [1, storage.nbytes()]
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._release, key)
-        return out
 
 
 def measured_peak_bytes(step: Callable[[], None], resident: list[torch.Tensor]) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from tests.runtime.train_fns import mlp_inputs, mlp_model
+from tests.runtime.train_fns import mlp_inputs, mlp_model, train_mlp_steps
 
 
 def main(out_path: str, num_steps: int) -> None:
@@ -17,15 +17,7 @@ def main(out_path: str, num_steps: int) -> None:
     model = mlp_model()
     compiled = fxpar.compile(model, mlp_inputs(0))  # initializes the group from torchrun's env
     rank, world = dist.get_rank(), dist.get_world_size()
-    opt = torch.optim.SGD(compiled.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(num_steps):
-        x, y = mlp_inputs(step)
-        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps)
     state = compiled.state_dict()
     if rank == 0:
         torch.save({"losses": losses, "state": state}, out_path)

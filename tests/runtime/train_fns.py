@@ -33,6 +33,20 @@ def mlp_inputs(step: int, batch: int = 16):
     return torch.randn(batch, 16, generator=g), torch.randint(0, 8, (batch,), generator=g)
 
 
+def train_mlp_steps(step_fn, parameters, rank: int, world: int, num_steps: int, lr: float = 0.05) -> list[float]:
+    """SGD with momentum through ``step_fn`` on this rank's slice of each global batch."""
+    opt = torch.optim.SGD(parameters, lr=lr, momentum=0.9)
+    losses = []
+    for step in range(num_steps):
+        x, y = mlp_inputs(step)
+        loss = step_fn(x.chunk(world)[rank], y.chunk(world)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=None, lr: float = 0.05):
     torch.manual_seed(0)
     model = mlp_model()
@@ -42,15 +56,7 @@ def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=
     if force is not None:
         plan = fxpar.plan(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, force=force)
     compiled = fxpar.compile(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, plan=plan)
-    opt = torch.optim.SGD(compiled.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    for step in range(num_steps):
-        x, y = mlp_inputs(step)
-        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps, lr)
     return losses, compiled.state_dict(), compiled.plan.to_json()
 
 
@@ -59,15 +65,7 @@ def train_torch_compile(rank: int, num_steps: int, options=None, lr: float = 0.0
     model = mlp_model()
     world = dist.get_world_size()
     compiled = torch.compile(model, backend="fxpar", options=options)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    for step in range(num_steps):
-        x, y = mlp_inputs(step)
-        loss = compiled(x.chunk(world)[rank], y.chunk(world)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_mlp_steps(compiled, model.parameters(), rank, world, num_steps, lr)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
