@@ -96,6 +96,8 @@ def rewrite(
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
+        elif node.op == "get_attr":  # a constant the forward creates: replicated on every rank
+            env[node] = graph.get_attr(node.target)
         elif node.op == "call_function":
             strategy = assignment[node]
             if node.target is operator.getitem and isinstance(node.args[0].meta.get("val"), (tuple, list)):
@@ -130,4 +132,8 @@ def rewrite(
     graph.output(tuple(waited.get((out, spec)) or get(out, 0, spec) for out, spec in zip(out_nodes, output_specs)))
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
+    if device is not None:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                setattr(new, node.target, getattr(new, node.target).to(device))
     return new

@@ -57,6 +57,10 @@ def simulate(gm: GraphModule, mesh_shape: tuple[int, ...], rank_inputs: list[lis
         if node.op == "output":
             results = [torch.fx.node.map_arg(node.args[0], lambda a, e=env: e[a]) for env in envs]
             break
+        if node.op == "get_attr":
+            for env in envs:
+                env[node] = getattr(gm, node.target)
+            continue
         if node.target in C.COLLECTIVE_OPS:
             x, axis, *rest = node.args
             groups: dict[tuple, list[int]] = {}
