@@ -25,7 +25,7 @@ After::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import operator
 
@@ -99,7 +99,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic
 
     def step(params, bufs, inputs):
         state = {**dict(zip(param_names, params)), **dict(zip(buffer_names, bufs))}
-        loss = torch.func.functional_call(model, state, tuple(inputs))
+        loss = _loss_of(torch.func.functional_call(model, state, tuple(inputs)))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.dtype.is_floating_point:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise CaptureError(
@@ -109,10 +109,11 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         return (loss, *grads)
 
+    decompositions = get_decompositions(_DECOMPOSE)
+    tracing_mode = "symbolic" if dynamic_batch else "fake"
     with torch.device("cpu"):
-        gm = make_fx(step, decomposition_table=get_decompositions(_DECOMPOSE), tracing_mode="symbolic" if dynamic_batch else "fake")(
-            params, bufs, inputs
-        )
+        joint = make_fx(step, tracing_mode=tracing_mode)(params, bufs, inputs)
+        gm = _functionalize(joint, decompositions, tracing_mode)
     _drop_identities(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(params) + len(bufs) + len(inputs)
@@ -151,6 +152,43 @@ def step_outputs(gm: GraphModule) -> tuple[Node, list[tuple[Node, Node]], list[t
         elif kind == "buffer":
             buffers.append((node, by_fqn[fqn]))
     return outs[0], grads, buffers
+
+
+def _loss_of(out):
+    """The loss of a model's output: a tensor, or the ``loss`` of a mapping or output object
+    (Hugging Face models return a ``ModelOutput`` whose ``loss`` is set when labels are given)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    loss = getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else out
+
+
+def _functionalize(joint: GraphModule, decompositions: dict, tracing_mode: str) -> GraphModule:
+    """Re-trace the joint graph through torch's functionalization (``torch.func.functionalize``):
+    in-place ops on intermediates and on views of them become out-of-place ops (dropout's
+    ``bernoulli_`` becomes ``bernoulli``, ``x += y`` an ``add``, a write into a view a
+    ``*_scatter``), and a mutated graph input becomes one ``copy_`` into it at the end, which
+    ``_functionalize_buffer_updates`` turns into a new value. The joint graph is traced first,
+    under autograd, and functionalized second, because torch's functionalization cannot wrap
+    tensors that autograd is asked to differentiate inside it. ``decompositions`` apply in this
+    second trace, below functionalization, so the prims they produce need no functionalizing.
+    Placeholders keep their names, and the graph its calling convention."""
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    values = [n.meta["val"] for n in placeholders]
+    interpreter = torch.fx.Interpreter(joint)
+    gm = make_fx(
+        torch.func.functionalize(lambda *flat: interpreter.run(*flat), remove="mutations"),
+        decomposition_table=decompositions,
+        tracing_mode=tracing_mode,
+    )(*values)
+    for old, new in zip(placeholders, [n for n in gm.graph.nodes if n.op == "placeholder"]):
+        new._rename(old.name)
+    # Called as the joint step is: step(params, buffers, inputs) -> (loss, *grads).
+    gm.graph._codegen = joint.graph._codegen
+    gm.recompile()
+    return gm
 
 
 def _fake_call(target, args, kwargs):
@@ -194,6 +232,13 @@ def _functionalize_buffer_updates(gm: GraphModule, buffers: list[Node]) -> list[
                 graph.erase_node(user)
             graph.erase_node(node)
             mutated = [(rm, outs[3]), (rv, outs[4])]
+        elif (
+            target is aten.copy_.default and node.args[0] in owner and _same_layout(node.args[0], node.args[1])
+        ):
+            # Functionalization writes a mutated input back with one copy_ at the end of the graph.
+            node.replace_all_uses_with(node.args[1])
+            mutated = [(node.args[0], node.args[1])]
+            graph.erase_node(node)
         elif target.__name__.split(".")[0].endswith("_") and isinstance(node.args[0], Node) and node.args[0] in owner:
             functional = getattr(getattr(aten, target.__name__.split(".")[0][:-1]), target._overloadname)
             with graph.inserting_before(node):
@@ -203,9 +248,12 @@ def _functionalize_buffer_updates(gm: GraphModule, buffers: list[Node]) -> list[
             mutated = [(node.args[0], new)]
             graph.erase_node(node)
         else:
+            dst = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+            what = f"{dst.meta.get('fxpar_fqn', dst.name)}" if dst is not None else "a tensor"
             raise CaptureError(
-                f"%{node.name} ({target}) mutates a tensor in place that is not a module buffer; fxpar plans "
-                "functional training steps: compute the new value out of place instead"
+                f"%{node.name} ({target}) writes into {what} in place during the step; fxpar updates only "
+                "module buffers inside the step (parameters are updated by the optimizer, inputs are each "
+                "rank's slice of the batch): compute the new value out of place instead"
             )
         for old, new in mutated:
             buf = owner[old]
@@ -214,6 +262,11 @@ def _functionalize_buffer_updates(gm: GraphModule, buffers: list[Node]) -> list[
             if buf not in order:
                 order.append(buf)
     return [(buf, current[buf]) for buf in order]
+
+
+def _same_layout(a: Node, b) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val") if isinstance(b, Node) else None
+    return isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
 
 
 def _drop_identities(gm: GraphModule) -> None:

@@ -48,6 +48,9 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
     with ``strict`` it is an error instead."""
     if node.op == "placeholder":
         return _placeholder_strategies(node, mesh_shape)
+    if node.op == "get_attr":
+        # A constant tensor the forward creates: every rank holds it whole, as it was traced.
+        return [OpStrategy((), ((R,) * len(mesh_shape),))]
     assert node.op == "call_function", node.op
     rule = get_rule(node.target)
     if rule is None:
@@ -80,7 +83,7 @@ def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool
     cache: dict[tuple, list[OpStrategy]] = {}
     out = {}
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
+        if n.op in ("placeholder", "get_attr"):
             out[n] = node_strategies(n, mesh_shape, strict=strict)
         elif n.op == "call_function":
             key = node_signature(n)
