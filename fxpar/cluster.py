@@ -9,9 +9,10 @@ the machine at hand and writes a ``Cluster`` as JSON; ``Cluster.load(path)`` rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
 from fxpar.errors import ClusterSpecError
@@ -73,12 +74,31 @@ class LinkSpec:
         return self.bandwidth_by_collective.get(kind, self.bandwidth), self.latency_by_collective.get(kind, self.latency)
 
 
+# Efficiencies are fractions of a datasheet or measured peak. A memory efficiency may exceed 1 a
+# little: calibrate measures memory_bandwidth on its largest stream, and smaller ones run from cache.
+COMPUTE_EFFICIENCY_MAX = 1.0
+MEMORY_EFFICIENCY_MAX = 10.0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_positive(cluster: str, pairs: list[tuple[float, str]], *, allow_zero: bool = False) -> None:
     for value, what in pairs:
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        ok = _is_number(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
         if not ok:
             bound = ">= 0" if allow_zero else "positive"
-            raise ClusterSpecError(f"cluster {cluster!r}: {what} is {value}; it must be {bound} (and finite)")
+            raise ClusterSpecError(f"cluster {cluster!r}: {what} is {value!r}; it must be {bound} (and finite)")
+
+
+def _check_fraction(cluster: str, pairs: list[tuple[float, str]], upper: float, meaning: str) -> None:
+    for value, what in pairs:
+        if not (_is_number(value) and 0 < value <= upper):
+            raise ClusterSpecError(
+                f"cluster {cluster!r}: {what} is {value!r}; it must be in (0, {upper:g}], the achievable fraction "
+                f"of {meaning} (e.g. 0.7); measure it with `python -m fxpar calibrate`"
+            )
 
 
 def _check_keys(cluster: str, what: str, keys, known: tuple[str, ...]) -> None:
@@ -100,19 +120,32 @@ class Cluster:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_devices < 1:
-            raise ClusterSpecError(f"cluster {self.name!r}: num_devices is {self.num_devices}; it must be >= 1")
+        if not isinstance(self.name, str):
+            raise ClusterSpecError(f"a cluster's name is {self.name!r}; give a string, e.g. 'my-cluster'")
+        if not (isinstance(self.num_devices, int) and not isinstance(self.num_devices, bool) and self.num_devices >= 1):
+            raise ClusterSpecError(
+                f"cluster {self.name!r}: num_devices is {self.num_devices!r}; it must be a whole number >= 1, e.g. 8"
+            )
+        if not isinstance(self.device, DeviceSpec):
+            raise ClusterSpecError(f"cluster {self.name!r}: device is {self.device!r}; give a fxpar.DeviceSpec")
         if not self.links:
             raise ClusterSpecError(f"cluster {self.name!r} has no links; give at least one LinkSpec")
+        for i, link in enumerate(self.links):
+            if not isinstance(link, LinkSpec):
+                raise ClusterSpecError(f"cluster {self.name!r}: links[{i}] is {link!r}; give a fxpar.LinkSpec")
         d = self.device
+        _check_fraction(self.name, [
+            (d.compute_efficiency, "device.compute_efficiency"),
+            *[(v, f"device.compute_efficiency_by_class[{k!r}]") for k, v in d.compute_efficiency_by_class.items()],
+        ], COMPUTE_EFFICIENCY_MAX, "peak_flops")
+        _check_fraction(self.name, [
+            (d.memory_efficiency, "device.memory_efficiency"),
+            *[(v, f"device.memory_efficiency_by_class[{k!r}]") for k, v in d.memory_efficiency_by_class.items()],
+        ], MEMORY_EFFICIENCY_MAX, "memory_bandwidth")
         _check_positive(self.name, [
             (d.peak_flops, "device.peak_flops"),
             (d.memory_bytes, "device.memory_bytes"),
             (d.memory_bandwidth, "device.memory_bandwidth"),
-            (d.compute_efficiency, "device.compute_efficiency"),
-            (d.memory_efficiency, "device.memory_efficiency"),
-            *[(v, f"device.compute_efficiency_by_class[{k!r}]") for k, v in d.compute_efficiency_by_class.items()],
-            *[(v, f"device.memory_efficiency_by_class[{k!r}]") for k, v in d.memory_efficiency_by_class.items()],
             *[(link.bandwidth, f"links[{i}].bandwidth") for i, link in enumerate(self.links)],
             *[(v, f"links[{i}].bandwidth_by_collective[{k!r}]") for i, link in enumerate(self.links)
               for k, v in link.bandwidth_by_collective.items()],
@@ -125,7 +158,7 @@ class Cluster:
             *[(v, f"links[{i}].latency_by_collective[{k!r}]") for i, link in enumerate(self.links)
               for k, v in link.latency_by_collective.items()],
         ], allow_zero=True)
-        if not (isinstance(d.overlap_efficiency, (int, float)) and 0.0 <= d.overlap_efficiency <= 1.0):
+        if not (_is_number(d.overlap_efficiency) and 0.0 <= d.overlap_efficiency <= 1.0):
             raise ClusterSpecError(
                 f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"
             )
@@ -149,22 +182,30 @@ class Cluster:
         return replace(self, device=replace(self.device, memory_bytes=memory_bytes))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> Cluster:
+    def from_json(text: str, *, origin: str | None = None) -> Cluster:
+        """The cluster ``text`` describes (the format of ``to_json``), validated field by field.
+        ``origin`` says where the text comes from in error messages (``"cluster file 'p.json'"``)."""
+        where = origin or "cluster JSON"
         try:
             data = json.loads(text)
-            return Cluster(
-                name=data["name"],
-                device=DeviceSpec(**data["device"]),
-                num_devices=int(data["num_devices"]),
-                links=tuple(LinkSpec(**link) for link in data["links"]),
-                source=data.get("source", ""),
-                extra=data.get("extra", {}),
-            )
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            raise ClusterSpecError(f"not a cluster description: {exc}; see Cluster.to_json() for the format") from exc
+        except json.JSONDecodeError as exc:
+            raise ClusterSpecError(
+                f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
+                f"{_FORMAT_HINT}"
+            ) from None
+        except RecursionError:
+            raise ClusterSpecError(
+                f"{where} nests too deeply to be a cluster description (a cluster is an object with a "
+                f"device and a list of links, three levels deep); {_FORMAT_HINT}"
+            ) from None
+        kwargs = _fields_from_json(Cluster, data, where, "")
+        try:
+            return Cluster(**kwargs)
+        except ClusterSpecError as exc:
+            raise ClusterSpecError(f"{where}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -172,13 +213,89 @@ class Cluster:
     @staticmethod
     def load(path: str | Path) -> Cluster:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise ClusterSpecError(
                 f"cannot read cluster profile {str(path)!r}: {exc.strerror}; write one with "
                 "`python -m fxpar calibrate --out PATH` or Cluster.save(PATH)"
             ) from exc
-        return Cluster.from_json(text)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ClusterSpecError(
+                f"cluster file {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                f"it is not a cluster description; {_FORMAT_HINT}"
+            ) from None
+        return Cluster.from_json(text, origin=f"cluster file {str(path)!r}")
+
+
+_FORMAT_HINT = (
+    "write the file with `python -m fxpar calibrate --out PATH` or Cluster.save(PATH), or copy the format "
+    "of fxpar.preset('cpu-local').to_json()"
+)
+
+
+def describe_value(value) -> str:
+    """``value``'s repr (cut to 60 characters) and its type, for error messages."""
+    text = repr(value)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" (a {type(value).__name__})"
+
+
+def _fields_from_json(cls, data, where: str, path: str) -> dict:
+    """The keyword arguments of ``cls`` that the JSON object ``data`` gives, each checked against
+    the field's annotated type; nested specs are built. Ranges are checked by ``Cluster``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    at = path or "the top level"
+    if not isinstance(data, dict):
+        raise ClusterSpecError(
+            f"{where}: {at} is {describe_value(data)}; it must be an object with the keys {sorted(fields)}; {_FORMAT_HINT}"
+        )
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ClusterSpecError(
+            f"{where}: {at} has unknown keys {unknown}; known keys: {sorted(fields)} (check the spelling)"
+        )
+    required = [n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ClusterSpecError(f"{where}: {at} lacks the required keys {missing}; {_FORMAT_HINT}")
+    out = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        kind = fields[name].type
+
+        def bad(expected: str, key=key, value=value):
+            return ClusterSpecError(f"{where}: {key} is {describe_value(value)}; it must be {expected}")
+
+        if kind == "str":
+            if not isinstance(value, str):
+                raise bad("a string")
+        elif kind == "float":
+            if not _is_number(value):
+                raise bad("a number")
+        elif kind == "int":
+            if not (_is_number(value) and float(value).is_integer()):
+                raise bad("a whole number, e.g. 8")
+            value = int(value)
+        elif kind == "dict[str, float]":
+            if not isinstance(value, dict):
+                raise bad('an object of numbers, e.g. {"matmul": 0.8}')
+            for k, v in value.items():
+                if not _is_number(v):
+                    raise ClusterSpecError(f"{where}: {key}[{k!r}] is {describe_value(v)}; it must be a number")
+        elif kind == "dict":
+            if not isinstance(value, dict):
+                raise bad("an object")
+        elif kind == "DeviceSpec":
+            value = DeviceSpec(**_fields_from_json(DeviceSpec, value, where, key))
+        elif kind == "tuple[LinkSpec, ...]":
+            if not isinstance(value, list) or not value:
+                raise bad("a non-empty list of links, one per mesh axis or one for all")
+            value = tuple(LinkSpec(**_fields_from_json(LinkSpec, v, where, f"{key}[{i}]")) for i, v in enumerate(value))
+        else:
+            raise AssertionError(f"no JSON check for field {cls.__name__}.{name} of type {kind}")
+        out[name] = value
+    return out
 
 
 def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: float, idle_w: float) -> DeviceSpec:

@@ -47,6 +47,15 @@ class PlanMismatchError(FxparError):
     """A given plan does not belong to the captured graph."""
 
 
+class PlanFileError(PlanMismatchError):
+    """A plan's JSON text is malformed or contradicts itself (a hand-edited or truncated file)."""
+
+
+class PlanOptionError(FxparError):
+    """An argument of ``fxpar.plan`` / ``fxpar.compile`` that is not a cluster description is invalid
+    (``mesh_shape``, ``optimizer``, ``force``, ``time_limit_s``, ``plan_cache``)."""
+
+
 class FallbackWarning(UserWarning):
     """fxpar fell back to something slower than a planned strategy (e.g. an op without a rule)."""
 

@@ -3,34 +3,47 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.cluster import Cluster
-from fxpar.errors import PlanMismatchError
-from fxpar.placement import Shard, Spec, placement_from_str, spec_str
+from fxpar.cluster import Cluster, describe_value
+from fxpar.errors import ClusterSpecError, PlanFileError, PlanMismatchError
+from fxpar.placement import Placement, Shard, Spec, placement_from_str, spec_str
 from fxpar.rules.registry import OpStrategy
 
 aten = torch.ops.aten
+
+# Plan JSON writes every figure it predicts (seconds, bytes, gaps) rounded to this many significant
+# digits, so that float noise in the last digits of a solve does not change the text.
+FIGURE_DIGITS = 6
+# Solver figures that differ from run to run; they live in ``plan.timings``, not in the JSON.
+RUN_DEPENDENT_SOLVER_KEYS = ("build_s", "solve_s")
+
+
+def round_figure(x):
+    """``x`` rounded to ``FIGURE_DIGITS`` significant digits if it is a finite float."""
+    if isinstance(x, float) and math.isfinite(x):
+        return float(f"{x:.{FIGURE_DIGITS}g}")
+    return x
 
 
 def strategy_to_json(s: OpStrategy) -> dict:
     return {"inputs": [[repr(p) for p in spec] for spec in s.inputs], "outputs": [[repr(p) for p in spec] for spec in s.outputs]}
 
 
-def strategy_from_json(d: dict) -> OpStrategy:
-    conv = lambda specs: tuple(tuple(placement_from_str(p) for p in spec) for spec in specs)  # noqa: E731
-    return OpStrategy(conv(d["inputs"]), conv(d["outputs"]))
-
-
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit below it: ``512 B``, ``3.1 KiB``, ``2.0 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_fmt_bytes = fmt_bytes
 
 
 def _fmt_s(s: float) -> str:
@@ -62,6 +75,12 @@ def matmul_kind(target, strategy: OpStrategy, axis: int) -> str:
 
 @dataclass
 class Plan:
+    """The solver's choice for every node of one captured graph, and what it predicts.
+
+    ``to_json()`` is deterministic: keys sorted, predicted figures rounded to ``FIGURE_DIGITS``
+    significant digits, and the run-dependent solver timings (``plan.timings``) left out, so the same
+    model, inputs and cluster give the same text. ``Plan.from_json`` checks a text field by field."""
+
     mesh_shape: tuple[int, ...]
     cluster: Cluster
     strategies: dict[str, OpStrategy]
@@ -75,9 +94,16 @@ class Plan:
     rows: list[dict] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent building and solving the ILP (``build_s``, ``solve_s``); empty for a plan read
+        from JSON, as they are not part of the plan's text."""
+        return {k: self.solver[k] for k in RUN_DEPENDENT_SOLVER_KEYS if k in self.solver}
+
     def assignment(self, gm: GraphModule) -> dict[Node, OpStrategy]:
         from fxpar.solve.strategies import node_strategies
 
+        self._check_param_specs(gm)
         out = {}
         names = {n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
         if names != set(self.strategies):
@@ -98,6 +124,26 @@ class Plan:
                 )
             out[n] = s
         return out
+
+    def _check_param_specs(self, gm: GraphModule) -> None:
+        """``param_specs`` (how parameters are placed on each rank) must agree with the strategies of
+        the parameters' nodes (what the rewritten graph expects)."""
+        for n in gm.graph.nodes:
+            if n.op != "placeholder" or n.meta.get("fxpar_role") != "param" or n.name not in self.strategies:
+                continue
+            fqn = n.meta["fxpar_fqn"]
+            node_spec = self.strategies[n.name].outputs[0]
+            if fqn not in self.param_specs:
+                raise PlanMismatchError(
+                    f"the plan has no param_specs entry for parameter {fqn} (node %{n.name}); plan again for this "
+                    "model, or add it as the strategy of its node gives it: "
+                    f"{json.dumps([repr(p) for p in node_spec])}"
+                )
+            if tuple(self.param_specs[fqn]) != tuple(node_spec):
+                raise PlanMismatchError(
+                    f"the plan contradicts itself: param_specs[{fqn!r}] is {spec_str(self.param_specs[fqn])} but the "
+                    f"strategy of its node %{n.name} places it {spec_str(node_spec)}; plan again, or make the two agree"
+                )
 
     def explain(self) -> str:
         lines = [
@@ -122,41 +168,31 @@ class Plan:
         return "\n".join(lines)
 
     def to_json(self) -> str:
+        solver = {k: round_figure(v) for k, v in self.solver.items() if k not in RUN_DEPENDENT_SOLVER_KEYS}
         return json.dumps(
             {
                 "mesh_shape": list(self.mesh_shape),
                 "cluster": json.loads(self.cluster.to_json()),
                 "strategies": {k: strategy_to_json(v) for k, v in self.strategies.items()},
-                "predicted_step_s": self.predicted_step_s,
-                "compute_s": self.compute_s,
-                "comm_s": self.comm_s,
-                "memory_bytes": self.memory_bytes,
+                "predicted_step_s": round_figure(self.predicted_step_s),
+                "compute_s": round_figure(self.compute_s),
+                "comm_s": round_figure(self.comm_s),
+                "memory_bytes": round_figure(float(self.memory_bytes)),
                 "param_specs": {k: [repr(p) for p in v] for k, v in self.param_specs.items()},
                 "optimizer": self.optimizer,
-                "solver": self.solver,
+                "solver": solver,
                 "rows": self.rows,
                 "fallbacks": self.fallbacks,
             },
             indent=1,
+            sort_keys=True,
         )
 
     @staticmethod
     def from_json(text: str) -> Plan:
-        d = json.loads(text)
-        return Plan(
-            mesh_shape=tuple(d["mesh_shape"]),
-            cluster=Cluster.from_json(json.dumps(d["cluster"])),
-            strategies={k: strategy_from_json(v) for k, v in d["strategies"].items()},
-            predicted_step_s=d["predicted_step_s"],
-            compute_s=d["compute_s"],
-            comm_s=d["comm_s"],
-            memory_bytes=d["memory_bytes"],
-            param_specs={k: tuple(placement_from_str(p) for p in v) for k, v in d["param_specs"].items()},
-            optimizer=d["optimizer"],
-            solver=d["solver"],
-            rows=d["rows"],
-            fallbacks=d.get("fallbacks", []),
-        )
+        """The plan ``text`` (written by ``to_json``) describes; a malformed or self-contradicting
+        text raises ``PlanFileError`` naming the key and the value."""
+        return _plan_from_json(text)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):
@@ -204,3 +240,95 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
                      "strategy": kind + s.label(), "time": _fmt_s(problem.node_cost[n][choice[n]]),
                      "comm": f"{kinds} {_fmt_s(t)}" if kinds else ""})
     return rows
+
+
+_PLAN_KEYS = ("cluster", "comm_s", "compute_s", "memory_bytes", "mesh_shape", "optimizer", "param_specs",
+              "predicted_step_s", "rows", "solver", "strategies")
+_PLAN_OPTIONAL_KEYS = ("fallbacks",)
+_PLAN_HINT = "make plans with fxpar.plan and Plan.to_json() rather than editing them by hand"
+
+
+def _plan_error(key: str, value, expected: str) -> PlanFileError:
+    return PlanFileError(f"plan JSON: {key} is {describe_value(value)}; it must be {expected}; {_PLAN_HINT}")
+
+
+def _placement_from_json(text, key: str) -> Placement:
+    if isinstance(text, str):
+        try:
+            p = placement_from_str(text)
+        except ValueError:
+            p = None
+        if p is not None and not (isinstance(p, Shard) and p.dim < 0):
+            return p
+    raise _plan_error(key, text, "a placement: 'R' (replicated), 'P' (partial sum) or 'S(d)' (split along tensor dim d >= 0)")
+
+
+def _spec_from_json(value, key: str, num_axes: int) -> Spec:
+    if not isinstance(value, list) or len(value) != num_axes:
+        raise _plan_error(key, value, f"a list of {num_axes} placements, one per mesh axis, e.g. {['R'] * num_axes}")
+    return tuple(_placement_from_json(p, f"{key}[{i}]") for i, p in enumerate(value))
+
+
+def _strategy_from_json(value, key: str, num_axes: int) -> OpStrategy:
+    if not isinstance(value, dict) or sorted(value) != ["inputs", "outputs"]:
+        raise _plan_error(key, value, 'an object {"inputs": [...], "outputs": [...]} of specs')
+    specs = {}
+    for part in ("inputs", "outputs"):
+        if not isinstance(value[part], list):
+            raise _plan_error(f"{key}.{part}", value[part], "a list of specs")
+        specs[part] = tuple(_spec_from_json(v, f"{key}.{part}[{i}]", num_axes) for i, v in enumerate(value[part]))
+    return OpStrategy(specs["inputs"], specs["outputs"])
+
+
+def _plan_from_json(text: str) -> Plan:
+    from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR
+
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise PlanFileError(f"Plan.from_json takes the text of Plan.to_json(), not {describe_value(text)}")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanFileError(f"plan JSON is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; {_PLAN_HINT}") from None
+    except UnicodeDecodeError as exc:
+        raise PlanFileError(f"plan JSON is not UTF-8 text ({exc.reason} at byte {exc.start}); {_PLAN_HINT}") from None
+    except RecursionError:
+        raise PlanFileError(f"plan JSON nests too deeply to be a plan; {_PLAN_HINT}") from None
+    if not isinstance(d, dict):
+        raise _plan_error("the top level", d, f"an object with the keys {list(_PLAN_KEYS)}")
+    unknown = sorted(set(d) - set(_PLAN_KEYS) - set(_PLAN_OPTIONAL_KEYS))
+    missing = [k for k in _PLAN_KEYS if k not in d]
+    if unknown or missing:
+        raise PlanFileError(f"plan JSON: unknown keys {unknown}, missing keys {missing}; {_PLAN_HINT}")
+    mesh = d["mesh_shape"]
+    if not (isinstance(mesh, list) and mesh and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in mesh)):
+        raise _plan_error("mesh_shape", mesh, "a non-empty list of positive whole numbers, e.g. [2, 4]")
+    try:
+        cluster = Cluster.from_json(json.dumps(d["cluster"]), origin="plan JSON: cluster")
+    except ClusterSpecError as exc:
+        raise PlanFileError(str(exc)) from None
+    if not isinstance(d["strategies"], dict):
+        raise _plan_error("strategies", d["strategies"], "an object from node name to strategy")
+    strategies = {k: _strategy_from_json(v, f"strategies[{k!r}]", len(mesh)) for k, v in d["strategies"].items()}
+    figures = {}
+    for key in ("predicted_step_s", "compute_s", "comm_s", "memory_bytes"):
+        v = d[key]
+        # NaN is allowed: a plan put together by hand (not solved) has no predictions.
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool)) or math.isinf(v):
+            raise _plan_error(key, v, "a number (NaN where nothing is predicted)")
+        figures[key] = v
+    if not isinstance(d["param_specs"], dict):
+        raise _plan_error("param_specs", d["param_specs"], "an object from parameter name to spec")
+    param_specs = {k: _spec_from_json(v, f"param_specs[{k!r}]", len(mesh)) for k, v in d["param_specs"].items()}
+    if d["optimizer"] not in OPTIMIZER_STATE_FACTOR:
+        raise _plan_error("optimizer", d["optimizer"], f"one of {sorted(OPTIMIZER_STATE_FACTOR)}")
+    if not isinstance(d["solver"], dict):
+        raise _plan_error("solver", d["solver"], "an object")
+    if not (isinstance(d["rows"], list) and all(isinstance(r, dict) for r in d["rows"])):
+        raise _plan_error("rows", d["rows"], "a list of objects (the rows of explain())")
+    fallbacks = d.get("fallbacks", [])
+    if not (isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks)):
+        raise _plan_error("fallbacks", fallbacks, "a list of strings")
+    return Plan(
+        mesh_shape=tuple(mesh), cluster=cluster, strategies=strategies, param_specs=param_specs,
+        optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, **figures,
+    )

@@ -2,35 +2,64 @@
 
 from __future__ import annotations
 
+import inspect
+import linecache
 import math
+import numbers
+import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from fxpar.cluster import Cluster, preset
+from fxpar.cluster import Cluster, describe_value, preset
 from fxpar.cost import CostModel
-from fxpar.errors import ClusterSpecError, FallbackWarning, InfeasiblePlanError, PlanTimeoutError
+from fxpar.errors import (
+    CaptureError,
+    ClusterSpecError,
+    FallbackWarning,
+    InfeasiblePlanError,
+    PlanOptionError,
+    PlanTimeoutError,
+)
 from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
-from fxpar.plan import Plan, layer_rows
+from fxpar.plan import Plan, fmt_bytes, layer_rows
 from fxpar.solve.ilp import Infeasible, SolverTimeout, min_memory, solve
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
-from fxpar.solve.strategies import all_strategies
+from fxpar.solve.strategies import all_strategies, node_strategies
 
 
 def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> tuple[Cluster, tuple[int, ...]]:
+    if cluster is not None and not isinstance(cluster, Cluster):
+        raise PlanOptionError(
+            f"cluster is {describe_value(cluster)}; give a fxpar.Cluster, e.g. fxpar.preset('a100-nvlink-8') "
+            "or fxpar.Cluster.load('profile.json')"
+        )
     if mesh_shape is None:
         if cluster is None:
-            raise ClusterSpecError("give a cluster, a mesh_shape, or both (e.g. mesh_shape=(2,))")
+            raise PlanOptionError("give a cluster, a mesh_shape, or both (e.g. mesh_shape=(2,))")
         mesh_shape = (cluster.num_devices,)
+    if isinstance(mesh_shape, (str, bytes)) or not isinstance(mesh_shape, Sequence):
+        raise PlanOptionError(
+            f"mesh_shape is {describe_value(mesh_shape)}; give a tuple of axis sizes, e.g. mesh_shape=(2,) for "
+            "2 devices or (2, 4) for 2 nodes of 4"
+        )
+    for axis, size in enumerate(mesh_shape):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise PlanOptionError(
+                f"mesh_shape {list(mesh_shape)}: axis {axis} has size {describe_value(size)}; every size must be "
+                "a whole number >= 1, e.g. mesh_shape=(2, 4)"
+            )
+    if not mesh_shape:
+        raise PlanOptionError("mesh_shape is empty; give at least one axis size, e.g. mesh_shape=(2,)")
     mesh = tuple(int(s) for s in mesh_shape)
-    if not mesh or any(s < 1 for s in mesh):
-        raise ClusterSpecError(f"mesh_shape {list(mesh_shape)} must be a non-empty list of positive sizes")
     if cluster is None:
         cluster = preset("cpu-local", num_devices=math.prod(mesh))
     if math.prod(mesh) > cluster.num_devices:
@@ -43,7 +72,52 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
 
 
 def capture_and_annotate(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
-    return annotate(capture(model, example_inputs))
+    try:
+        gm = capture(model, example_inputs)
+    except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
+        raise _data_dependent_error(model, exc) from exc
+    return annotate(gm)
+
+
+def _data_dependent_error(model: nn.Module, exc: Exception) -> CaptureError:
+    """A CaptureError for a forward whose Python control flow or shapes depend on tensor values,
+    naming the line of the user's code where the traceback shows it."""
+    line = _user_line(model, exc.__traceback__)
+    where = f" at {line}" if line else ""
+    if isinstance(exc, DynamicOutputShapeException):
+        return CaptureError(
+            f"the forward of {type(model).__name__} calls an op whose output shape depends on tensor values{where} "
+            f"({exc}); fxpar plans for static shapes: use a fixed-shape form (torch.where(mask, x, 0) instead of "
+            "x[mask], a padded index instead of torch.nonzero), or move it out of forward"
+        )
+    return CaptureError(
+        f"the forward of {type(model).__name__} branches on a tensor's value{where}: fxpar records the step on "
+        "fake tensors, which have no values, so `if`, `while`, .item() or bool() of a tensor cannot be traced; "
+        "compute both sides and pick with torch.where(cond, a, b) (or use torch.cond), or move the decision "
+        "out of forward"
+    )
+
+
+def _user_line(model: nn.Module, tb) -> str:
+    """``file:line (source)`` of the innermost traceback frame in a file that defines one of the
+    model's modules (torch's own modules excepted); empty if there is none."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    files = set()
+    for m in model.modules():
+        try:
+            source_file = inspect.getsourcefile(type(m))
+        except (TypeError, OSError):
+            continue
+        if source_file:
+            files.add(os.path.abspath(source_file))
+    found = ""
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if path in files and not path.startswith(torch_dir):
+            source = linecache.getline(path, tb.tb_lineno).strip()
+            found = f"{path}:{tb.tb_lineno}" + (f" (`{source}`)" if source else "")
+        tb = tb.tb_next
+    return found
 
 
 def _apply_force(problem: Problem, force: dict[str, str]) -> None:
@@ -62,6 +136,50 @@ def _apply_force(problem: Problem, force: dict[str, str]) -> None:
         problem.forced[node] = allowed
 
 
+def check_options(*, optimizer: str, force: Mapping[str, str] | None, time_limit_s: float) -> None:
+    """Raise ``PlanOptionError`` for an ``optimizer``, ``force`` or ``time_limit_s`` of the wrong type or range."""
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise PlanOptionError(
+            f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)} (give the name of the torch "
+            "optimizer you train with, e.g. optimizer='adamw' for torch.optim.AdamW)"
+        )
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real) or not 0 < time_limit_s < math.inf:
+        raise PlanOptionError(
+            f"time_limit_s is {describe_value(time_limit_s)}; give the solver's limit in seconds, a finite number "
+            "> 0 (e.g. time_limit_s=60)"
+        )
+    if force is None:
+        return
+    if not isinstance(force, Mapping):
+        raise PlanOptionError(
+            f"force is {describe_value(force)}; give a dict from parameter or node name to a strategy, e.g. "
+            "force={'layers.1.weight': 'S(1)'}"
+        )
+    for key, want in force.items():
+        if not isinstance(key, str) or not isinstance(want, str):
+            raise PlanOptionError(
+                f"force has the entry {key!r}: {want!r}; keys and values must be strings, e.g. "
+                "force={'layers.1.weight': 'S(1)'}"
+            )
+
+
+def _check_force(gm: GraphModule, force: Mapping[str, str], mesh: tuple[int, ...]) -> None:
+    by_name = {n.name: n for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+    by_fqn = {n.meta.get("fxpar_fqn"): n for n in gm.graph.nodes if n.op == "placeholder"}
+    for key, want in force.items():
+        node = by_name.get(key) or by_fqn.get(key)
+        if node is None:
+            params = sorted(n.meta["fxpar_fqn"] for n in gm.graph.nodes if n.meta.get("fxpar_role") == "param")
+            raise PlanOptionError(
+                f"force names {key!r}, which is neither a node nor a parameter of the graph; parameters: {params[:8]}"
+                + (" ..." if len(params) > 8 else "")
+            )
+        options = node_strategies(node, mesh)
+        if not any(want in (s.label(), spec_str(s.outputs[0])) for s in options):
+            labels = sorted({s.label() for s in options})
+            raise PlanOptionError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {labels}")
+
+
 def plan_graph(
     gm: GraphModule,
     *,
@@ -73,9 +191,10 @@ def plan_graph(
     strict: bool = False,
     simplify: bool = True,
 ) -> tuple[Plan, Problem]:
-    if optimizer not in OPTIMIZER_STATE_FACTOR:
-        raise ClusterSpecError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_STATE_FACTOR)}")
+    check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
     cluster, mesh = resolve_mesh(cluster, mesh_shape)
+    if force:
+        _check_force(gm, force, mesh)
     cost_model = CostModel(cluster, mesh)
     start = time.perf_counter()
     strategies = all_strategies(gm, mesh, strict=strict)
@@ -98,9 +217,9 @@ def plan_graph(
     except Infeasible:
         need = min_memory(problem)
         raise InfeasiblePlanError(
-            f"no plan fits: on mesh {list(mesh)} the smallest plan needs {need / 2**30:.2f} GiB per device "
+            f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
             f"(parameters, gradients, {optimizer} state and live activations) but {cluster.device.name} has "
-            f"{cluster.device.memory_bytes / 2**30:.2f} GiB; use more devices, a smaller batch or model, "
+            f"{fmt_bytes(cluster.device.memory_bytes)}; use more devices, a smaller batch or model, "
             "or a cluster with more memory"
         ) from None
     except SolverTimeout as exc:
@@ -173,15 +292,27 @@ def plan(
     force: dict[str, str] | None = None,
     time_limit_s: float = 60.0,
     strict: bool = False,
+    plan_cache: str | os.PathLike | None = None,
 ) -> Plan:
     """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
 
     ``force`` pins nodes or parameters (by node name or parameter name) to a strategy, written as
     its output spec (``"S(0)"``, ``"(R,S(1))"``) or its full label; the rest is still optimized.
     An op without a sharding rule runs replicated, with a ``FallbackWarning`` naming it and its
-    cost; ``strict=True`` makes that an ``UnsupportedOpError``.
+    cost; ``strict=True`` makes that an ``UnsupportedOpError``. With ``plan_cache=DIR`` a plan made
+    before for the same graph and options is read from ``DIR`` instead of solved
+    (``fxpar.plan_cache``).
     """
+    check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
+    resolve_mesh(cluster, mesh_shape)
     gm = capture_and_annotate(model, example_inputs)
+    if plan_cache is not None:
+        from fxpar.plan_cache import cached_plan
+
+        return cached_plan(
+            gm, plan_cache=plan_cache, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force,
+            time_limit_s=time_limit_s, strict=strict,
+        )
     return plan_graph(
         gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s,
         strict=strict,

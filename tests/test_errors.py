@@ -9,7 +9,7 @@ from torch import nn
 
 import fxpar
 from fxpar.models import MLP
-from fxpar.errors import DuplicateRuleError
+from fxpar.errors import DuplicateRuleError, PlanFileError, PlanOptionError
 from fxpar.launch import RankError
 from fxpar.rules import register_rule
 
@@ -59,7 +59,8 @@ def test_mesh_that_does_not_divide_the_batch():
 def test_cluster_whose_memory_no_plan_fits():
     model = MLP((8, 64, 4))
     cluster = fxpar.preset("cpu-local", num_devices=2).with_memory(1000)
-    with pytest.raises(fxpar.InfeasiblePlanError, match=r"no plan fits: on mesh \[2\] the smallest plan needs .* GiB per device .* has 0\.00 GiB"):
+    # Sizes print in the unit that fits them, never as "0.00 GiB".
+    with pytest.raises(fxpar.InfeasiblePlanError, match=r"no plan fits: on mesh \[2\] the smallest plan needs [0-9.]+ KiB per device .* has 1000 B; use more devices"):
         fxpar.plan(model, model.example_inputs(8), cluster=cluster, mesh_shape=(2,))
 
 
@@ -79,7 +80,7 @@ class MutatesInput(nn.Module):
 
 
 def test_in_place_update_of_a_non_buffer_is_refused():
-    with pytest.raises(fxpar.CaptureError, match=r"%mul_ \(aten\.mul_\.Tensor\) mutates a tensor in place that is not a module buffer"):
+    with pytest.raises(fxpar.CaptureError, match=r"%copy_ \(aten\.copy_\.default\) writes into input\[0\] in place during the step; fxpar updates only module buffers"):
         fxpar.plan(MutatesInput(), _inputs(), mesh_shape=(2,))
 
 
@@ -103,7 +104,7 @@ def test_link_levels_must_match_mesh():
 def test_unknown_preset_and_bad_cluster_json():
     with pytest.raises(fxpar.ClusterSpecError, match=r"unknown cluster preset 'tpu'; known presets: \["):
         fxpar.preset("tpu")
-    with pytest.raises(fxpar.ClusterSpecError, match=r"not a cluster description"):
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster JSON: the top level lacks the required keys \['device', 'num_devices', 'links'\]; write the file with"):
         fxpar.Cluster.from_json('{"name": "x"}')
     with pytest.raises(fxpar.ClusterSpecError, match=r"device.peak_flops is -1.0; it must be positive"):
         fxpar.Cluster("bad", fxpar.DeviceSpec("d", -1.0, 1e9, 1e9), 2, (fxpar.LinkSpec(1e9, 1e-6),))
@@ -111,9 +112,9 @@ def test_unknown_preset_and_bad_cluster_json():
 
 def test_force_must_name_a_known_node_and_strategy():
     model = MLP((8, 16, 4))
-    with pytest.raises(fxpar.ClusterSpecError, match=r"force names 'nope', which is neither a node nor a parameter"):
+    with pytest.raises(PlanOptionError, match=r"force names 'nope', which is neither a node nor a parameter of the graph; parameters: \['layers.0.bias'"):
         fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), force={"nope": "R"})
-    with pytest.raises(fxpar.ClusterSpecError, match=r"force\['layers.0.weight'\] = 'S\(5\)' is not a strategy of %params_1"):
+    with pytest.raises(PlanOptionError, match=r"force\['layers.0.weight'\] = 'S\(5\)' is not a strategy of %params_1"):
         fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), force={"layers.0.weight": "S(5)"})
 
 
@@ -128,7 +129,7 @@ def test_plan_for_another_graph_is_refused():
 
 def test_unknown_optimizer():
     model = MLP((8, 4))
-    with pytest.raises(fxpar.ClusterSpecError, match=r"unknown optimizer 'lion'; known: \["):
+    with pytest.raises(PlanOptionError, match=r"unknown optimizer 'lion'; known: \[.*optimizer='adamw' for torch.optim.AdamW"):
         fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), optimizer="lion")
 
 
@@ -152,3 +153,157 @@ def test_wrong_local_batch_at_run_time():
 def test_backend_mesh_must_cover_the_group():
     with pytest.raises(RankError, match=r"the fxpar backend runs every rank of the group \(2\), but mesh \[1\] has 1 devices"):
         fxpar.launch(train_fns.backend_with_smaller_mesh, 2)
+
+
+# Arguments that are not cluster descriptions: PlanOptionError, raised before the model is captured.
+
+
+@pytest.mark.parametrize("mesh_shape, match", [
+    ((2.5,), r"mesh_shape \[2.5\]: axis 0 has size 2.5 \(a float\); every size must be a whole number >= 1"),
+    ((2, True), r"mesh_shape \[2, True\]: axis 1 has size True \(a bool\)"),
+    (("2",), r"mesh_shape \['2'\]: axis 0 has size '2' \(a str\)"),
+    ((2, 0), r"axis 1 has size 0 \(a int\); every size must be a whole number >= 1"),
+    (2, r"mesh_shape is 2 \(a int\); give a tuple of axis sizes, e.g. mesh_shape=\(2,\)"),
+    ("2x2", r"mesh_shape is '2x2' \(a str\); give a tuple of axis sizes"),
+    ((), r"mesh_shape is empty; give at least one axis size"),
+])
+def test_bad_mesh_shape(mesh_shape, match):
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=match):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=mesh_shape)
+
+
+def test_cluster_that_is_not_a_cluster():
+    assert fxpar.PlanOptionError is PlanOptionError and fxpar.PlanFileError is PlanFileError
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"cluster is 'a100-nvlink-8' \(a str\); give a fxpar.Cluster, e.g. fxpar.preset\("):
+        fxpar.plan(model, model.example_inputs(8), cluster="a100-nvlink-8")
+    with pytest.raises(PlanOptionError, match=r"give a cluster, a mesh_shape, or both"):
+        fxpar.plan(model, model.example_inputs(8))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "60", True, None])
+def test_bad_time_limit(value):
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"time_limit_s is .*; give the solver's limit in seconds, a finite number > 0"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), time_limit_s=value)
+
+
+def test_optimizer_of_the_wrong_type():
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"unknown optimizer <class 'torch.optim.adam.Adam'>; known: \['adam', 'adamw', 'sgd', 'sgd-momentum'\]"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), optimizer=torch.optim.Adam)
+
+
+def test_force_of_the_wrong_type():
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"force is \[\('layers.0.weight', 'R'\)\] \(a list\); give a dict from parameter or node name"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), force=[("layers.0.weight", "R")])
+    with pytest.raises(PlanOptionError, match=r"force has the entry 'layers.0.weight': 0; keys and values must be strings"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), force={"layers.0.weight": 0})
+
+
+def test_plan_cache_that_is_not_a_directory(tmp_path):
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"plan_cache is 3 \(a int\); give the path of a directory"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), plan_cache=3)
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(PlanOptionError, match=r"plan_cache '.*file' cannot be used as a directory: .*; give a writable directory"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), plan_cache=afile)
+
+
+# Data-dependent control flow in forward: a CaptureError naming the user's line.
+
+
+class BranchesOnValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        h = self.fc(x)
+        if h.sum() > 0:  # the line the error names
+            h = h * 2
+        return F.cross_entropy(h, y)
+
+
+class MasksByValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        h = self.fc(x)
+        keep = h[:, 0] > 0
+        return F.cross_entropy(h[keep], y[keep])
+
+
+def test_data_dependent_branch_names_the_line():
+    with pytest.raises(fxpar.CaptureError, match=r"the forward of BranchesOnValue branches on a tensor's value at .*test_errors.py:\d+ \(`if h.sum\(\) > 0:  # the line the error names`\).*torch.where\(cond, a, b\) \(or use torch.cond\), or move the decision out of forward"):
+        fxpar.plan(BranchesOnValue(), _inputs(), mesh_shape=(2,))
+
+
+def test_data_dependent_shape_names_the_line():
+    with pytest.raises(fxpar.CaptureError, match=r"the forward of MasksByValue calls an op whose output shape depends on tensor values at .*test_errors.py:\d+ \(`return F.cross_entropy\(h\[keep\], y\[keep\]\)`\).*torch.where\(mask, x, 0\) instead of x\[mask\]"):
+        fxpar.plan(MasksByValue(), _inputs(), mesh_shape=(2,))
+
+
+# Hand-edited plan JSON: PlanFileError (a PlanMismatchError) naming the key, the value and a fix.
+
+
+@pytest.fixture(scope="module")
+def mlp_plan():
+    model = MLP((8, 16, 4))
+    return model, fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,))
+
+
+def _edited(plan, edit) -> str:
+    import json
+
+    d = json.loads(plan.to_json())
+    edit(d)
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["strategies"]["addmm"]["outputs"][0].__setitem__(0, "Q(1)"),
+     r"strategies\['addmm'\].outputs\[0\]\[0\] is 'Q\(1\)' \(a str\); it must be a placement: 'R' \(replicated\), 'P' \(partial sum\) or 'S\(d\)'"),
+    (lambda d: d["strategies"]["addmm"]["outputs"][0].__setitem__(0, "S(-1)"), r"outputs\[0\]\[0\] is 'S\(-1\)'"),
+    (lambda d: d["param_specs"].__setitem__("layers.0.weight", ["R", "R"]),
+     r"param_specs\['layers.0.weight'\] is \['R', 'R'\] \(a list\); it must be a list of 1 placements, one per mesh axis"),
+    (lambda d: d.pop("strategies"), r"plan JSON: unknown keys \[\], missing keys \['strategies'\]"),
+    (lambda d: d.__setitem__("notes", "x"), r"plan JSON: unknown keys \['notes'\], missing keys \[\]"),
+    (lambda d: d.__setitem__("mesh_shape", [2.5]), r"mesh_shape is \[2.5\] \(a list\); it must be a non-empty list of positive whole numbers"),
+    (lambda d: d.__setitem__("predicted_step_s", "fast"), r"predicted_step_s is 'fast' \(a str\); it must be a number"),
+    (lambda d: d.__setitem__("optimizer", "lion"), r"optimizer is 'lion' \(a str\); it must be one of \['adam'"),
+    (lambda d: d["cluster"]["device"].__setitem__("compute_efficiency", 5.0),
+     r"plan JSON: cluster: cluster 'cpu-local': device.compute_efficiency is 5.0; it must be in \(0, 1\]"),
+])
+def test_hand_edited_plan_json(mlp_plan, edit, match):
+    _, plan = mlp_plan
+    with pytest.raises(PlanFileError, match=match + r".*"):
+        fxpar.Plan.from_json(_edited(plan, edit))
+
+
+def test_plan_json_that_is_not_a_plan():
+    with pytest.raises(PlanFileError, match=r"plan JSON is not valid JSON: Expecting value at line 1, column 1; make plans with fxpar.plan"):
+        fxpar.Plan.from_json("plan")
+    with pytest.raises(PlanFileError, match=r"plan JSON nests too deeply to be a plan"):
+        fxpar.Plan.from_json("[" * 100000 + "]" * 100000)
+    with pytest.raises(PlanFileError, match=r"plan JSON: the top level is \[1\] \(a list\); it must be an object with the keys"):
+        fxpar.Plan.from_json("[1]")
+    assert issubclass(PlanFileError, fxpar.PlanMismatchError)
+
+
+def test_param_specs_contradicting_strategies(mlp_plan):
+    from fxpar.planner import capture_and_annotate
+
+    model, plan = mlp_plan
+    gm = capture_and_annotate(model, model.example_inputs(8))
+    edited = fxpar.Plan.from_json(_edited(plan, lambda d: d["param_specs"].__setitem__("layers.0.weight", ["S(0)"])))
+    with pytest.raises(fxpar.PlanMismatchError, match=r"the plan contradicts itself: param_specs\['layers.0.weight'\] is S\(0\) but the strategy of its node %params_1 places it R; plan again"):
+        edited.assignment(gm)
+    edited = fxpar.Plan.from_json(_edited(plan, lambda d: d["param_specs"].pop("layers.0.bias")))
+    with pytest.raises(fxpar.PlanMismatchError, match=r"the plan has no param_specs entry for parameter layers.0.bias \(node %params_2\)"):
+        edited.assignment(gm)

@@ -95,7 +95,7 @@ def test_bad_profiles_are_refused():
     link = LinkSpec(1e9, 1e-6)
     with pytest.raises(fxpar.ClusterSpecError, match=r"compute_efficiency_by_class has unknown keys \['gemm'\]; known: \['matmul'"):
         Cluster("c", _device(compute_efficiency_by_class={"gemm": 0.5}), 2, (link,))
-    with pytest.raises(fxpar.ClusterSpecError, match=r"memory_efficiency_by_class\['reduction'\] is 0; it must be positive"):
+    with pytest.raises(fxpar.ClusterSpecError, match=r"memory_efficiency_by_class\['reduction'\] is 0; it must be in \(0, 10\]"):
         Cluster("c", _device(memory_efficiency_by_class={"reduction": 0}), 2, (link,))
     with pytest.raises(fxpar.ClusterSpecError, match=r"links\[0\].bandwidth_by_collective has unknown keys \['allreduce'\]"):
         Cluster("c", _device(), 2, (LinkSpec(1e9, 1e-6, {"allreduce": 1e9}),))
@@ -107,7 +107,7 @@ def test_bad_profiles_are_refused():
         Cluster("c", _device(kernel_overhead_s=float("nan")), 2, (link,))
     bad = json.loads(fxpar.preset("cpu-local").to_json())
     bad["device"]["compute_efficiency_by_class"] = ["matmul"]
-    with pytest.raises(fxpar.ClusterSpecError, match=r"not a cluster description"):
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.compute_efficiency_by_class is \['matmul'\] \(a list\); it must be an object of numbers"):
         Cluster.from_json(json.dumps(bad))
     assert set(OP_CLASSES) == {"matmul", "convolution", "elementwise", "reduction"}
 
@@ -144,3 +144,72 @@ def test_profile_quantile_picks_from_the_slowest_rank():
     assert highest.device.peak_flops == pytest.approx(40e9)
     assert highest.device.efficiencies("matmul")[0] == pytest.approx((slow_rate + 40e9) / 2 / 40e9)
     assert highest.extra["calibration"]["quantile"] == 1.0
+
+
+def _preset_dict() -> dict:
+    return json.loads(fxpar.preset("cpu-local").to_json())
+
+
+def _set(path: str, value):
+    def edit(d):
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d[int(p)] if isinstance(d, list) else d[p]
+        d[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("device.compute_efficiency", 5.0),
+     r"cluster 'cpu-local': device.compute_efficiency is 5.0; it must be in \(0, 1\], the achievable fraction of peak_flops"),
+    (_set("device.compute_efficiency", 0), r"device.compute_efficiency is 0; it must be in \(0, 1\]"),
+    (_set("device.memory_efficiency", 50.0), r"device.memory_efficiency is 50.0; it must be in \(0, 10\]"),
+    (_set("num_devices", 2.7), r"num_devices is 2.7 \(a float\); it must be a whole number, e.g. 8"),
+    (_set("num_devices", "2"), r"num_devices is '2' \(a str\); it must be a whole number"),
+    (_set("num_devices", 0), r"num_devices is 0; it must be a whole number >= 1"),
+    (_set("device.peak_flops", "50e9"), r"device.peak_flops is '50e9' \(a str\); it must be a number"),
+    (_set("device.peak_flops", True), r"device.peak_flops is True \(a bool\); it must be a number"),
+    (_set("device.peak_flop", 5e10), r"device has unknown keys \['peak_flop'\]; known keys: \[.*'peak_flops'.*\] \(check the spelling\)"),
+    (lambda d: d["device"].pop("memory_bytes"), r"device lacks the required keys \['memory_bytes'\]"),
+    (lambda d: d.pop("links"), r"the top level lacks the required keys \['links'\]"),
+    (_set("links", []), r"links is \[\] \(a list\); it must be a non-empty list of links"),
+    (_set("links", {"bandwidth": 1e9}), r"links is .* \(a dict\); it must be a non-empty list of links"),
+    (_set("links.0.latency", None), r"links\[0\].latency is None \(a NoneType\); it must be a number"),
+    (_set("links.0.bandwidth_by_collective", {"all_reduce": "fast"}), r"links\[0\].bandwidth_by_collective\['all_reduce'\] is 'fast'"),
+    (_set("name", 3), r"name is 3 \(a int\); it must be a string"),
+    (_set("extra", []), r"extra is \[\] \(a list\); it must be an object"),
+])
+def test_cluster_file_is_checked_field_by_field(tmp_path, edit, match):
+    d = _preset_dict()
+    edit(d)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster file '.*profile.json': .*" + match):
+        Cluster.load(path)
+
+
+def test_cluster_file_that_is_not_a_cluster(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster file '.*p.json' is not UTF-8 text \(byte 0x89 at offset 0\).*python -m fxpar calibrate --out PATH"):
+        Cluster.load(path)
+    path.write_text('{"device": ' * 100000 + "1" + "}" * 100000)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster file '.*p.json' nests too deeply to be a cluster description"):
+        Cluster.load(path)
+    path.write_text('{"name": "x",')
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster file '.*p.json' is not valid JSON: Expecting property name enclosed in double quotes at line 1, column 14"):
+        Cluster.load(path)
+    path.write_text("[]")
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster file '.*p.json': the top level is \[\] \(a list\); it must be an object with the keys"):
+        Cluster.load(path)
+
+
+def test_counts_and_efficiencies_checked_without_json():
+    with pytest.raises(fxpar.ClusterSpecError, match=r"cluster 'cpu-local': num_devices is 2.7; it must be a whole number >= 1"):
+        fxpar.preset("cpu-local", num_devices=2.7)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.compute_efficiency is 5.0; it must be in \(0, 1\]"):
+        Cluster("c", _device(compute_efficiency=5.0), 2, (LinkSpec(1e9, 1e-6),))
+    # A whole number written as a float is still a count.
+    d = _preset_dict()
+    d["num_devices"] = 4.0
+    assert Cluster.from_json(json.dumps(d)).num_devices == 4
