@@ -181,7 +181,7 @@ class Plan:
                 "param_specs": {k: [repr(p) for p in v] for k, v in self.param_specs.items()},
                 "optimizer": self.optimizer,
                 "solver": solver,
-                "rows": self.rows,
+                "rows": [{k: round_figure(v) for k, v in row.items()} for row in self.rows],
                 "fallbacks": self.fallbacks,
             },
             indent=1,

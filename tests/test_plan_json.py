@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -84,6 +86,23 @@ def test_plan_cache_skips_the_solve(tmp_path, monkeypatch):
         fxpar.plan(other, other.example_inputs(8), mesh_shape=(2,), plan_cache=tmp_path)
     with pytest.raises(AssertionError, match="the solver ran"):
         fxpar.plan(model, model.example_inputs(16), mesh_shape=(2,), plan_cache=tmp_path)
+
+
+def test_a_restarted_process_reads_the_cached_plan(tmp_path, monkeypatch):
+    script = (
+        "import sys, fxpar\n"
+        "from fxpar.models import MLP\n"
+        "model = MLP((16, 32, 32, 4))\n"
+        "print(fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), plan_cache=sys.argv[1]).to_json())\n"
+    )
+    made = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the solver ran although the plan is cached")
+
+    monkeypatch.setattr(fxpar.planner, "solve", no_solve)
+    model, inputs = _model()
+    assert fxpar.plan(model, inputs, mesh_shape=(2,), plan_cache=tmp_path).to_json() == made.stdout.strip()
 
 
 def test_unreadable_cache_entry_is_made_again(tmp_path):
