@@ -248,7 +248,8 @@ def _fields_from_json(cls, data, where: str, path: str) -> dict:
     at = path or "the top level"
     if not isinstance(data, dict):
         raise ClusterSpecError(
-            f"{where}: {at} is {describe_value(data)}; it must be an object with the keys {sorted(fields)}; {_FORMAT_HINT}"
+            f"{where}: {at} is {describe_value(data)}; it must be an object with the keys {sorted(fields)}; "
+            f"{_FORMAT_HINT}"
         )
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -260,7 +260,9 @@ def _placement_from_json(text, key: str) -> Placement:
             p = None
         if p is not None and not (isinstance(p, Shard) and p.dim < 0):
             return p
-    raise _plan_error(key, text, "a placement: 'R' (replicated), 'P' (partial sum) or 'S(d)' (split along tensor dim d >= 0)")
+    raise _plan_error(
+        key, text, "a placement: 'R' (replicated), 'P' (partial sum) or 'S(d)' (split along tensor dim d >= 0)"
+    )
 
 
 def _spec_from_json(value, key: str, num_axes: int) -> Spec:
@@ -288,7 +290,9 @@ def _plan_from_json(text: str) -> Plan:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PlanFileError(f"plan JSON is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; {_PLAN_HINT}") from None
+        raise PlanFileError(
+            f"plan JSON is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; {_PLAN_HINT}"
+        ) from None
     except UnicodeDecodeError as exc:
         raise PlanFileError(f"plan JSON is not UTF-8 text ({exc.reason} at byte {exc.start}); {_PLAN_HINT}") from None
     except RecursionError:
@@ -300,7 +304,8 @@ def _plan_from_json(text: str) -> Plan:
     if unknown or missing:
         raise PlanFileError(f"plan JSON: unknown keys {unknown}, missing keys {missing}; {_PLAN_HINT}")
     mesh = d["mesh_shape"]
-    if not (isinstance(mesh, list) and mesh and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in mesh)):
+    whole = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in mesh) if isinstance(mesh, list) else False
+    if not (mesh and whole):
         raise _plan_error("mesh_shape", mesh, "a non-empty list of positive whole numbers, e.g. [2, 4]")
     try:
         cluster = Cluster.from_json(json.dumps(d["cluster"]), origin="plan JSON: cluster")
