@@ -36,42 +36,14 @@ from torch.fx import Node
 from fxpar.cluster import Cluster
 from fxpar.placement import Shard, Spec, local_shape, num_pieces
 from fxpar.reshard import reshard_steps, step_bytes
-from fxpar.rules.registry import OpStrategy, input_source, output_values, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
 
 aten = torch.ops.aten
 
-_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "dot", "mv", "addmv", "addbmm",
-           "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
-           "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_cudnn_attention_backward"}
-_CONVOLUTION = {"convolution", "convolution_backward", "_convolution", "conv1d", "conv2d", "conv3d",
-                "cudnn_convolution", "mkldnn_convolution", "_slow_conv2d_forward", "_slow_conv2d_backward"}
-# Ops that read a whole row (or window) to write one value, or normalize over one: their speed is
-# that of a reduction, not of a streaming elementwise kernel.
-_REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "var_mean", "std", "std_mean",
-              "norm", "linalg_vector_norm", "logsumexp", "argmax", "argmin", "cumsum", "any", "all",
-              "_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
-              "native_layer_norm", "native_layer_norm_backward", "native_batch_norm",
-              "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
-              "_native_batch_norm_legit_no_training", "native_batch_norm_backward",
-              "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward",
-              "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d",
-              "avg_pool2d_backward", "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward",
-              "embedding_dense_backward", "_fused_rms_norm", "_fused_rms_norm_backward"}
-
-
 def op_class(node: Node) -> str:
-    """The class whose efficiencies price ``node``: matmul, convolution, reduction or elementwise."""
-    packet = getattr(node.target, "overloadpacket", None)
-    name = getattr(packet, "__name__", str(node.target)).split(".")[-1]
-    if name in _MATMUL:
-        return "matmul"
-    if name in _CONVOLUTION:
-        return "convolution"
-    if name in _REDUCTION:
-        return "reduction"
-    return "elementwise"
+    """The class whose efficiencies price ``node``: matmul, convolution, reduction or elementwise,
+    as the op's registration says (``fxpar.rules.registry.OpFacts.cost_class``)."""
+    return op_facts(node.target).cost_class
 
 
 def collective_time(kind: str, nbytes: float, n: int, bandwidth: float, latency: float) -> float:

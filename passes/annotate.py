@@ -6,7 +6,8 @@ the symbol ``batch`` where capture made the batch symbolic. Writes ``node.meta``
       attention; 0 for ops it does not count, whose time the cost model takes from bytes instead);
   ``fxpar_bytes_read`` / ``fxpar_bytes_written``: bytes of tensor inputs / outputs (0 for views);
   ``fxpar_output_bytes``: bytes of the node's outputs, even for views;
-  ``fxpar_is_view``: the output aliases an input's storage (no copy, no memory of its own);
+  ``fxpar_is_view``: the output aliases an input's storage (no copy, no memory of its own; the
+      op's ``OpFacts.view``, torch's ``OpOverload.is_view`` unless its rule says otherwise);
   ``fxpar_phase``: ``"forward"`` if the loss depends on the node, else ``"backward"``;
   ``fxpar_saved_for_backward``: a forward node whose output a backward node reads.
 
@@ -21,24 +22,9 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import flop_registry
 
+from fxpar.rules.registry import op_facts
+
 aten = torch.ops.aten
-
-VIEW_OPS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.squeeze.default,
-    aten.expand.default,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.alias.default,
-}
-
 
 BATCH = sympy.Symbol("batch", positive=True, integer=True)
 
@@ -95,7 +81,7 @@ def annotate(gm: GraphModule) -> GraphModule:
         meta["fxpar_output_bytes"] = out_bytes
         meta["fxpar_phase"] = "forward" if node in forward or node.op == "placeholder" else "backward"
         if node.op == "call_function":
-            is_view = node.target in VIEW_OPS
+            is_view = op_facts(node.target).view
             meta["fxpar_is_view"] = is_view
             meta["fxpar_flops"] = node_flops(node)
             meta["fxpar_bytes_read"] = 0 if is_view else sum(tensor_bytes(_val(a)) for a in node.all_input_nodes)

@@ -34,7 +34,7 @@ def _mask_placement(mask: torch.Tensor | None, dim: int, size: int):
     return (Shard(d),) if d >= 0 and mask.shape[d] == size else (R,)
 
 
-@register_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+@register_rule(aten._scaled_dot_product_flash_attention_for_cpu.default, cost_class="matmul")
 def sdpa_cpu_rule(info: OpInfo) -> list[AxisStrategy]:
     q, k, v = info.tensor_args[:3]
     mask = info.kwargs.get("attn_mask")
@@ -46,7 +46,7 @@ def sdpa_cpu_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+@register_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default, cost_class="matmul")
 def sdpa_cpu_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, attn_mask?) -> (gq, gk, gv)."""
     q, k = info.tensor_args[1], info.tensor_args[2]

@@ -8,7 +8,6 @@ import torch
 
 from fxpar.placement import Placement, R, Shard
 from fxpar.rules.registry import OpInfo
-from fxpar.runtime import collectives as C
 
 
 def present(args: Sequence, placements: Sequence[Placement]) -> tuple[Placement, ...]:
@@ -39,11 +38,11 @@ def sharding_axes(spec: tuple[Placement, ...], dim: int) -> tuple[int, ...]:
     return tuple(a for a, p in enumerate(spec) if isinstance(p, Shard) and p.dim == dim)
 
 
-def shard_index(axes: Sequence[int]) -> int:
-    """At run time: which chunk of a dim cut on ``axes`` this device holds (the mixed-radix number of
-    its coordinates on those axes, outer first, as ``fxpar.placement`` defines)."""
-    comm = C.current()
+def shard_index(axes: Sequence[int], mesh_shape: Sequence[int], coords: Sequence[int]) -> int:
+    """Which chunk of a dim cut on ``axes`` the device at ``coords`` holds (the mixed-radix number of
+    its coordinates on those axes, outer first, as ``fxpar.placement`` defines). Localize hooks call
+    it at rewrite time, so the chunk's offset is a constant of that rank's graph."""
     index = 0
     for axis in axes:
-        index = index * comm.mesh_shape[axis] + comm.coord(axis)
+        index = index * mesh_shape[axis] + coords[axis]
     return index

@@ -30,7 +30,7 @@ def _channels_cuttable(info: OpInfo, transposed_pos: int, groups_pos: int) -> bo
     return not info.args[transposed_pos] and info.args[groups_pos] == 1
 
 
-@register_rule(aten.convolution.default)
+@register_rule(aten.convolution.default, cost_class="convolution")
 def convolution_rule(info: OpInfo) -> list[AxisStrategy]:
     x, w, b = info.args[0], info.args[1], info.args[2]
     rows = [
@@ -48,14 +48,14 @@ def convolution_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy(present((x, w, b), ins), (out,)) for ins, out in rows]
 
 
-def localize_conv_backward(node, args, kwargs, strategy, mesh_shape):
+def localize_conv_backward(node, args, kwargs, strategy, mesh_shape, coords):
     # bias_sizes is the global size of the bias gradient; a rank computes only its shard of it.
     if args[3] is not None and node.args[10][2]:
         args = [*args[:3], local_out_shape(node, strategy, mesh_shape, 2), *args[4:]]
     return node.target, args, kwargs
 
 
-@register_rule(aten.convolution_backward.default, localize=localize_conv_backward)
+@register_rule(aten.convolution_backward.default, localize=localize_conv_backward, cost_class="convolution")
 def convolution_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_out, x, w) -> (grad_x, grad_w, grad_b). Each output is a product of grad_out with x or
     w, so it is linear in grad_out; grad_b is grad_out summed over every dim but the channels."""

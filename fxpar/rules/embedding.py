@@ -10,8 +10,8 @@ For ``out[..., :] = weight[indices[...], :]`` with weight ``[V, D]``, on one mes
 | carry a Partial table | P | R | P |
 
 Under the vocabulary cut each device looks up only the ids in its rows and writes zeros for the
-others, so the sum over devices is the full lookup; the rewrite calls ``vocab_parallel_embedding``,
-which finds the device's rows at run time. The backward mirrors it: a device accumulates the
+others, so the sum over devices is the full lookup; the rewrite calls ``vocab_parallel_embedding``
+with the device's chunk of rows, fixed per rank when the rank's graph is made. The backward mirrors it: a device accumulates the
 gradient rows of the ids it owns. With ``scale_grad_by_freq`` the gradient divides by counts over
 all indices, so the backward then cuts neither the indices nor the vocabulary.
 """
@@ -27,42 +27,43 @@ from fxpar.rules.registry import AxisStrategy, OpInfo, local_out_shape, register
 aten = torch.ops.aten
 
 
-def _own_rows(indices: torch.Tensor, num_rows: int, axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """This device's view of ``indices`` when the table's rows are cut on ``axes`` into chunks of
-    ``num_rows``: the ids shifted into the local chunk (0 where not owned) and the ownership mask."""
-    offset = shard_index(axes) * num_rows
+def _own_rows(indices: torch.Tensor, num_rows: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This device's view of ``indices`` when it holds chunk ``index`` of the table's rows, in chunks
+    of ``num_rows``: the ids shifted into the local chunk (0 where not owned) and the ownership mask."""
+    offset = index * num_rows
     mask = (indices >= offset) & (indices < offset + num_rows)
     return torch.where(mask, indices - offset, torch.zeros_like(indices)), mask
 
 
-def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-    local, mask = _own_rows(indices, weight.shape[0], axes)
+def vocab_parallel_embedding(weight: torch.Tensor, indices: torch.Tensor, index: int) -> torch.Tensor:
+    local, mask = _own_rows(indices, weight.shape[0], index)
     return aten.embedding.default(weight, local) * mask.unsqueeze(-1).to(weight.dtype)
 
 
 def vocab_parallel_embedding_backward(grad: torch.Tensor, indices: torch.Tensor, num_rows: int, padding_idx: int,
-                                      axes: tuple[int, ...]) -> torch.Tensor:
-    local, mask = _own_rows(indices, num_rows, axes)
-    offset = shard_index(axes) * num_rows
+                                      index: int) -> torch.Tensor:
+    local, mask = _own_rows(indices, num_rows, index)
+    offset = index * num_rows
     local_padding = padding_idx - offset if 0 <= padding_idx - offset < num_rows else -1
     grad = grad * mask.unsqueeze(-1).to(grad.dtype)
     return aten.embedding_dense_backward.default(grad, local, num_rows, local_padding, False)
 
 
-def localize_embedding(node, args, kwargs, strategy, mesh_shape):
+def localize_embedding(node, args, kwargs, strategy, mesh_shape, coords):
     axes = sharding_axes(strategy.inputs[0], 0)
     if not axes:
         return node.target, args, kwargs
-    return vocab_parallel_embedding, [args[0], args[1], axes], {}
+    return vocab_parallel_embedding, [args[0], args[1], shard_index(axes, mesh_shape, coords)], {}
 
 
-def localize_embedding_backward(node, args, kwargs, strategy, mesh_shape):
+def localize_embedding_backward(node, args, kwargs, strategy, mesh_shape, coords):
     num_rows = local_out_shape(node, strategy, mesh_shape)[0]
     axes = sharding_axes(strategy.outputs[0], 0)
     padding_idx = args[3] if args[3] >= 0 else -1
     if not axes:
         return node.target, [args[0], args[1], num_rows, *args[3:]], kwargs
-    return vocab_parallel_embedding_backward, [args[0], args[1], num_rows, padding_idx, axes], {}
+    index = shard_index(axes, mesh_shape, coords)
+    return vocab_parallel_embedding_backward, [args[0], args[1], num_rows, padding_idx, index], {}
 
 
 @register_rule(aten.embedding.default, localize=localize_embedding)
@@ -77,7 +78,7 @@ def embedding_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten.embedding_dense_backward.default, localize=localize_embedding_backward)
+@register_rule(aten.embedding_dense_backward.default, localize=localize_embedding_backward, cost_class="reduction")
 def embedding_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_out ``[*indices.shape, D]``, indices, num_weights, padding_idx, scale_grad_by_freq)."""
     grad, indices = info.tensor_args

@@ -36,7 +36,7 @@ def scalar_tensor_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((), (R,))]
 
 
-def localize_size_arg0(node, args, kwargs, strategy, mesh_shape):
+def localize_size_arg0(node, args, kwargs, strategy, mesh_shape, coords):
     return node.target, [local_out_shape(node, strategy, mesh_shape), *args[1:]], kwargs
 
 

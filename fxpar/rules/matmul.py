@@ -28,17 +28,17 @@ def _mm(batch: int) -> list[tuple]:
     return out
 
 
-@register_rule(aten.mm.default)
+@register_rule(aten.mm.default, cost_class="matmul")
 def mm_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((a, b), (c,)) for a, b, c in _mm(0)]
 
 
-@register_rule(aten.bmm.default)
+@register_rule(aten.bmm.default, cost_class="matmul")
 def bmm_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((a, b), (c,)) for a, b, c in _mm(1)]
 
 
-@register_rule(aten.addmm.default)
+@register_rule(aten.addmm.default, cost_class="matmul")
 def addmm_rule(info: OpInfo) -> list[AxisStrategy]:
     # out = beta * bias + alpha * A @ B; the bias broadcasts against C[m, n].
     bias = info.tensor_args[0]

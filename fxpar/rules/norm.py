@@ -22,7 +22,7 @@ from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
 aten = torch.ops.aten
 
 
-@register_rule(aten._native_batch_norm_legit_functional.default)
+@register_rule(aten._native_batch_norm_legit_functional.default, cost_class="reduction")
 def batch_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     """(x, weight?, bias?, running_mean, running_var, training, momentum, eps) ->
     (y, save_mean, save_rstd, new_running_mean, new_running_var)."""
@@ -35,7 +35,7 @@ def batch_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten.native_batch_norm_backward.default)
+@register_rule(aten.native_batch_norm_backward.default, cost_class="reduction")
 def batch_norm_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_y, x, weight?, running_mean?, running_var?, save_mean?, save_invstd?, train, eps, mask)
     -> (grad_x, grad_weight, grad_bias)."""
@@ -58,7 +58,7 @@ def _leading_dims(x: torch.Tensor, normalized_shape) -> list[int]:
     return [d for d in range(x.dim() - len(normalized_shape)) if x.shape[d] > 1]
 
 
-@register_rule(aten.native_layer_norm.default)
+@register_rule(aten.native_layer_norm.default, cost_class="reduction")
 def layer_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     """(x, normalized_shape, weight?, bias?, eps) -> (y, mean, rstd)."""
     x, shape, w, b = info.args[0], info.args[1], info.args[2], info.args[3]
@@ -68,7 +68,7 @@ def layer_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten.native_layer_norm_backward.default)
+@register_rule(aten.native_layer_norm_backward.default, cost_class="reduction")
 def layer_norm_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_y, x, normalized_shape, mean, rstd, weight?, bias?, mask) -> (grad_x, grad_w, grad_b);
     grad_w and grad_b sum over the leading dims, so a cut there leaves Partial sums."""

@@ -53,17 +53,17 @@ _NONLINEAR = [
 ]
 
 
-@register_rule(*_NONLINEAR)
+@register_rule(*_NONLINEAR, cheap=True)
 def nonlinear_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info)
 
 
-@register_rule(aten.neg.default, aten.clone.default, aten._to_copy.default, aten.zeros_like.default)
+@register_rule(aten.neg.default, aten.clone.default, aten._to_copy.default, aten.zeros_like.default, cheap=True)
 def unary_linear_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "first")
 
 
-@register_rule(aten.add.Tensor, aten.sub.Tensor)
+@register_rule(aten.add.Tensor, aten.sub.Tensor, cheap=True)
 def add_rule(info: OpInfo) -> list[AxisStrategy]:
     # A Partial sum plus a constant would add the constant once per device: Partial only when both
     # operands are tensors.
@@ -71,16 +71,16 @@ def add_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "all" if both_tensors else None)
 
 
-@register_rule(aten.mul.Tensor, aten.mul.Scalar)
+@register_rule(aten.mul.Tensor, aten.mul.Scalar, cheap=True)
 def mul_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "one")
 
 
-@register_rule(aten.div.Tensor, aten.div.Scalar, aten.threshold_backward.default)
+@register_rule(aten.div.Tensor, aten.div.Scalar, aten.threshold_backward.default, cheap=True)
 def div_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "first")
 
 
-@register_rule(operator.getitem)
+@register_rule(operator.getitem, cheap=True)
 def getitem_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((p,), (p,)) for p in follow_all(info.out)]

@@ -31,23 +31,23 @@ def _rows(x: torch.Tensor, num_in: int, num_out: int, partial: tuple | None) -> 
     return out
 
 
-@register_rule(aten.max_pool2d_with_indices.default)
+@register_rule(aten.max_pool2d_with_indices.default, cost_class="reduction")
 def max_pool_rule(info: OpInfo) -> list[AxisStrategy]:
     return _rows(info.tensor_args[0], 1, 2, None)
 
 
-@register_rule(aten.max_pool2d_with_indices_backward.default)
+@register_rule(aten.max_pool2d_with_indices_backward.default, cost_class="reduction")
 def max_pool_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     # (grad_out, x, indices): the gradient is scattered to the argmax positions, linearly.
     return _rows(info.tensor_args[1], 3, 1, (P, R, R))
 
 
-@register_rule(aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default)
+@register_rule(aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default, cost_class="reduction")
 def avg_pool_rule(info: OpInfo) -> list[AxisStrategy]:
     return _rows(info.tensor_args[0], 1, 1, (P,))
 
 
-@register_rule(aten.avg_pool2d_backward.default, aten._adaptive_avg_pool2d_backward.default)
+@register_rule(aten.avg_pool2d_backward.default, aten._adaptive_avg_pool2d_backward.default, cost_class="reduction")
 def avg_pool_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     # (grad_out, x): x only gives the shape of the result.
     return _rows(info.tensor_args[1], 2, 1, (P, R))

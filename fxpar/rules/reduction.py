@@ -18,7 +18,7 @@ def _norm_dims(dims, ndim: int) -> list[int]:
     return sorted(d % ndim if ndim else 0 for d in dims)
 
 
-@register_rule(aten.sum.default, aten.sum.dim_IntList)
+@register_rule(aten.sum.default, aten.sum.dim_IntList, cost_class="reduction")
 def sum_rule(info: OpInfo) -> list[AxisStrategy]:
     x = info.tensor_args[0]
     ndim = x.dim()
@@ -36,7 +36,7 @@ def sum_rule(info: OpInfo) -> list[AxisStrategy]:
     return strategies
 
 
-@register_rule(aten._log_softmax.default, aten._softmax.default)
+@register_rule(aten._log_softmax.default, aten._softmax.default, cost_class="reduction")
 def softmax_rule(info: OpInfo) -> list[AxisStrategy]:
     x = info.tensor_args[0]
     dim = info.args[1] % x.dim()
@@ -45,7 +45,7 @@ def softmax_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten._log_softmax_backward_data.default, aten._softmax_backward_data.default)
+@register_rule(aten._log_softmax_backward_data.default, aten._softmax_backward_data.default, cost_class="reduction")
 def softmax_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     grad = info.tensor_args[0]
     dim = info.args[2] % grad.dim()

@@ -61,38 +61,83 @@ class OpInfo:
 
 
 Rule = Callable[[OpInfo], list[AxisStrategy]]
-# (node, args, kwargs, strategy, mesh_shape) -> (target, args, kwargs): the call one rank makes,
-# for ops whose arguments carry global sizes (view sizes, factory shapes, split sizes, ...).
-Localizer = Callable[[Node, list, dict, "OpStrategy", tuple[int, ...]], tuple[Any, list, dict]]
-_RULES: dict[Any, Rule] = {}
-_LOCALIZERS: dict[Any, Localizer] = {}
+# (node, args, kwargs, strategy, mesh_shape, coords) -> (target, args, kwargs): the call the rank at
+# mesh coordinates ``coords`` makes, for ops whose arguments carry global sizes (view sizes, factory
+# shapes, split sizes, ...) or depend on which shard the rank holds (embedding row offsets).
+Localizer = Callable[[Node, list, dict, "OpStrategy", tuple[int, ...], tuple[int, ...]], tuple[Any, list, dict]]
+COST_CLASSES = ("matmul", "convolution", "reduction", "elementwise")
 
 
-def register_rule(*targets: Any, localize: Localizer | None = None) -> Callable[[Rule], Rule]:
-    """Register ``fn`` as the one-axis rule of each target op overload; a second rule is an error.
+@dataclass(frozen=True)
+class OpFacts:
+    """Everything fxpar knows about one op, from one registration.
 
-    ``localize`` rewrites a call's non-tensor arguments for one rank (the rewrite pass applies it
-    after the tensor arguments have been resharded); ops whose arguments hold no global sizes
-    need none."""
+    ``rule``: its one-axis strategies (None: no source has any, the op runs replicated);
+    ``localize``: rewrites a call's non-tensor arguments for one rank (view sizes, factory shapes);
+    ``cost_class``: which efficiencies price it (``fxpar.cost``); ``cheap``: an elementwise op,
+    view or slice whose output reshards as cheaply before it as after it, so the simplified
+    problem keeps edges between cheap ops unresharded; ``view``: its output aliases an input's
+    storage (no memory of its own); ``source``: where the rule comes from, ``"fxpar"`` (this
+    package's rules), ``"dtensor"`` (converted from torch's DTensor, ``fxpar.rules.dtensor``)
+    or ``"none"``."""
+
+    rule: Rule | None
+    localize: Localizer | None = None
+    cost_class: str = "elementwise"
+    cheap: bool = False
+    view: bool = False
+    source: str = "fxpar"
+
+
+_RULES: dict[Any, OpFacts] = {}
+
+
+def register_rule(
+    *targets: Any,
+    localize: Localizer | None = None,
+    cost_class: str = "elementwise",
+    cheap: bool = False,
+    view: bool | None = None,
+) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the one-axis rule of each target op overload, with the op's facts
+    (``OpFacts``); a second rule for an op is an error. ``view`` defaults to torch's own
+    ``OpOverload.is_view``. ``localize`` rewrites a call's non-tensor arguments for one rank
+    (the rewrite pass applies it after the tensor arguments have been resharded); ops whose
+    arguments hold no global sizes need none."""
+    assert cost_class in COST_CLASSES, cost_class
 
     def wrap(fn: Rule) -> Rule:
         for target in targets:
             if target in _RULES:
-                raise DuplicateRuleError(f"a sharding rule for {target} is already registered ({_RULES[target].__qualname__})")
-            _RULES[target] = fn
-            if localize is not None:
-                _LOCALIZERS[target] = localize
+                raise DuplicateRuleError(
+                    f"a sharding rule for {target} is already registered ({_RULES[target].rule.__qualname__})"
+                )
+            is_view = view if view is not None else bool(getattr(target, "is_view", False))
+            _RULES[target] = OpFacts(fn, localize, cost_class, cheap, is_view, "fxpar")
         return fn
 
     return wrap
 
 
+def op_facts(target: Any) -> OpFacts:
+    """The facts of ``target``: its own registration, else those derived from torch's DTensor
+    strategies (``fxpar.rules.dtensor``), else ``rule=None`` with facts from torch's tags."""
+    import fxpar.rules  # noqa: F401  (the rule modules register on import)
+    from fxpar.rules.dtensor import derived_facts
+
+    facts = _RULES.get(target)
+    if facts is not None:
+        return facts
+    return derived_facts(target)
+
+
 def get_rule(target: Any) -> Rule | None:
-    return _RULES.get(target)
+    """The op's rule from any source (None: it runs replicated)."""
+    return op_facts(target).rule
 
 
 def get_localizer(target: Any) -> Localizer | None:
-    return _LOCALIZERS.get(target)
+    return op_facts(target).localize
 
 
 def local_out_shape(node: Node, strategy: "OpStrategy", mesh_shape: tuple[int, ...], index: int = 0) -> list[int]:
@@ -103,6 +148,7 @@ def local_out_shape(node: Node, strategy: "OpStrategy", mesh_shape: tuple[int, .
 
 
 def registered_ops() -> list[Any]:
+    """The ops with a rule of fxpar's own."""
     return list(_RULES)
 
 
@@ -173,6 +219,7 @@ __all__ = [
     "combine",
     "follow_all",
     "get_rule",
+    "op_facts",
     "op_info",
     "register_rule",
 ]

@@ -1,5 +1,5 @@
 """Rules for joining, cutting and indexing ops (cat, stack, split, slice, select, index_select),
-``arange``, dropout, and the three prims that ``mean``'s decomposition leaves in a graph.
+``arange``, dropout (``native_dropout`` and the ``bernoulli`` of a functionalized ``dropout``), and the three prims that ``mean``'s decomposition leaves in a graph.
 
 A join or cut along ``dim`` keeps every other dim in place, so those dims can stay sharded and a
 Partial sum passes through (these ops are linear); the joined or cut dim itself is never sharded,
@@ -39,7 +39,7 @@ def _cut_rule(info: OpInfo, x: torch.Tensor, dim: int, out_dim_of=lambda d: d) -
     return out
 
 
-@register_rule(aten.cat.default)
+@register_rule(aten.cat.default, cheap=True)
 def cat_rule(info: OpInfo) -> list[AxisStrategy]:
     tensors = [t for t in info.tensor_args]
     dim = (info.args[1] if len(info.args) > 1 else info.kwargs.get("dim", 0)) % info.out.dim()
@@ -49,41 +49,41 @@ def cat_rule(info: OpInfo) -> list[AxisStrategy]:
         t.dim() == info.out.dim() and t.shape[s.inputs[0].dim] == info.out.shape[s.inputs[0].dim] for t in tensors)]
 
 
-@register_rule(aten.stack.default)
+@register_rule(aten.stack.default, cheap=True)
 def stack_rule(info: OpInfo) -> list[AxisStrategy]:
     dim = (info.args[1] if len(info.args) > 1 else info.kwargs.get("dim", 0)) % info.out.dim()
     return _cut_rule(info, info.tensor_args[0], -1, lambda d: d if d < dim else d + 1)
 
 
-@register_rule(aten.split.Tensor, aten.split_with_sizes.default)
+@register_rule(aten.split.Tensor, aten.split_with_sizes.default, cheap=True)
 def split_rule(info: OpInfo) -> list[AxisStrategy]:
     x = info.tensor_args[0]
     dim = (info.args[2] if len(info.args) > 2 else info.kwargs.get("dim", 0)) % x.dim()
     return _cut_rule(info, x, dim)
 
 
-@register_rule(aten.slice.Tensor)
+@register_rule(aten.slice.Tensor, cheap=True)
 def slice_rule(info: OpInfo) -> list[AxisStrategy]:
     x = info.tensor_args[0]
     dim = (info.args[1] if len(info.args) > 1 else info.kwargs.get("dim", 0)) % x.dim()
     return _cut_rule(info, x, dim)
 
 
-@register_rule(aten.select.int)
+@register_rule(aten.select.int, cheap=True)
 def select_rule(info: OpInfo) -> list[AxisStrategy]:
     x = info.tensor_args[0]
     dim = info.args[1] % x.dim()
     return _cut_rule(info, x, dim, lambda d: d if d < dim else d - 1)
 
 
-@register_rule(aten.slice_backward.default, localize=localize_size_arg1)
+@register_rule(aten.slice_backward.default, localize=localize_size_arg1, cheap=True)
 def slice_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad, input_sizes, dim, start, end, step): zeros of the input's size holding grad."""
     dim = info.args[2] % info.out.dim()
     return _cut_rule(info, info.out, dim)
 
 
-@register_rule(aten.select_backward.default, localize=localize_size_arg1)
+@register_rule(aten.select_backward.default, localize=localize_size_arg1, cheap=True)
 def select_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad, input_sizes, dim, index)."""
     dim = info.args[2] % info.out.dim()
@@ -103,18 +103,19 @@ def index_select_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-def arange_shard(start: int, step: int, num_local: int, axes: tuple[int, ...], **kwargs) -> torch.Tensor:
-    """This device's chunk of ``arange(start, start + step * num_local * pieces, step)``."""
-    first = start + shard_index(axes) * num_local * step
+def arange_shard(start: int, step: int, num_local: int, index: int, **kwargs) -> torch.Tensor:
+    """Chunk ``index`` of ``arange(start, start + step * num_local * pieces, step)``."""
+    first = start + index * num_local * step
     return torch.arange(first, first + num_local * step, step, **kwargs)
 
 
-def localize_arange(node, args, kwargs, strategy, mesh_shape):
+def localize_arange(node, args, kwargs, strategy, mesh_shape, coords):
     axes = sharding_axes(strategy.outputs[0], 0)
     if not axes:
         return node.target, args, kwargs
     start, step = _arange_start_step(node)
-    return arange_shard, [start, step, local_out_shape(node, strategy, mesh_shape)[0], axes], kwargs
+    index = shard_index(axes, mesh_shape, coords)
+    return arange_shard, [start, step, local_out_shape(node, strategy, mesh_shape)[0], index], kwargs
 
 
 def _arange_start_step(node) -> tuple:
@@ -134,7 +135,7 @@ def arange_rule(info: OpInfo) -> list[AxisStrategy]:
     return out
 
 
-@register_rule(aten.native_dropout.default)
+@register_rule(aten.native_dropout.default, cheap=True)
 def native_dropout_rule(info: OpInfo) -> list[AxisStrategy]:
     """(x, p, train) -> (x * mask / (1 - p), mask)."""
     x = info.tensor_args[0]
@@ -146,13 +147,22 @@ def native_dropout_rule(info: OpInfo) -> list[AxisStrategy]:
     return [AxisStrategy((R,), (R, R)), AxisStrategy((P,), (P, R)), *cuts]
 
 
-@register_rule(aten.native_dropout_backward.default)
+@register_rule(aten.bernoulli.p, cheap=True)
+def bernoulli_rule(info: OpInfo) -> list[AxisStrategy]:
+    """bernoulli(x, p): a fresh random tensor shaped like ``x`` (functionalized dropout draws its
+    mask this way). As with dropout, each device draws the piece it holds, so the op is only cut;
+    DTensor's replicated strategies rely on its RNG tracker, which per-rank graphs do not have."""
+    x = info.tensor_args[0]
+    return [AxisStrategy((Shard(d),), (Shard(d),)) for d in range(x.dim()) if x.shape[d] > 1]
+
+
+@register_rule(aten.native_dropout_backward.default, cheap=True)
 def native_dropout_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad, mask, scale) -> grad * mask * scale: elementwise and linear in grad."""
     return elementwise(info, "first")
 
 
-@register_rule(prims.sum.default)
+@register_rule(prims.sum.default, cost_class="reduction")
 def prims_sum_rule(info: OpInfo) -> list[AxisStrategy]:
     """prims.sum(x, dims): a sum over ``dims`` without keepdim."""
     x = info.tensor_args[0]
@@ -170,7 +180,7 @@ def prims_div_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "first" if info.out.dtype.is_floating_point else None)
 
 
-@register_rule(prims.broadcast_in_dim.default, localize=localize_size_arg1)
+@register_rule(prims.broadcast_in_dim.default, localize=localize_size_arg1, cheap=True)
 def broadcast_in_dim_rule(info: OpInfo) -> list[AxisStrategy]:
     """broadcast_in_dim(x, shape, broadcast_dimensions): input dim i becomes output dim bd[i]."""
     x = info.tensor_args[0]

@@ -10,19 +10,19 @@ from fxpar.rules.registry import AxisStrategy, OpInfo, local_out_shape, register
 aten = torch.ops.aten
 
 
-def localize_size_arg1(node, args, kwargs, strategy, mesh_shape):
+def localize_size_arg1(node, args, kwargs, strategy, mesh_shape, coords):
     """view/expand take the output size as argument 1: give each rank its local size."""
     return node.target, [args[0], local_out_shape(node, strategy, mesh_shape), *args[2:]], kwargs
 
 
-def localize_view(node, args, kwargs, strategy, mesh_shape):
+def localize_view(node, args, kwargs, strategy, mesh_shape, coords):
     # A rank's input can be laid out differently from the traced one (a collective or a chunk
     # returns it contiguous where the trace had a transposed layout), so a traced view may not
     # apply to it: reshape computes the same values, viewing where it can and copying where not.
     return aten.reshape.default, [args[0], local_out_shape(node, strategy, mesh_shape)], kwargs
 
 
-def localize_squeeze(node, args, kwargs, strategy, mesh_shape):
+def localize_squeeze(node, args, kwargs, strategy, mesh_shape, coords):
     # Sharding can make a dim 1 long locally; squeeze only the dims that are 1 globally.
     dims = [d for d, size in enumerate(node.args[0].meta["val"].shape) if size == 1]
     return aten.squeeze.dims, [args[0], dims], kwargs
@@ -62,7 +62,7 @@ def reshape_dim_pairs(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> 
     return pairs
 
 
-@register_rule(aten.view.default, aten._unsafe_view.default, localize=localize_view)
+@register_rule(aten.view.default, aten._unsafe_view.default, localize=localize_view, cheap=True, view=True)
 def reshape_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 
@@ -71,12 +71,12 @@ def _permutation_rule(info: OpInfo, perm: list[int]) -> list[AxisStrategy]:
     return _base([(perm[o], o) for o in range(len(perm))])
 
 
-@register_rule(aten.t.default)
+@register_rule(aten.t.default, cheap=True)
 def t_rule(info: OpInfo) -> list[AxisStrategy]:
     return _permutation_rule(info, list(range(info.out.dim()))[::-1])
 
 
-@register_rule(aten.transpose.int)
+@register_rule(aten.transpose.int, cheap=True)
 def transpose_rule(info: OpInfo) -> list[AxisStrategy]:
     ndim = info.out.dim()
     perm = list(range(ndim))
@@ -85,21 +85,21 @@ def transpose_rule(info: OpInfo) -> list[AxisStrategy]:
     return _permutation_rule(info, perm)
 
 
-@register_rule(aten.permute.default)
+@register_rule(aten.permute.default, cheap=True)
 def permute_rule(info: OpInfo) -> list[AxisStrategy]:
     ndim = info.out.dim()
     return _permutation_rule(info, [d % ndim for d in info.args[1]])
 
 
-@register_rule(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims)
+@register_rule(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, cheap=True)
 def squeeze_rule(info: OpInfo) -> list[AxisStrategy]:
     return _base(reshape_dim_pairs(tuple(info.tensor_args[0].shape), tuple(info.out.shape)))
 
 
-register_rule(aten.squeeze.default, localize=localize_squeeze)(squeeze_rule)
+register_rule(aten.squeeze.default, localize=localize_squeeze, cheap=True)(squeeze_rule)
 
 
-@register_rule(aten.expand.default, localize=localize_size_arg1)
+@register_rule(aten.expand.default, localize=localize_size_arg1, cheap=True)
 def expand_rule(info: OpInfo) -> list[AxisStrategy]:
     in_shape = tuple(info.tensor_args[0].shape)
     out_shape = tuple(info.out.shape)

@@ -18,7 +18,7 @@ from fxpar.cost import CostModel, spec_bytes
 from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
-from fxpar.rules.registry import OpStrategy, get_rule, input_source, output_values, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
 from fxpar.solve.repeat import node_signature, repeated_classes
 
 # Collectives the runtime can leave in flight (fxpar.runtime.collectives.ASYNC_STEPS).
@@ -221,18 +221,10 @@ def build_problem(
 
 
 
-_CHEAP_RULE_MODULES = {"fxpar.rules.pointwise", "fxpar.rules.views"}
-_CHEAP_OPS = {
-    "aten.cat.default", "aten.stack.default", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
-    "aten.split_with_sizes.default", "aten.slice_backward.default", "aten.select_backward.default",
-    "aten.native_dropout.default", "aten.native_dropout_backward.default", "prims.broadcast_in_dim.default",
-}
-
-
 def _is_cheap(node: Node) -> bool:
-    """Elementwise ops, views and slicing: their output can be resharded as cheaply before them as
-    after them, so the solver need not consider both."""
+    """Elementwise ops, views and slicing (``OpFacts.cheap``): their output can be resharded as
+    cheaply before them as after them, so the solver need not consider both."""
     if node.op != "call_function":
         return False
-    rule = get_rule(node.target)
-    return rule is not None and (rule.__module__ in _CHEAP_RULE_MODULES or str(node.target) in _CHEAP_OPS)
+    facts = op_facts(node.target)
+    return facts.rule is not None and facts.cheap

@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Node
 from fxpar.errors import ShardingError, UnsupportedOpError, node_desc
 from fxpar.placement import R, Shard, Spec, is_even, spec_str
 from fxpar.rules import get_rule
-from fxpar.rules.registry import OpStrategy, combine, op_info, output_values, tensor_arg_nodes
+from fxpar.rules.registry import OpStrategy, combine, op_facts, op_info, output_values, tensor_arg_nodes
 
 
 def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
@@ -61,8 +61,10 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
                 "or plan with strict=False to run it replicated"
             )
         node.meta["fxpar_fallback"] = True
+        node.meta["fxpar_rule_source"] = "none"
         rep = (R,) * len(mesh_shape)
         return [OpStrategy((rep,) * len(tensor_arg_nodes(node)), (rep,) * len(output_values(node)))]
+    node.meta["fxpar_rule_source"] = op_facts(node.target).source
     info = op_info(node)
     strategies = combine(rule(info), info, mesh_shape)
     # Repeated arguments (mul(x, x)) are one tensor: keep strategies that place them alike.
@@ -89,8 +91,10 @@ def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool
             key = node_signature(n)
             if key not in cache:
                 cache[key] = node_strategies(n, mesh_shape, strict=strict)
-            elif get_rule(n.target) is None:
-                n.meta["fxpar_fallback"] = True
+            else:
+                n.meta["fxpar_rule_source"] = op_facts(n.target).source
+                if get_rule(n.target) is None:
+                    n.meta["fxpar_fallback"] = True
             out[n] = cache[key]
     return out
 
