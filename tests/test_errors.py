@@ -16,13 +16,15 @@ from fxpar.rules import register_rule
 from .runtime import train_fns
 
 
-class CumsumModel(nn.Module):
+class RenormModel(nn.Module):
+    """Uses aten.renorm, an op with neither a rule of fxpar's own nor a DTensor strategy."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x, y):
-        return F.cross_entropy(torch.cumsum(self.fc(x), dim=1), y)
+        return F.cross_entropy(torch.renorm(self.fc(x), 2, 0, 1.0), y)
 
 
 class NoLoss(nn.Module):
@@ -39,15 +41,15 @@ def _inputs(batch=8):
 
 
 def test_op_without_rule_names_node_and_op_when_strict():
-    with pytest.raises(fxpar.UnsupportedOpError, match=r"%cumsum \(aten\.cumsum\.default\) has no sharding rule; register one"):
-        fxpar.plan(CumsumModel(), _inputs(), mesh_shape=(2,), strict=True)
+    with pytest.raises(fxpar.UnsupportedOpError, match=r"%renorm \(aten\.renorm\.default\) has no sharding rule; register one"):
+        fxpar.plan(RenormModel(), _inputs(), mesh_shape=(2,), strict=True)
 
 
 def test_op_without_rule_warns_with_its_cost_and_runs_replicated():
-    with pytest.warns(fxpar.FallbackWarning, match=r"%cumsum \(aten\.cumsum\.default\) has no sharding rule and runs replicated on every device: [0-9.]+ us of compute per device plus [0-9.]+ us gathering"):
-        plan = fxpar.plan(CumsumModel(), _inputs(), mesh_shape=(2,))
-    assert plan.strategies["cumsum"].outputs[0] == (fxpar.placement.R,)
-    assert "fallback: %cumsum" in plan.explain()
+    with pytest.warns(fxpar.FallbackWarning, match=r"%renorm \(aten\.renorm\.default\) has no sharding rule and runs replicated on every device: [0-9.]+ us of compute per device plus [0-9.]+ us gathering"):
+        plan = fxpar.plan(RenormModel(), _inputs(), mesh_shape=(2,))
+    assert plan.strategies["renorm"].outputs[0] == (fxpar.placement.R,)
+    assert "fallback: %renorm" in plan.explain()
 
 
 def test_mesh_that_does_not_divide_the_batch():
