@@ -148,12 +148,16 @@ class Plan:
     def explain(self) -> str:
         lines = [
             f"fxpar plan: mesh {list(self.mesh_shape)} on {self.cluster.name} ({self.cluster.device.name}), optimizer {self.optimizer}",
-            f"{'layer / node':<34} {'op':<22} {'placement / strategy':<28} {'time':>10}  comm",
+            f"{'layer / node':<34} {'op':<22} {'rule':<7} {'placement / strategy':<28} {'time':>10}  comm",
         ]
         for row in self.rows:
             lines.append(
-                f"{row['name'][:34]:<34} {row['op'][:22]:<22} {row['strategy'][:28]:<28} {row['time']:>10}  {row['comm']}"
+                f"{row['name'][:34]:<34} {row['op'][:22]:<22} {row.get('source', ''):<7} {row['strategy'][:28]:<28} "
+                f"{row['time']:>10}  {row['comm']}"
             )
+        derived = sorted({row["op"] for row in self.rows if row.get("source") == "dtensor"})
+        if derived:
+            lines.append(f"strategies from torch's DTensor (no rule of fxpar's own): {', '.join(derived)}")
         lines += [f"fallback: {note}" for note in self.fallbacks]
         s = self.solver
         lines += [
@@ -202,7 +206,9 @@ class Plan:
 
 def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, choice: dict[Node, int]) -> list[dict]:
     """Rows of the explain() table: each parameter (placement and gradient sync), then each node
-    that does FLOP-heavy work or receives resharded inputs, with the collectives on its inputs."""
+    that does FLOP-heavy work, receives resharded inputs, or takes its strategies from another
+    source than fxpar's own rules, with the collectives on its inputs and that source (``fxpar``,
+    ``dtensor`` or ``none``, ``OpFacts.source``)."""
     from fxpar.reshard import reshard_steps
 
     mesh_ndim = len(problem.cost_model.mesh_shape)
@@ -220,6 +226,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
         return total, "+".join(kinds)
 
     rows = []
+    sources = {n: n.meta.get("fxpar_rule_source", "fxpar") for n in gm.graph.nodes if n.op == "call_function"}
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.meta["fxpar_role"] == "param":
             spec = assignment[n].outputs[0]
@@ -230,7 +237,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
         if n.op != "call_function":
             continue
         t, kinds = comm_of(n)
-        if not n.meta.get("fxpar_flops") and not kinds:
+        if not n.meta.get("fxpar_flops") and not kinds and sources[n] == "fxpar":
             continue
         s = assignment[n]
         kind = ""
@@ -238,7 +245,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
             kind = "/".join(matmul_kind(n.target, s, a) for a in range(mesh_ndim)) + " "
         rows.append({"name": f"%{n.name}", "op": str(n.target).replace("aten.", "").replace(".default", ""),
                      "strategy": kind + s.label(), "time": _fmt_s(problem.node_cost[n][choice[n]]),
-                     "comm": f"{kinds} {_fmt_s(t)}" if kinds else ""})
+                     "comm": f"{kinds} {_fmt_s(t)}" if kinds else "", "source": sources[n]})
     return rows
 
 

@@ -50,6 +50,9 @@ _NONLINEAR = [
     aten.gelu_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
     aten.tanh_backward.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
     aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
+    # copy(self, src) is src in self's shape and dtype; fill(self, value) is value in self's shape.
+    # DTensor has no strategies for these (it handles them outside its strategy registry).
+    aten.copy.default, aten.fill.Tensor, aten.fill.Scalar,
 ]
 
 
