@@ -15,11 +15,11 @@ from torch.fx import GraphModule
 from fxpar.cluster import Cluster, preset
 from fxpar.errors import CaptureError, ClusterSpecError, IdleRankError, ShardingError
 from fxpar.passes.rewrite import rewrite
-from fxpar.placement import Spec, replicated
+from fxpar.placement import replicated
 from fxpar.plan import Plan
 from fxpar.planner import capture_and_annotate, plan_graph
-from fxpar.reshard import reshard_steps
-from fxpar.runtime.collectives import STEP_OPS, DistComm, use_comm
+from fxpar.runtime.codegen import bucket_collectives, check_codegen, compile_step
+from fxpar.runtime.steps import RankMesh, reshard
 
 
 def init_distributed() -> None:
@@ -45,13 +45,6 @@ def local_cluster(num_devices: int) -> Cluster:
     return preset("cpu-local", num_devices=num_devices)
 
 
-def run_steps(x: torch.Tensor, src: Spec, dst: Spec) -> torch.Tensor:
-    for step in reshard_steps(src, dst):
-        extra = [d for d in (step.dim, step.dim2) if d >= 0]
-        x = STEP_OPS[step.kind](x, step.axis, *extra)
-    return x
-
-
 class _Step(torch.autograd.Function):
     """The whole joint step as one autograd op: forward computes loss and gradients; backward
     hands the gradients (scaled by the incoming gradient of the loss) to the parameters."""
@@ -60,8 +53,8 @@ class _Step(torch.autograd.Function):
     def forward(ctx, module: FxparModule, num_rest: int, *args):
         # args: the parameter shards, then buffers and inputs (num_rest of them).
         num_params = len(module._shards)
-        with torch.no_grad(), use_comm(module._comm):
-            loss, *outs = module.local_graph(*args)
+        with torch.no_grad():
+            loss, *outs = module.step_fn(*[a.detach() for a in args])
             grads, updates = outs[:num_params], outs[num_params:]
             for slot, value in zip(module._updated_slots, updates):
                 getattr(module, f"_buffer{slot}").copy_(value)
@@ -87,13 +80,15 @@ class FxparModule(nn.Module):
 
     is_active = True
 
-    def __init__(self, plan: Plan, graph: GraphModule, local_graph: GraphModule, comm, params: dict, buffers: dict,
-                 input_shapes: list[tuple[int, ...]]):
+    def __init__(self, plan: Plan, graph: GraphModule, local_graph: GraphModule, mesh: RankMesh, params: dict,
+                 buffers: dict, input_shapes: list[tuple[int, ...]], codegen: str):
         super().__init__()
         self.plan = plan
         self.graph = graph
         self.local_graph = local_graph
-        self._comm = comm
+        self.mesh = mesh
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.step_fn = compile_step(local_graph, codegen, device)
         self._names = list(params)
         self._shards = nn.ParameterList([nn.Parameter(t) for t in params.values()])
         self._buffer_names = list(buffers)
@@ -106,6 +101,16 @@ class FxparModule(nn.Module):
     def num_ranks(self) -> int:
         """Ranks the plan runs on (ranks 0..num_ranks-1); the global batch is cut into this many slices."""
         return math.prod(self.plan.mesh_shape)
+
+    @property
+    def codegen(self) -> str:
+        """``"inductor"`` or ``"eager"``: how the step runs (eager also where Inductor fell back)."""
+        return self.step_fn.codegen
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds the code generator took (on the first call; 0 for eager)."""
+        return self.step_fn.compile_s
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self._input_shapes):
@@ -127,9 +132,9 @@ class FxparModule(nn.Module):
         """Full tensors under the original keys (gathers the shards: every rank must call it)."""
         rep = replicated(len(self.plan.mesh_shape))
         out = {}
-        with torch.no_grad(), use_comm(self._comm):
+        with torch.no_grad():
             for name, shard in zip(self._names, self._shards):
-                out[name] = run_steps(shard.detach(), self.plan.param_specs[name], rep)
+                out[name] = reshard(shard.detach(), self.plan.param_specs[name], rep, self.mesh)
         for i, name in enumerate(self._buffer_names):
             out[name] = getattr(self, f"_buffer{i}").detach().clone()
         return out
@@ -171,6 +176,7 @@ def compile(
     mesh_shape: Sequence[int] | None = None,
     plan: Plan | None = None,
     optimizer: str = "adam",
+    codegen: str = "inductor",
 ) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
@@ -179,7 +185,12 @@ def compile(
     A mesh (or plan) on fewer devices than the group has runs on ranks ``0..k-1``; every rank must
     still call ``compile`` (the groups are made collectively), and the others get an
     ``IdleModule`` (``is_active`` False) to skip training with.
+
+    ``codegen``: ``"inductor"`` compiles the rank's step with torch Inductor on its first call (a
+    ``FallbackWarning`` and eager execution where no C++ compiler is found on CPU); ``"eager"`` runs
+    the graph op by op.
     """
+    check_codegen(codegen)
     init_distributed()
     world = dist.get_world_size()
     rank = dist.get_rank()
@@ -217,17 +228,17 @@ def compile(
     if not active:
         return IdleModule(plan, rank)
     assignment = plan.assignment(gm)
-    local_gm = rewrite(gm, assignment, mesh, device=device)
-    comm = DistComm(device_mesh)
+    rank_mesh = RankMesh.from_device_mesh(device_mesh)
+    local_gm = rewrite(gm, assignment, mesh, coords=rank_mesh.coords, group_names=rank_mesh.group_names, device=device)
     rep = replicated(len(mesh))
     params, buffers = {}, {}
-    with torch.no_grad(), use_comm(comm):
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             full = p.detach().clone()
             dist.broadcast(full, src=0, group=group)
-            params[name] = run_steps(full, rep, plan.param_specs[name]).clone()
+            params[name] = reshard(full, rep, plan.param_specs[name], rank_mesh).clone()
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
         for name, b in frozen + list(model.named_buffers()):
             full = b.detach().clone()
@@ -238,4 +249,7 @@ def compile(
         shape = list(x.shape)
         shape[0] //= num_used
         input_shapes.append(tuple(shape))
-    return FxparModule(plan, gm, local_gm, comm, params, buffers, input_shapes)
+    local_inputs = [*params.values(), *buffers.values(),
+                    *[torch.empty(s, dtype=x.dtype, device=device) for s, x in zip(input_shapes, example_inputs)]]
+    bucket_collectives(local_gm, local_inputs)
+    return FxparModule(plan, gm, local_gm, rank_mesh, params, buffers, input_shapes, codegen)

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from fxpar.errors import CaptureError, ClusterSpecError
 from fxpar.placement import replicated
-from fxpar.runtime.collectives import use_comm
+from fxpar.runtime.steps import reshard
 
 
 class _DynamoGraph(nn.Module):
@@ -64,16 +64,15 @@ class _DynamoGraph(nn.Module):
 class _FullParamStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compiled, num_rest: int, *args):
-        from fxpar.api import run_steps
-
         num_params = len(compiled._names)
         full_params, rest = args[:num_params], args[num_params:]
         rep = replicated(len(compiled.plan.mesh_shape))
-        with torch.no_grad(), use_comm(compiled._comm):
-            shards = [run_steps(p.detach(), rep, compiled.plan.param_specs[name]) for name, p in zip(compiled._names, full_params)]
-            loss, *outs = compiled.local_graph(*shards, *rest)
+        specs = [compiled.plan.param_specs[name] for name in compiled._names]
+        with torch.no_grad():
+            shards = [reshard(p.detach(), rep, spec, compiled.mesh) for p, spec in zip(full_params, specs)]
+            loss, *outs = compiled.step_fn(*shards, *[r.detach() for r in rest])
             grads, updates = outs[:num_params], outs[num_params:]
-            grads = [run_steps(g, compiled.plan.param_specs[name], rep) for name, g in zip(compiled._names, grads)]
+            grads = [reshard(g, spec, rep, compiled.mesh) for g, spec in zip(grads, specs)]
             for slot, value in zip(compiled._updated_slots, updates):
                 rest[slot].copy_(value)  # the user's own buffer (batch-norm statistics)
         ctx.num_rest = num_rest
@@ -87,7 +86,7 @@ class _FullParamStep(torch.autograd.Function):
 
 def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = None):
     """The dynamo backend. ``options`` (``torch.compile(..., options={...})``) go to
-    ``fxpar.compile``: ``cluster``, ``mesh_shape``, ``optimizer``, ``plan``."""
+    ``fxpar.compile``: ``cluster``, ``mesh_shape``, ``optimizer``, ``plan``, ``codegen``."""
     options = dict(options or {})
     from fxpar.api import compile as fxpar_compile, init_distributed
 

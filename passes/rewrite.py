@@ -1,74 +1,94 @@
 """Rewrite pass: turn the global joint graph into the graph one rank runs under a plan.
 
-Reads ``node.meta["val"]`` and the chosen ``OpStrategy`` of every node. Writes a new GraphModule
-whose placeholders are the rank's local parameter shards and local batch slices, and whose output
-is ``(loss replicated, *grads in their parameter's spec, *updated buffers replicated)``. Where a producer's spec differs from what
-a consumer wants, the steps of ``fxpar.reshard.reshard_steps`` are inserted as calls to
-``fxpar.runtime.collectives``; ops whose rule registered a ``localize`` hook (view/expand/factory
-sizes, ...) get their per-device arguments from it; factory ops get the run's device.
+Reads ``node.meta["val"]`` (global shapes) and the chosen ``OpStrategy`` of every node, and writes a
+new GraphModule for the rank at given mesh coordinates: the rank's ops on its local shapes, and
+between a producer and a consumer that disagree on a tensor's spec, the steps of
+``fxpar.reshard.reshard_steps`` emitted by ``fxpar.runtime.steps.apply_steps`` as torch functional
+collectives (``torch.ops._c10d_functional.*`` and ``wait_tensor``, addressed by the mesh axes'
+process-group names) and aten ops. Everything rank-dependent is resolved here from the rank's
+coordinates: a ``chunk`` is an ``aten.slice`` at this rank's offset, ``keep_one`` a multiplication
+by 1 or 0, and ops whose rule registered a ``localize`` hook (view/expand/factory sizes,
+vocabulary-parallel embedding offsets, ``arange`` starts) get this rank's arguments from it; so the
+graph reads no process-global state and any torch backend can run it. Factory ops get the run's
+device. The placeholders are the rank's local pieces (parameter shards, buffers, its slice of the
+batch), under the global graph's names; the output is ``(loss replicated, *grads in their
+parameter's spec, *updated buffers replicated)``. Gradients synchronized by one all-reduce or
+reduce-scatter are issued where they are produced and waited for at the end of the graph; a
+resharded value is made once per (producer, output, spec) and shared by its consumers.
+
+Writes no ``node.meta`` keys; ``gm.meta`` is copied to the new graph.
 
 Before (global, mm chosen row-parallel on a 1-D mesh of 2: x S(1), w S(0) -> Partial)::
 
     %mm = aten.mm(%x, %w)              # x[8,16], w[16,4]
     %relu = aten.relu(%mm)             # wants Replicate
 
-After::
+After (rank 0)::
 
     %mm = aten.mm(%x, %w)              # x[8,8], w[8,4] locally
-    %all_reduce = collectives.all_reduce(%mm, 0)
-    %relu = aten.relu(%all_reduce)
+    %all_reduce = _c10d_functional.all_reduce(%mm, "sum", "<axis 0 group>")
+    %wait_tensor = _c10d_functional.wait_tensor(%all_reduce)
+    %relu = aten.relu(%wait_tensor)
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxpar.passes.capture import step_outputs
-from fxpar.placement import Spec, replicated
+from fxpar.placement import Spec, local_shape, replicated
 from fxpar.reshard import reshard_steps
-from fxpar.rules.registry import OpStrategy, get_localizer, input_source
-from fxpar.runtime.collectives import ASYNC_STEPS, STEP_OPS, wait
+from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values
+from fxpar.runtime.steps import ASYNC_KINDS, RankMesh, apply_steps, start_step
 
+__all__ = ["rewrite"]
+
+
+def _is_multi(node: Node) -> bool:
+    return isinstance(node.meta.get("val"), (tuple, list))
 
 
 def rewrite(
     gm: GraphModule,
     assignment: dict[Node, OpStrategy],
-    mesh_shape: tuple[int, ...],
+    mesh_shape: Sequence[int],
     *,
+    coords: Sequence[int] | None = None,
+    group_names: Sequence[str] | None = None,
     device: torch.device | None = None,
     output_specs: list[Spec] | None = None,
 ) -> GraphModule:
-    """``output_specs``: the spec of each graph output; by default a training step's (the loss
-    replicated, each gradient in its parameter's spec)."""
+    """The graph of the rank at ``coords`` (default: the first rank) whose mesh axes' process
+    groups are named ``group_names`` (default: stand-in names, enough to inspect the graph but not
+    to run its collectives). ``output_specs``: the spec of each graph output; by default a training
+    step's (the loss replicated, each gradient in its parameter's spec, buffers replicated)."""
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if group_names is None:
+        mesh = RankMesh.placeholder(mesh_shape, coords)
+    else:
+        mesh = RankMesh(mesh_shape, tuple(coords) if coords is not None else (0,) * len(mesh_shape), tuple(group_names))
     graph = Graph()
+    emit = lambda target, *args: graph.call_function(target, args)  # noqa: E731
     env: dict[Node, Node] = {}
     cache: dict[tuple[Node, int, Spec], Node] = {}
 
     def get(u: Node, idx: int, dst: Spec) -> Node:
         key = (u, idx, dst)
-        if key in cache:
-            return cache[key]
-        src = assignment[u].outputs[idx]
-        if src == dst:
-            if isinstance(u.meta.get("val"), (tuple, list)):
-                node = graph.call_function(operator.getitem, (env[u], idx))
+        if key not in cache:
+            src = assignment[u].outputs[idx]
+            if src == dst:
+                cache[key] = graph.call_function(operator.getitem, (env[u], idx)) if _is_multi(u) else env[u]
             else:
-                node = env[u]
-        else:
-            node = get(u, idx, src)
-            for step in reshard_steps(src, dst):
-                args = [node, step.axis] + ([step.dim] if step.dim >= 0 else []) + ([step.dim2] if step.dim2 >= 0 else [])
-                node = graph.call_function(STEP_OPS[step.kind], tuple(args))
-        cache[key] = node
-        return node
+                shape = local_shape(tuple(output_values(u)[idx].shape), src, mesh_shape)
+                cache[key] = apply_steps(get(u, idx, src), reshard_steps(src, dst), mesh, shape, emit)
+        return cache[key]
 
-    output = gm.graph.output_node()
-    out_nodes = list(output.args[0])
+    out_nodes = list(gm.graph.output_node().args[0])
     if output_specs is None:
         _, grads, buffers = step_outputs(gm)
         rep = replicated(len(mesh_shape))
@@ -77,59 +97,31 @@ def rewrite(
     wanted: dict[Node, list[Spec]] = {}
     for out, spec in zip(out_nodes, output_specs):
         wanted.setdefault(out, []).append(spec)
-    # Gradients resharded by one all-reduce or reduce-scatter are synchronized asynchronously:
-    # started where the gradient is produced, waited for at the end of the step.
     is_grad = {grad for grad, _ in step_outputs(gm)[1]} if "fxpar_outputs" in gm.meta else set()
-    pending: dict[tuple[Node, Spec], Node] = {}
-
-    def start_async(u: Node, dst: Spec) -> bool:
-        if u not in is_grad or isinstance(u.meta.get("val"), (tuple, list)):
-            return False
-        steps = reshard_steps(assignment[u].outputs[0], dst)
-        if len(steps) != 1 or steps[0].kind not in ASYNC_STEPS:
-            return False
-        step = steps[0]
-        args = (env[u], step.axis) + ((step.dim,) if step.dim >= 0 else ())
-        pending[(u, dst)] = graph.call_function(ASYNC_STEPS[step.kind], args)
-        return True
+    # Gradient syncs in flight: (node, spec) -> (issued value, finish).
+    pending: dict[tuple[Node, Spec], tuple] = {}
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
-        elif node.op == "get_attr":  # a constant the forward creates: replicated on every rank
+        elif node.op == "get_attr":  # a constant the step creates: the same on every rank
             env[node] = graph.get_attr(node.target)
         elif node.op == "call_function":
-            strategy = assignment[node]
-            if node.target is operator.getitem and isinstance(node.args[0].meta.get("val"), (tuple, list)):
-                u, idx = input_source(node, 0)
-                env[node] = get(u, idx, strategy.inputs[0])
-            else:
-                leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
-                arg_nodes = [leaf for leaf in leaves if isinstance(leaf, Node)]
-                j = 0
-                for i, leaf in enumerate(leaves):
-                    if isinstance(leaf, Node):
-                        u, idx = input_source(node, j, arg_nodes)
-                        leaves[i] = get(u, idx, strategy.inputs[j])
-                        j += 1
-                args, kwargs = pytree.tree_unflatten(leaves, spec)
-                args = list(args)
-                target = node.target
-                localize = get_localizer(target)
-                if localize is not None:
-                    target, args, kwargs = localize(node, args, dict(kwargs), strategy, mesh_shape)
-                if device is not None and "device" in kwargs:
-                    kwargs = {**kwargs, "device": device}
-                env[node] = graph.call_function(target, tuple(args), kwargs)
+            env[node] = _call(graph, node, assignment[node], get, mesh, device)
         elif node.op == "output":
             continue
         else:
             raise AssertionError(f"unexpected node {node.op} {node.name}")
         for dst in wanted.get(node, []):
-            if (node, dst) not in pending and not start_async(node, dst):
+            steps = reshard_steps(assignment[node].outputs[0], dst)
+            if node in is_grad and not _is_multi(node) and len(steps) == 1 and steps[0].kind in ASYNC_KINDS:
+                shape = local_shape(tuple(node.meta["val"].shape), assignment[node].outputs[0], mesh_shape)
+                pending.setdefault((node, dst), start_step(env[node], shape, steps[0], mesh, emit))
+            else:
                 get(node, 0, dst)
-    waited = {key: graph.call_function(wait, (handle,)) for key, handle in pending.items()}
-    graph.output(tuple(waited.get((out, spec)) or get(out, 0, spec) for out, spec in zip(out_nodes, output_specs)))
+    finished = {key: finish(value) for key, (value, finish) in pending.items()}
+    graph.output(tuple(finished[(out, spec)] if (out, spec) in finished else get(out, 0, spec)
+                       for out, spec in zip(out_nodes, output_specs)))
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
     if device is not None:
@@ -137,3 +129,26 @@ def rewrite(
             if node.op == "get_attr":
                 setattr(new, node.target, getattr(new, node.target).to(device))
     return new
+
+
+def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, device: torch.device | None) -> Node:
+    """The node's call on this rank's local values."""
+    if node.target is operator.getitem and _is_multi(node.args[0]):
+        u, idx = input_source(node, 0)
+        return get(u, idx, strategy.inputs[0])
+    leaves, tree = pytree.tree_flatten((node.args, node.kwargs))
+    arg_nodes = [leaf for leaf in leaves if isinstance(leaf, Node)]
+    j = 0
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Node):
+            u, idx = input_source(node, j, arg_nodes)
+            leaves[i] = get(u, idx, strategy.inputs[j])
+            j += 1
+    args, kwargs = pytree.tree_unflatten(leaves, tree)
+    target, args, kwargs = node.target, list(args), dict(kwargs)
+    localize = get_localizer(target)
+    if localize is not None:
+        target, args, kwargs = localize(node, args, kwargs, strategy, mesh.shape, mesh.coords)
+    if device is not None and "device" in kwargs:
+        kwargs["device"] = device
+    return graph.call_function(target, tuple(args), kwargs)

@@ -1,107 +1,144 @@
-"""Run a rewritten (per-rank) graph for every rank of a mesh in one process, in lockstep.
+"""Run every rank of a mesh in one process: the per-rank graphs that real ranks run, under torch's
+``LocalTensorMode``.
 
-Collective nodes see the values of all ranks of their axis group; every other node runs once per
-rank with that rank's coordinates. Used by the property tests to check any plan quickly against
-the single-device graph, with the same arithmetic a real process group would do.
+``simulate_plan`` rewrites the global graph once per rank (``fxpar.passes.rewrite``, with that
+rank's mesh coordinates and the axis group names of an in-process ``fake`` process group) and runs
+the graphs in lockstep under ``torch.distributed._local_tensor.LocalTensorMode``: a value is one
+``LocalTensor`` holding every rank's tensor, an op whose arguments are the same on every rank runs
+once under the mode (which applies it to each rank's tensor), and the functional collectives run
+through the mode's own implementations of them (``_c10d_functional.all_reduce`` and the rest)
+over the ranks of each axis group. Ops whose constants differ between ranks (a rank's slice
+offset, the 1 or 0 of ``keep_one``) run once per rank on that rank's tensors. No collective is
+implemented here. Used by the property tests to check any plan, and every rule strategy, against
+the single-device graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch.fx import GraphModule
+import torch.distributed as dist
+from torch.distributed._local_tensor import LocalTensor, LocalTensorMode
+from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
-from fxpar.runtime import collectives as C
+from fxpar.placement import Spec, replicated
+from fxpar.runtime.steps import RankMesh, reshard
 
-
-class _RankComm:
-    def __init__(self, mesh_shape: tuple[int, ...], coords: tuple[int, ...]):
-        self.mesh_shape = mesh_shape
-        self.coords = coords
-
-    def coord(self, axis: int) -> int:
-        return self.coords[axis]
+__all__ = ["fake_world", "shard_for_ranks", "simulate", "simulate_plan"]
 
 
-def _collective(target, values: list[torch.Tensor], coords: list[int], n: int, args: tuple) -> list[torch.Tensor]:
-    """``values`` of one axis group in coordinate order; returns each member's result."""
-    if target is C.all_gather:
-        full = torch.cat(values, dim=args[0])
-        return [full.clone() for _ in values]
-    total = values[0].clone()
-    for v in values[1:]:
-        total = total + v
-    if target in (C.all_reduce, C.all_reduce_start):
-        return [total.clone() for _ in values]
-    if target in (C.reduce_scatter, C.reduce_scatter_start):
-        return [total.chunk(n, args[0])[c].contiguous() for c in coords]
-    if target is C.all_to_all:
-        dim, dim2 = args
-        return [torch.cat([v.chunk(n, dim2)[c] for v in values], dim=dim) for c in coords]
-    raise AssertionError(target)
+def _coords(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    return list(itertools.product(*[range(s) for s in mesh_shape]))
 
 
-def simulate(gm: GraphModule, mesh_shape: tuple[int, ...], rank_inputs: list[list[torch.Tensor]]) -> list[list]:
-    ranks = list(itertools.product(*[range(s) for s in mesh_shape]))
-    assert len(rank_inputs) == len(ranks)
-    envs: list[dict] = [{} for _ in ranks]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for env, inputs in zip(envs, rank_inputs):
-        assert len(inputs) == len(placeholders)
-        env.update(zip(placeholders, inputs))
-    results: list[list] = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            results = [torch.fx.node.map_arg(node.args[0], lambda a, e=env: e[a]) for env in envs]
-            break
-        if node.op == "get_attr":
-            for env in envs:
-                env[node] = getattr(gm, node.target)
-            continue
-        if node.target in C.COLLECTIVE_OPS:
-            x, axis, *rest = node.args
-            groups: dict[tuple, list[int]] = {}
-            for r, coords in enumerate(ranks):
-                key = coords[:axis] + coords[axis + 1 :]
-                groups.setdefault(key, []).append(r)
-            for members in groups.values():
-                outs = _collective(
-                    node.target, [envs[r][x] for r in members], [ranks[r][axis] for r in members], mesh_shape[axis], tuple(rest)
-                )
-                for r, out in zip(members, outs):
-                    envs[r][node] = out
-            continue
-        for env, coords in zip(envs, ranks):
-            args = torch.fx.node.map_arg(node.args, lambda a, e=env: e[a])
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, e=env: e[a])
-            with C.use_comm(_RankComm(mesh_shape, coords)):
-                env[node] = node.target(*args, **kwargs)
-    return results
+@contextlib.contextmanager
+def fake_world(mesh_shape: Sequence[int]) -> Iterator[tuple[str, ...]]:
+    """An in-process ``fake`` process group of the mesh's size (rank 0's view, as ``LocalTensorMode``
+    expects) and a ``DeviceMesh`` over it; yields the group name of every mesh axis. Made for the
+    duration of the block and destroyed after it; refuses to run where a process group exists."""
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers the "fake" backend)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError(
+            "the fxpar simulator makes its own in-process process group; call it where no "
+            "torch.distributed process group is initialized"
+        )
+    num_devices = 1
+    for s in mesh_shape:
+        num_devices *= s
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=num_devices)
+    try:
+        mesh = init_device_mesh("cpu", tuple(mesh_shape))
+        yield tuple(mesh.get_group(a).group_name for a in range(len(mesh_shape)))
+    finally:
+        dist.destroy_process_group()
 
 
-def shard_for_ranks(value: torch.Tensor, spec, mesh_shape: tuple[int, ...]) -> list[torch.Tensor]:
+def _unwrap(value, rank: int):
+    return value._local_tensors[rank] if isinstance(value, LocalTensor) else value
+
+
+def _wrap(per_rank: list):
+    """Per-rank results (same structure on every rank) as one value of LocalTensors."""
+    flat = [pytree.tree_flatten(v) for v in per_rank]
+    leaves = []
+    for i, leaf in enumerate(flat[0][0]):
+        if isinstance(leaf, torch.Tensor):
+            leaves.append(LocalTensor({r: f[0][i] for r, f in enumerate(flat)}))
+        else:
+            leaves.append(leaf)
+    return pytree.tree_unflatten(leaves, flat[0][1])
+
+
+def _positional(node: Node, index: dict[Node, int]):
+    """The node's arguments with every node replaced by its position in its graph."""
+    return torch.fx.node.map_arg((node.args, node.kwargs), index.__getitem__)
+
+
+def simulate(graphs: Sequence[GraphModule], rank_inputs: Sequence[Sequence[torch.Tensor]]) -> list[list]:
+    """Run ``graphs[r]`` on ``rank_inputs[r]`` for every rank r, in lockstep under
+    ``LocalTensorMode``; the graphs must come from one rewrite for the ranks of one mesh (inside
+    ``fake_world``). Returns each rank's outputs."""
+    num_ranks = len(graphs)
+    assert len(rank_inputs) == num_ranks
+    node_lists = [list(g.graph.nodes) for g in graphs]
+    assert len({len(nodes) for nodes in node_lists}) == 1, "the ranks' graphs differ in length"
+    positions = [{n: i for i, n in enumerate(nodes)} for nodes in node_lists]
+    envs: list[dict[Node, object]] = [{} for _ in graphs]
+    placeholder_index = 0
+    with LocalTensorMode(num_ranks) as mode:
+        for nodes in zip(*node_lists):
+            first = nodes[0]
+            assert all(n.op == first.op and n.target == first.target for n in nodes), [str(n.target) for n in nodes]
+            if first.op == "placeholder":
+                value = _wrap([inputs[placeholder_index] for inputs in rank_inputs])
+                placeholder_index += 1
+            elif first.op == "get_attr":
+                value = _wrap([getattr(g, n.target) for g, n in zip(graphs, nodes)])
+            elif first.op == "output":
+                outs = [torch.fx.node.map_arg(n.args[0], env.__getitem__) for n, env in zip(nodes, envs)]
+                return [[_unwrap(v, r) for v in out] for r, out in enumerate(outs)]
+            else:
+                shared = _positional(first, positions[0])
+                if all(_positional(n, pos) == shared for n, pos in zip(nodes[1:], positions[1:])):
+                    args, kwargs = torch.fx.node.map_arg((first.args, first.kwargs), envs[0].__getitem__)
+                    value = first.target(*args, **kwargs)
+                else:
+                    calls = [torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__) for n, env in zip(nodes, envs)]
+                    assert getattr(first.target, "namespace", None) != "_c10d_functional", f"{first.name}: arguments differ between ranks"
+                    with mode.disable():
+                        value = _wrap([n.target(*pytree.tree_map(lambda v, r=r: _unwrap(v, r), c[0]),
+                                                **pytree.tree_map(lambda v, r=r: _unwrap(v, r), c[1]))
+                                       for r, (n, c) in enumerate(zip(nodes, calls))])
+            for n, env in zip(nodes, envs):
+                env[n] = value
+    raise AssertionError("graph without output")
+
+
+def shard_for_ranks(value: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Each rank's local piece of a full ``value`` under ``spec`` (rank order = row-major coords)."""
-    from fxpar.api import run_steps
-    from fxpar.placement import replicated
-
-    out = []
-    for coords in itertools.product(*[range(s) for s in mesh_shape]):
-        with C.use_comm(_RankComm(mesh_shape, coords)):
-            out.append(run_steps(value, replicated(len(mesh_shape)), spec))
-    return out
+    rep = replicated(len(mesh_shape))
+    # From Replicate every step is local (a chunk or keep_one), so no process group is needed.
+    return [reshard(value, rep, spec, RankMesh.placeholder(mesh_shape, c)) for c in _coords(mesh_shape)]
 
 
 def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
                   output_specs=None) -> list[list]:
-    """Rewrite ``gm`` under ``assignment``, slice ``full_inputs`` per the placeholders' specs, and
-    run every rank; returns each rank's outputs."""
+    """Rewrite ``gm`` under ``assignment`` for every rank, slice ``full_inputs`` per the
+    placeholders' specs, and run every rank; returns each rank's outputs."""
     from fxpar.passes.rewrite import rewrite
 
-    local = rewrite(gm, assignment, mesh_shape, output_specs=output_specs)
+    mesh_shape = tuple(mesh_shape)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pieces = [shard_for_ranks(v, assignment[n].outputs[0], mesh_shape) for n, v in zip(placeholders, full_inputs)]
-    rank_inputs = [[p[r] for p in pieces] for r in range(len(pieces[0]) if pieces else 1)]
-    return simulate(local, mesh_shape, rank_inputs)
+    coords = _coords(mesh_shape)
+    rank_inputs = [[p[r] for p in pieces] for r in range(len(coords))]
+    with fake_world(mesh_shape) as names:
+        graphs = [rewrite(gm, assignment, mesh_shape, coords=c, group_names=names, output_specs=output_specs) for c in coords]
+        return simulate(graphs, rank_inputs)

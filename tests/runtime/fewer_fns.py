@@ -56,7 +56,7 @@ def train_on_fewer(rank: int, mesh_shape, num_steps: int, force=None, lr: float 
     if force is not None:
         cluster = fxpar.preset("cpu-local", num_devices=math.prod(mesh_shape))
         plan = fxpar.plan(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, force=force)
-    compiled = fxpar.compile(model, mlp_inputs(0), mesh_shape=mesh_shape, plan=plan)
+    compiled = fxpar.compile(model, mlp_inputs(0), mesh_shape=mesh_shape, plan=plan, codegen="eager")
     if not compiled.is_active:
         return "idle", _idle_report(compiled), too_big
     losses, state = _train(rank, compiled, num_steps, lr)

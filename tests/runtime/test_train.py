@@ -9,6 +9,7 @@ import torch
 
 import fxpar
 from fxpar.launch import RankError
+from fxpar.runtime.codegen import cpp_compiler
 
 from . import train_fns as t
 
@@ -19,13 +20,17 @@ ZERO = {"layers.0.weight": "S(0)", "layers.1.weight": "S(0)", "layers.2.weight":
 def test_zero_plan_exercises_asynchronous_gradient_sync():
     from fxpar.passes.rewrite import rewrite
     from fxpar.planner import capture_and_annotate, plan_graph
-    from fxpar.runtime import collectives as C
 
+    funcol = torch.ops._c10d_functional
     gm = capture_and_annotate(t.mlp_model(), t.mlp_inputs(0))
     plan, _ = plan_graph(gm, mesh_shape=(2,), force=ZERO)
-    local = rewrite(gm, plan.assignment(gm), (2,))
-    starts = [n for n in local.graph.nodes if n.target in (C.all_reduce_start, C.reduce_scatter_start)]
-    assert starts, "the ZeRO case below is meant to run gradient sync asynchronously"
+    nodes = list(rewrite(gm, plan.assignment(gm), (2,)).graph.nodes)
+    scatters = [n for n in nodes if n.target is funcol.reduce_scatter_tensor.default]
+    # Issued where the gradient is made, waited for after the last compute op.
+    last_compute = max(i for i, n in enumerate(nodes) if n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default))
+    assert scatters, "the ZeRO case below is meant to reduce-scatter gradients"
+    assert any(nodes.index(s) < last_compute for s in scatters)
+    assert all(nodes.index(next(iter(s.users))) > last_compute for s in scatters), "a gradient sync is waited for early"
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +63,25 @@ def _check(results, reference):
 def test_fxpar_compile_matches_single_process(reference, mesh, force):
     results = fxpar.launch(t.train_fxpar, math.prod(mesh), mesh, NUM_STEPS, force)
     _check(results, reference)
+    assert all(r[3] == "eager" for r in results)
     plans = [fxpar.Plan.from_json(r[2]) for r in results]
     assert all(p.strategies == plans[0].strategies for p in plans), "ranks ran different plans"
     if force:
         plan = plans[0]
         assert any(any(repr(p) != "R" for p in spec) for spec in plan.param_specs.values())
+
+
+@pytest.mark.skipif(cpp_compiler() is None, reason="Inductor on CPU needs a C++ compiler")
+@pytest.mark.parametrize(
+    "mesh, force",
+    [((2,), None), ((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)"})],
+    ids=["data-parallel", "megatron-block"],
+)
+def test_inductor_compiled_step_matches_single_process(reference, mesh, force):
+    """The same per-rank graph compiled by Inductor (a few cases: each compiles for seconds)."""
+    results = fxpar.launch(t.train_fxpar, math.prod(mesh), mesh, NUM_STEPS, force, None, 0.05, "inductor")
+    _check(results, reference)
+    assert all(r[3] == "inductor" for r in results)
 
 
 @pytest.mark.parametrize("nprocs, options", [(2, None), (4, None), (4, {"mesh_shape": (2, 2)})], ids=str)

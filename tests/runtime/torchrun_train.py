@@ -15,7 +15,7 @@ from tests.runtime.train_fns import mlp_inputs, mlp_model, train_mlp_steps
 def main(out_path: str, num_steps: int) -> None:
     torch.manual_seed(0)
     model = mlp_model()
-    compiled = fxpar.compile(model, mlp_inputs(0))  # initializes the group from torchrun's env
+    compiled = fxpar.compile(model, mlp_inputs(0), codegen="eager")  # initializes the group from torchrun's env
     rank, world = dist.get_rank(), dist.get_world_size()
     losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps)
     state = compiled.state_dict()

@@ -47,7 +47,8 @@ def train_mlp_steps(step_fn, parameters, rank: int, world: int, num_steps: int, 
     return losses
 
 
-def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=None, lr: float = 0.05):
+def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=None, lr: float = 0.05,
+                codegen: str = "eager"):
     torch.manual_seed(0)
     model = mlp_model()
     world = dist.get_world_size()
@@ -55,16 +56,16 @@ def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=
     plan = None
     if force is not None:
         plan = fxpar.plan(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, force=force)
-    compiled = fxpar.compile(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, plan=plan)
+    compiled = fxpar.compile(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, plan=plan, codegen=codegen)
     losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps, lr)
-    return losses, compiled.state_dict(), compiled.plan.to_json()
+    return losses, compiled.state_dict(), compiled.plan.to_json(), compiled.codegen
 
 
 def train_torch_compile(rank: int, num_steps: int, options=None, lr: float = 0.05):
     torch.manual_seed(0)
     model = mlp_model()
     world = dist.get_world_size()
-    compiled = torch.compile(model, backend="fxpar", options=options)
+    compiled = torch.compile(model, backend="fxpar", options={"codegen": "eager", **(options or {})})
     losses = train_mlp_steps(compiled, model.parameters(), rank, world, num_steps, lr)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -81,11 +82,11 @@ def world_info(rank: int):
 
 
 def pass_global_batch(rank: int):
-    compiled = fxpar.compile(mlp_model(), mlp_inputs(0))
+    compiled = fxpar.compile(mlp_model(), mlp_inputs(0), codegen="eager")
     return compiled(*mlp_inputs(0))
 
 
 def backend_with_smaller_mesh(rank: int):
-    compiled = torch.compile(mlp_model(), backend="fxpar", options={"mesh_shape": (1,)})
+    compiled = torch.compile(mlp_model(), backend="fxpar", options={"mesh_shape": (1,), "codegen": "eager"})
     x, y = mlp_inputs(0)
     return compiled(x.chunk(2)[rank], y.chunk(2)[rank])

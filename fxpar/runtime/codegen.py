@@ -1,0 +1,107 @@
+"""From the rewritten per-rank graph to the function a rank calls every step.
+
+Two passes and one code generator, all torch's own:
+
+- ``bucket_collectives`` merges the gradient all-reduces (and reduce-scatters) of one mesh axis into
+  buckets with torch Inductor's FX bucketing passes (``torch._inductor.fx_passes.bucketing``:
+  ``bucket_all_reduce``, ``bucket_reduce_scatter``), as DDP packs gradients into buckets: one
+  collective per bucket instead of one per parameter. It runs on the per-rank graph before codegen,
+  so the eager step and the simulator run the same bucketed graph as the compiled one.
+- ``compile_step`` compiles the graph with Inductor (``torch._inductor.compile_fx.compile_fx``:
+  C++/OpenMP kernels on CPU, Triton on GPU) or runs it as it is (``codegen="eager"``). Inductor keeps
+  its compiled artifacts in its on-disk FX graph cache, so a restart with the same graph loads them
+  instead of compiling again. Where no C++ compiler is found on a CPU run, the step runs eagerly
+  with a ``FallbackWarning``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from fxpar.errors import FallbackWarning, FxparError
+
+__all__ = ["CODEGENS", "CodegenError", "bucket_collectives", "compile_step", "cpp_compiler"]
+
+CODEGENS = ("inductor", "eager")
+# DDP's default bucket size.
+BUCKET_CAP_MB = 25.0
+
+
+class CodegenError(FxparError):
+    """An unknown ``codegen=`` option."""
+
+
+def check_codegen(codegen: str) -> str:
+    if codegen not in CODEGENS:
+        raise CodegenError(f"codegen={codegen!r} is not one of {list(CODEGENS)}; use 'inductor' (compiled, the default) or 'eager'")
+    return codegen
+
+
+def bucket_collectives(gm: GraphModule, inputs: Sequence[torch.Tensor], cap_mb: float = BUCKET_CAP_MB) -> GraphModule:
+    """Merge independent all-reduces and reduce-scatters of one group and dtype into buckets of at
+    most ``cap_mb`` MB (in place; the graph's collectives must name existing process groups).
+    ``inputs``: tensors of the placeholders' shapes and dtypes (their values are not read)."""
+    from torch._inductor.fx_passes.bucketing import bucket_all_reduce, bucket_reduce_scatter
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    # The passes read every node's value metadata (shape, dtype).
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*inputs)
+
+    def cap(_bucket_id: int) -> float:
+        return cap_mb
+
+    bucket_all_reduce(gm, cap)
+    bucket_reduce_scatter(gm, cap)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would use on CPU (``$CXX``, else the first of g++, c++, clang++ on
+    the PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+class CompiledStep:
+    """Calls the per-rank graph; with Inductor, compiles it on the first call (``compile_s`` holds
+    the seconds that took, 0 for eager)."""
+
+    def __init__(self, gm: GraphModule, codegen: str):
+        self.gm = gm
+        self.codegen = codegen
+        self.compile_s = 0.0
+        self._fn: Callable | None = gm if codegen == "eager" else None
+
+    def __call__(self, *args: torch.Tensor) -> Sequence[torch.Tensor]:
+        if self._fn is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            start = time.perf_counter()
+            self._fn = compile_fx(self.gm, list(args))
+            self.compile_s = time.perf_counter() - start
+        return self._fn(*args)
+
+
+def compile_step(gm: GraphModule, codegen: str, device: torch.device) -> CompiledStep:
+    """The step function for ``codegen`` (``"inductor"`` or ``"eager"``)."""
+    check_codegen(codegen)
+    if codegen == "inductor" and device.type == "cpu" and cpp_compiler() is None:
+        warnings.warn(
+            "codegen='inductor' needs a C++ compiler on CPU and none was found (set $CXX or install g++); "
+            "the step runs eagerly (codegen='eager')", FallbackWarning, stacklevel=3)
+        codegen = "eager"
+    return CompiledStep(gm, codegen)
