@@ -105,7 +105,8 @@ class Plan:
 
         self._check_param_specs(gm)
         out = {}
-        names = {n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+        planned = ("placeholder", "get_attr", "call_function")
+        names = {n.name for n in gm.graph.nodes if n.op in planned}
         if names != set(self.strategies):
             missing = sorted(names - set(self.strategies))[:5]
             extra = sorted(set(self.strategies) - names)[:5]
@@ -114,7 +115,7 @@ class Plan:
                 f"strategies for unknown nodes {extra}; plan again for this model and these input shapes"
             )
         for n in gm.graph.nodes:
-            if n.op not in ("placeholder", "call_function"):
+            if n.op not in planned:
                 continue
             s = self.strategies[n.name]
             if s not in node_strategies(n, self.mesh_shape):

@@ -185,10 +185,35 @@ def _functionalize(joint: GraphModule, decompositions: dict, tracing_mode: str) 
     )(*values)
     for old, new in zip(placeholders, [n for n in gm.graph.nodes if n.op == "placeholder"]):
         new._rename(old.name)
+    _prims_to_aten(gm)
     # Called as the joint step is: step(params, buffers, inputs) -> (loss, *grads).
     gm.graph._codegen = joint.graph._codegen
     gm.recompile()
     return gm
+
+
+def _prims_to_aten(gm: GraphModule) -> None:
+    """Replace the ``prims.broadcast_in_dim`` that decompositions (``mean``) leave with
+    ``aten.view`` (and ``aten.expand`` where it broadcasts): the step is then an aten graph that
+    any torch backend compiles (AOT autograd cannot functionalize a prim that returns an alias)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.prims.broadcast_in_dim.default:
+            continue
+        x, shape, dims = node.args
+        shape = list(shape)
+        view_shape = [1] * len(shape)
+        for j, d in enumerate(dims):
+            view_shape[d] = x.meta["val"].shape[j]
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.view.default, (x, view_shape))
+            new.meta["val"] = _fake_call(new.target, new.args, {})
+            if view_shape != shape:
+                new = graph.call_function(aten.expand.default, (new, shape))
+                new.meta["val"] = _fake_call(new.target, new.args, {})
+        new.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
 
 def _fake_call(target, args, kwargs):
