@@ -44,7 +44,7 @@ from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, local_shape, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values
-from fxpar.runtime.steps import ASYNC_KINDS, RankMesh, apply_steps, start_step
+from fxpar.runtime.steps import ASYNC_KINDS, RankCoords, RankMesh, apply_steps, start_step
 
 __all__ = ["rewrite"]
 
@@ -148,7 +148,7 @@ def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, d
     target, args, kwargs = node.target, list(args), dict(kwargs)
     localize = get_localizer(target)
     if localize is not None:
-        target, args, kwargs = localize(node, args, kwargs, strategy, mesh.shape, mesh.coords)
+        target, args, kwargs = localize(node, args, kwargs, strategy, mesh.shape, RankCoords.of(mesh))
     if device is not None and "device" in kwargs:
         kwargs["device"] = device
     return graph.call_function(target, tuple(args), kwargs)

@@ -1,9 +1,15 @@
 """Rules for batch norm (training mode) and layer norm, forward and backward.
 
 Batch norm in training mode normalizes each channel with the mean and variance over the batch
-and spatial dims. Cutting those dims would normalize each shard with its own statistics, which
-is a different model (and differently updated running statistics), so the rules here cut only
-the channel dim, or replicate: statistics over the batch are always the global statistics.
+and spatial dims. It can cut the channel dim (each device normalizes its channels), or the batch
+dim with the statistics still those of the whole batch, as ``torch.nn.SyncBatchNorm`` computes
+them: each device sums its slice per channel and the sums are all-reduced over the mesh axes that
+cut the batch (two all-reduces of ``channels`` values forward, for the mean and then the variance
+about it; one of ``2 * channels`` values backward, for the sums of the gradient and of the
+gradient times the normalized input). The localize hooks put those collectives into the rank's
+graph (``batch_norm_global_stats`` and its backward); the results equal single-device batch norm,
+running statistics included. The all-reduces are not priced by the cost model (O(channels)
+values each). Per-device statistics (DDP's behaviour without SyncBatchNorm) are not offered.
 Layer norm normalizes over its trailing ``normalized_shape`` dims; any leading dim (batch,
 sequence) can be cut, the normalized ones cannot.
 
@@ -16,13 +22,82 @@ from __future__ import annotations
 import torch
 
 from fxpar.placement import P, R, Shard
-from fxpar.rules.common import absent_as_r, fill_absent_outputs, present
+from fxpar.rules.common import absent_as_r, fill_absent_outputs, present, sharding_axes
 from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
+from fxpar.runtime.steps import all_reduce_over
 
 aten = torch.ops.aten
 
 
-@register_rule(aten._native_batch_norm_legit_functional.default, cost_class="reduction")
+def _channel_view(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The dims a batch norm reduces over, and the shape that broadcasts a per-channel vector."""
+    return [0, *range(2, x.dim())], [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def batch_norm_global_stats(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                            group_names: list[str], num_pieces: int):
+    """Training-mode batch norm of this device's slice ``x`` of a batch cut into ``num_pieces``
+    over the groups ``group_names``, with the statistics of the whole batch; returns what
+    ``_native_batch_norm_legit_functional`` does (y, mean, rstd, new running mean and variance)."""
+    dims, shape = _channel_view(x)
+    count = x.numel() // x.shape[1] * num_pieces
+    mean = all_reduce_over(x.sum(dims), group_names) / count
+    centered = x - mean.reshape(shape)
+    var = all_reduce_over((centered * centered).sum(dims), group_names) / count
+    rstd = torch.rsqrt(var + eps)
+    y = centered * rstd.reshape(shape)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    new_mean = running_mean * (1 - momentum) + mean * momentum
+    new_var = running_var * (1 - momentum) + var * (count / (count - 1)) * momentum
+    return y, mean, rstd, new_mean, new_var
+
+
+def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, mask: list[bool],
+                                     group_names: list[str], num_pieces: int):
+    """The backward of ``batch_norm_global_stats`` on this device's slice: grad_x for the slice,
+    grad_weight and grad_bias summed over the whole batch."""
+    dims, shape = _channel_view(x)
+    count = x.numel() // x.shape[1] * num_pieces
+    invstd = save_invstd.reshape(shape)
+    xhat = (x - save_mean.reshape(shape)) * invstd
+    sums = all_reduce_over(torch.cat([grad.sum(dims), (grad * xhat).sum(dims)]), group_names)
+    grad_bias, grad_weight = sums[: x.shape[1]], sums[x.shape[1]:]
+    grad_x = None
+    if mask[0]:
+        grad_x = (grad - (grad_bias / count).reshape(shape) - xhat * (grad_weight / count).reshape(shape)) * invstd
+        if weight is not None:
+            grad_x = grad_x * weight.reshape(shape)
+    return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
+
+
+def _batch_groups(spec, mesh_shape, coords) -> tuple[list[str], int]:
+    axes = sharding_axes(spec, 0)
+    num_pieces = 1
+    for a in axes:
+        num_pieces *= mesh_shape[a]
+    return [coords.group_names[a] for a in axes], num_pieces
+
+
+def localize_batch_norm(node, args, kwargs, strategy, mesh_shape, coords):
+    groups, num_pieces = _batch_groups(strategy.inputs[0], mesh_shape, coords)
+    if not groups:
+        return node.target, args, kwargs
+    x, weight, bias, running_mean, running_var, _, momentum, eps = args
+    return batch_norm_global_stats, [x, weight, bias, running_mean, running_var, momentum, eps, groups, num_pieces], {}
+
+
+def localize_batch_norm_backward(node, args, kwargs, strategy, mesh_shape, coords):
+    groups, num_pieces = _batch_groups(strategy.inputs[1], mesh_shape, coords)
+    if not groups:
+        return node.target, args, kwargs
+    grad, x, weight, _, _, save_mean, save_invstd, _, _, mask = args
+    return batch_norm_global_stats_backward, [grad, x, weight, save_mean, save_invstd, list(mask), groups, num_pieces], {}
+
+
+@register_rule(aten._native_batch_norm_legit_functional.default, cost_class="reduction", localize=localize_batch_norm)
 def batch_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     """(x, weight?, bias?, running_mean, running_var, training, momentum, eps) ->
     (y, save_mean, save_rstd, new_running_mean, new_running_var)."""
@@ -32,10 +107,12 @@ def batch_norm_rule(info: OpInfo) -> list[AxisStrategy]:
     if x.dim() > 1 and x.shape[1] > 1:
         c = Shard(0)
         out.append(AxisStrategy(present((x, *vectors), (Shard(1), c, c, c, c)), (Shard(1), c, c, c, c)))
+    if info.args[5] and x.shape[0] > 1:
+        out.append(AxisStrategy(present((x, *vectors), (Shard(0), R, R, R, R)), (Shard(0), R, R, R, R)))
     return out
 
 
-@register_rule(aten.native_batch_norm_backward.default, cost_class="reduction")
+@register_rule(aten.native_batch_norm_backward.default, cost_class="reduction", localize=localize_batch_norm_backward)
 def batch_norm_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     """(grad_y, x, weight?, running_mean?, running_var?, save_mean?, save_invstd?, train, eps, mask)
     -> (grad_x, grad_weight, grad_bias)."""
@@ -51,6 +128,9 @@ def batch_norm_backward_rule(info: OpInfo) -> list[AxisStrategy]:
     ]
     if x.dim() > 1 and x.shape[1] > 1:
         rows.append(((Shard(1), Shard(1)) + (Shard(0),) * 5, (Shard(1), Shard(0), Shard(0))))
+    if x.shape[0] > 1:
+        # The batch cut with global statistics: grad_weight and grad_bias come out all-reduced.
+        rows.append(((Shard(0), Shard(0)) + (R,) * 5, (Shard(0), R, R)))
     return [AxisStrategy(present((g, x, *vectors), ins), absent_as_r(absent, outs)) for ins, outs in rows]
 
 

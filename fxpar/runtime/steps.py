@@ -21,7 +21,7 @@ import torch
 from fxpar.placement import Spec
 from fxpar.reshard import Step, reshard_steps
 
-__all__ = ["ASYNC_KINDS", "RankMesh", "apply_steps", "reshard", "start_step", "step_shape"]
+__all__ = ["ASYNC_KINDS", "RankCoords", "RankMesh", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
 
 aten = torch.ops.aten
 funcol = torch.ops._c10d_functional
@@ -79,6 +79,27 @@ class RankMesh:
         """This process's position in a ``torch.distributed`` ``DeviceMesh``."""
         shape = tuple(mesh.shape)
         return RankMesh(shape, tuple(mesh.get_coordinate()), tuple(mesh.get_group(a).group_name for a in range(len(shape))))
+
+
+class RankCoords(tuple):
+    """A rank's mesh coordinates (a plain tuple of ints to whoever indexes it) that also carry the
+    process-group name of every mesh axis, for the ``localize`` hooks of ops that communicate inside
+    (batch norm over a split batch all-reduces its statistics)."""
+
+    group_names: tuple[str, ...]
+
+    @staticmethod
+    def of(mesh: RankMesh) -> RankCoords:
+        out = RankCoords(mesh.coords)
+        out.group_names = mesh.group_names
+        return out
+
+
+def all_reduce_over(x, group_names: Sequence[str]):
+    """The sum of ``x`` over the ranks of every group in ``group_names`` (one all-reduce each)."""
+    for group in group_names:
+        x = funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+    return x
 
 
 def step_shape(shape: Sequence[int], step: Step, n: int) -> list[int]:

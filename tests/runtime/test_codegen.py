@@ -1,0 +1,110 @@
+"""The per-rank graph as code: only torch ops and functional collectives in it, bucketed gradient
+all-reduces, batch norm cut over the batch with all-reduced statistics, and the code generator's
+options and fallback."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.models import ResNet18
+from fxpar.passes.rewrite import rewrite
+from fxpar.planner import capture_and_annotate, plan_graph
+from fxpar.rules import norm
+from fxpar.runtime import codegen
+from fxpar.runtime.simulate import fake_world
+
+from . import train_fns as t
+
+funcol = torch.ops._c10d_functional
+aten = torch.ops.aten
+
+
+def _mlp_plan(mesh=(2,), force=None):
+    gm = capture_and_annotate(t.mlp_model(), t.mlp_inputs(0))
+    plan, _ = plan_graph(gm, mesh_shape=mesh, force=force)
+    return gm, plan
+
+
+def test_rank_graph_holds_only_torch_ops_and_functional_collectives():
+    gm, plan = _mlp_plan((2, 2), {"layers.0.weight": "(S(0),S(1))", "layers.1.weight": "(S(1),R)"})
+    for coords in [(0, 0), (1, 1)]:
+        local = rewrite(gm, plan.assignment(gm), (2, 2), coords=coords, group_names=("g0", "g1"))
+        targets = {n.target for n in local.graph.nodes if n.op == "call_function"}
+        assert all(isinstance(x, torch._ops.OpOverload) or x is operator.getitem for x in targets), targets
+        groups = {n.args[-1] for n in local.graph.nodes if getattr(n.target, "namespace", None) == "_c10d_functional"
+                  and n.target is not funcol.wait_tensor.default}
+        assert groups and groups <= {"g0", "g1"}
+
+
+def test_rank_graphs_differ_only_in_their_slice_offsets():
+    gm, plan = _mlp_plan((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)"})
+    graphs = [rewrite(gm, plan.assignment(gm), (2,), coords=(c,)) for c in (0, 1)]
+    slices = [[n.args for n in g.graph.nodes if n.target is aten.slice.Tensor] for g in graphs]
+    assert slices[0] and slices[0] != slices[1]
+    assert [n.target for n in graphs[0].graph.nodes] == [n.target for n in graphs[1].graph.nodes]
+
+
+def _data_parallel(model, batch: int):
+    gm = capture_and_annotate(model, model.example_inputs(batch))
+    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,))
+    assert all(all(repr(p) == "R" for p in spec) for spec in plan.param_specs.values()), "expected data parallelism"
+    return gm, plan
+
+
+def _local_inputs(gm, batch: int):
+    """Tensors of the placeholders' local shapes under data parallelism on 2 ranks."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            shape = list(n.meta["val"].shape)
+            if n.meta["fxpar_role"] == "input":
+                shape[0] = batch // 2
+            out.append(torch.empty(shape, dtype=n.meta["val"].dtype))
+    return out
+
+
+def test_gradient_all_reduces_are_bucketed():
+    torch.manual_seed(0)
+    gm, plan = _data_parallel(fxpar.models.MLP((256, 1024, 1024, 256)), 2048)
+    with fake_world((2,)) as names:
+        local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
+        before = sum(n.target is funcol.all_reduce.default for n in local.graph.nodes)
+        inputs = _local_inputs(gm, 2048)
+        codegen.bucket_collectives(local, inputs)
+        after = sum(n.target is funcol.all_reduce.default for n in local.graph.nodes)
+    # One all-reduce per gradient (six) before, one bucket of them after.
+    assert (before, after) == (6, 1)
+
+
+def test_data_parallel_batch_norm_all_reduces_statistics_not_activations():
+    torch.manual_seed(0)
+    gm, plan = _data_parallel(ResNet18(num_classes=8, image_size=32, width=1 / 16), 64)
+    bn = [n for n in gm.graph.nodes if n.target is aten._native_batch_norm_legit_functional.default]
+    assert bn and all(repr(plan.strategies[n.name].inputs[0][0]) == "S(0)" for n in bn)
+    with fake_world((2,)) as names:
+        local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
+        codegen.bucket_collectives(local, _local_inputs(gm, 64))  # propagates shapes
+    targets = [n.target for n in local.graph.nodes]
+    assert targets.count(norm.batch_norm_global_stats) == targets.count(norm.batch_norm_global_stats_backward) == len(bn)
+    # Only per-channel statistics (and the loss's scalars) cross ranks, no activation.
+    moved = [n.args[0].meta["val"] for n in local.graph.nodes if getattr(n.target, "namespace", None) == "_c10d_functional"
+             and n.target is not funcol.wait_tensor.default]
+    assert moved and all(v.dim() <= 1 for v in moved), [tuple(v.shape) for v in moved]
+
+
+def test_unknown_codegen_is_refused():
+    with pytest.raises(codegen.CodegenError, match=r"codegen='jit' is not one of \['inductor', 'eager'\]"):
+        codegen.check_codegen("jit")
+
+
+def test_inductor_without_a_cpp_compiler_falls_back_to_eager(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    gm, _ = _mlp_plan()
+    with pytest.warns(fxpar.FallbackWarning, match="needs a C\\+\\+ compiler on CPU and none was found"):
+        step = codegen.compile_step(gm, "inductor", torch.device("cpu"))
+    assert step.codegen == "eager" and step.compile_s == 0.0
