@@ -275,7 +275,8 @@ def _fallback_notes(problem: Problem, choice) -> list[str]:
         compute = problem.cost_model.compute_time(n, problem.strategies[n][0])
         gather = sum(problem.edge_cost(e, choice[e.producer], choice[n]) for e in problem.edges if e.consumer is n)
         notes.append(
-            f"%{n.name} ({n.target}) has no sharding rule and runs replicated on every device: "
+            f"%{n.name} ({n.target}) {n.meta.get('fxpar_fallback_reason', 'has no sharding rule')} and runs "
+            "replicated on every device: "
             f"{compute * 1e6:.1f} us of compute per device plus {gather * 1e6:.1f} us gathering its inputs "
             "(plan with strict=True to make this an error)"
         )

@@ -170,7 +170,14 @@ def dtensor_rule(info: OpInfo) -> list[AxisStrategy]:
         return strategies
     prop = _propagator()
     single = prop.op_single_dim_strategy_funcs.get(target)
-    rules = _from_single_dim(info, single) if single is not None else _from_op_strategy(info, prop.op_strategy_funcs[target])
+    try:
+        rules = _from_single_dim(info, single) if single is not None else _from_op_strategy(info, prop.op_strategy_funcs[target])
+    except Exception as exc:  # noqa: BLE001  (a private registry's strategy refusing these arguments)
+        # DTensor's strategy does not accept these arguments: the op runs replicated, and the
+        # planner says so (FallbackWarning), as for an op without any rule.
+        info.node.meta["fxpar_fallback"] = True
+        info.node.meta["fxpar_fallback_reason"] = f"DTensor's strategy raised {type(exc).__name__}: {exc}"
+        return strategies
     for rule in rules:
         if len(rule) != num_out + num_in:
             continue

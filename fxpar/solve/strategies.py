@@ -67,6 +67,8 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
     node.meta["fxpar_rule_source"] = op_facts(node.target).source
     info = op_info(node)
     strategies = combine(rule(info), info, mesh_shape)
+    if strict and node.meta.get("fxpar_fallback"):
+        raise UnsupportedOpError(f"{node_desc(node)} runs replicated: {node.meta.get('fxpar_fallback_reason')}")
     # Repeated arguments (mul(x, x)) are one tensor: keep strategies that place them alike.
     flat = tensor_arg_nodes(node)
     if len(flat) != len(set(flat)):
@@ -83,6 +85,7 @@ def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool
     from fxpar.solve.repeat import node_signature
 
     cache: dict[tuple, list[OpStrategy]] = {}
+    fallback: dict[tuple, bool] = {}
     out = {}
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
@@ -91,7 +94,10 @@ def all_strategies(gm: GraphModule, mesh_shape: tuple[int, ...], *, strict: bool
             key = node_signature(n)
             if key not in cache:
                 cache[key] = node_strategies(n, mesh_shape, strict=strict)
+                fallback[key] = n.meta.get("fxpar_fallback", False)
             else:
+                if fallback[key]:
+                    n.meta["fxpar_fallback"] = True
                 n.meta["fxpar_rule_source"] = op_facts(n.target).source
                 if get_rule(n.target) is None:
                     n.meta["fxpar_fallback"] = True
