@@ -1,17 +1,23 @@
-"""Planning at scale: time every phase of planning a GPT-2-small-sized model on 8 devices and a
-Llama-7B-sized model on an 8x8 mesh, on fake tensors (no process group, no model memory).
+"""Planning at scale: time every phase of planning a GPT-2-small-sized model on 8 devices, the
+toy transformer of ``tools/toy_transformer.py`` (2 and 8 blocks) and a Llama-7B-sized model on an
+8x8 mesh, on fake tensors (no process group, no model memory), with each solver of
+``fxpar.solve.ilp.SOLVERS``.
 
-    python tools/plan_scale.py [--quick] [--out docs/results/plan_scale.json]
+    python tools/plan_scale.py [--quick] [--solvers HIGHS,SCIP] [--out docs/results/plan_scale.json]
 
-Writes the results file and the table in docs/solver-scale.md.
+Writes the results file and the table in docs/solver-scale.md, with the load average of the
+machine before each case (the 1-minute figure of ``os.getloadavg()``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,24 +30,39 @@ from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.passes.rewrite import rewrite
 from fxpar.planner import plan_graph
+from fxpar.solve import ilp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tools.toy_transformer import ToyTransformer  # noqa: E402
 
 
 def cases(quick: bool) -> list[dict]:
     gpt = GPTConfig(n_layer=2 if quick else 12)
     llama = LlamaConfig(n_layer=2 if quick else 32)
+    deep = 2 if quick else 8  # toy transformer blocks
     return [
         {"name": f"GPT-2 small ({gpt.n_layer} layers, seq {gpt.seq_len})", "model": lambda: GPT(gpt), "batch": 8,
          "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0, "time_limit_s": 60.0},
+        {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
+         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 2.4, "time_limit_s": 60.0},
+        {"name": f"Toy transformer ({deep} blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(deep),
+         "batch": 64, "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 4.7, "time_limit_s": 60.0},
         {"name": f"Llama-7B ({llama.n_layer} layers, seq {llama.seq_len})", "model": lambda: Llama(llama), "batch": 64,
          "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0, "time_limit_s": 12.0},
+        {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
+         "cluster": "h100-2node-16", "mesh": (4, 4, 4), "target_s": 20.0, "time_limit_s": 60.0},
     ]
 
 
-def run_case(case: dict) -> dict:
+def run_case(case: dict, solver: str) -> dict:
+    load = os.getloadavg()[0]
     mesh = case["mesh"]
-    cluster = dataclasses.replace(fxpar.preset(case["cluster"]), num_devices=math.prod(mesh))
+    cluster = fxpar.preset(case["cluster"], num_devices=math.prod(mesh))
+    if len(cluster.links) < len(mesh):
+        # A 3-D mesh on a two-level cluster: the outer axis crosses nodes, the inner ones share the node's link.
+        inner = (cluster.links[-1],) * (len(mesh) - len(cluster.links))
+        cluster = dataclasses.replace(cluster, links=cluster.links + inner)
     times = {}
     with torch.device("meta"):
         model = case["model"]()
@@ -55,7 +76,8 @@ def run_case(case: dict) -> dict:
     times["annotate"] = time.perf_counter() - t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=case["time_limit_s"])
+        with _solver(solver):
+            plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=case["time_limit_s"])
     times["build"] = plan.solver["build_s"]
     times["solve"] = plan.solver["solve_s"]
     t = time.perf_counter()
@@ -63,7 +85,7 @@ def run_case(case: dict) -> dict:
     times["rewrite"] = time.perf_counter() - t
     total = sum(times.values())
     return {
-        "name": case["name"], "mesh": list(mesh), "cluster": case["cluster"], "batch": case["batch"],
+        "name": case["name"], "solver": solver, "load_avg_1min": load, "mesh": list(mesh), "cluster": case["cluster"], "batch": case["batch"],
         "num_params": num_params, "nodes": plan.solver["num_nodes"], "classes": plan.solver["num_classes"],
         "variables": plan.solver["num_variables"], "constraints": plan.solver["num_constraints"],
         "memory_sets": f"{plan.solver['num_memory_sets']}/{plan.solver['num_live_sets']}",
@@ -74,19 +96,42 @@ def run_case(case: dict) -> dict:
     }
 
 
+class _solver:
+    """Plan with ``name`` (``fxpar.planner`` calls ``fxpar.solve.ilp.solve`` with its default)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        import fxpar.planner
+
+        self.saved = fxpar.planner.solve
+        fxpar.planner.solve = functools.partial(ilp.solve, solver=self.name)
+
+    def __exit__(self, *exc):
+        import fxpar.planner
+
+        fxpar.planner.solve = self.saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="2 layers each (a smoke run)")
+    parser.add_argument("--solvers", default=",".join(ilp.SOLVERS),
+                        help="comma-separated, from fxpar.solve.ilp.SOLVERS")
     parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
     args = parser.parse_args()
     results = []
     for case in cases(args.quick):
-        r = run_case(case)
-        results.append(r)
-        t = r["times_s"]
-        print(f"{r['name']} on {r['mesh']}: {r['nodes']} nodes, {r['classes']} classes, {r['variables']} variables, "
-              f"capture {t['capture']:.1f}s annotate {t['annotate']:.1f}s build {t['build']:.1f}s solve {t['solve']:.1f}s "
-              f"rewrite {t['rewrite']:.1f}s = {r['total_s']:.1f}s (target {r['target_s']:.0f}s), {r['status']}, gap {r['gap']:.2%}")
+        for solver in args.solvers.split(","):
+            r = run_case(case, solver)
+            results.append(r)
+            t = r["times_s"]
+            print(f"{r['name']} on {r['mesh']} with {solver} (load {r['load_avg_1min']:.1f}): {r['nodes']} nodes, "
+                  f"{r['classes']} classes, {r['variables']} variables, "
+                  f"capture {t['capture']:.1f}s annotate {t['annotate']:.1f}s build {t['build']:.1f}s solve {t['solve']:.1f}s "
+                  f"rewrite {t['rewrite']:.1f}s = {r['total_s']:.1f}s (target {r['target_s']:g}s), {r['status']}, "
+                  f"gap {r['gap']:.2%}, predicted step {r['predicted_step_s'] * 1e3:.3f} ms", flush=True)
     if not args.quick:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,14 +142,16 @@ def main() -> None:
 
 def write_table(results: list[dict], path: Path) -> None:
     """Replace the results table between the markers in the docs page."""
-    rows = ["| model | mesh | nodes | classes | variables | capture | annotate | build | solve | rewrite | total | target | solver |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | mesh | solver | load | nodes | classes | variables | capture | annotate | build | solve | rewrite | total "
+            "| target | predicted step | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r["times_s"]
         rows.append(
-            f"| {r['name']} | {'x'.join(map(str, r['mesh']))} | {r['nodes']} | {r['classes']} | {r['variables']} | "
-            f"{t['capture']:.1f} s | {t['annotate']:.1f} s | {t['build']:.1f} s | {t['solve']:.1f} s | {t['rewrite']:.1f} s | "
-            f"**{r['total_s']:.1f} s** | {r['target_s']:.0f} s | {r['status']}, gap {r['gap']:.2%} (limit {r['time_limit_s']:.0f} s) |"
+            f"| {r['name']} | {'x'.join(map(str, r['mesh']))} | {r['solver']} | {r['load_avg_1min']:.1f} | {r['nodes']} | "
+            f"{r['classes']} | {r['variables']} | {t['capture']:.1f} s | {t['annotate']:.1f} s | {t['build']:.1f} s | "
+            f"{t['solve']:.1f} s | {t['rewrite']:.1f} s | **{r['total_s']:.1f} s** | {r['target_s']:g} s | "
+            f"{r['predicted_step_s'] * 1e3:.4f} ms | {r['status']}, gap {r['gap']:.2%} (limit {r['time_limit_s']:.0f} s) |"
         )
     text = path.read_text()
     start, end = "<!-- results -->", "<!-- /results -->"

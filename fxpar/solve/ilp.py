@@ -45,11 +45,21 @@ Simplified problems (``build_problem(simplify=True)``) also keep edges between t
 (elementwise, views, slicing) free of resharding: sum_{t: in_k(t)=b} x[v,t] <= sum_{s: out_k(s)=b} x[u,s]
 for every spec b, with no edge variables; layouts then change only on edges into or out of ops
 that do real work (matmuls, reductions, norms, ...) and at parameters and inputs. A cheap op's
-output is no larger than what it reads, so resharding before it costs no more.
+output is no larger than what it reads, so resharding before it costs no more. An edge whose
+constraint would leave some class with no strategy (a cheap op whose producer cannot give any spec
+it takes) is resharded as usual (``fxpar.solve.problem``).
+
+Solving (``solve``): HiGHS (``fxpar.solve.backend``, through OR-Tools' MathOpt) by default, or SCIP
+through ``pywraplp`` (``solver="SCIP"``, the solver fxpar used before), one thread, relative and
+absolute gap 0, so a plan reported ``optimal`` is proven optimal; at the time limit the best plan
+found is returned with the solver's bound. The objective and the overlap rows are passed in units
+of ``_scale`` (a reference plan costs 1e6), keeping the solvers' absolute tolerances far below any
+difference between plans; every figure reported is in seconds, recomputed from the chosen strategies.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -58,7 +68,17 @@ from ortools.linear_solver import pywraplp
 from torch.fx import Node
 
 from fxpar.cost import spec_bytes
+from fxpar.solve.backend import HighsSolver
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem  # noqa: F401  (re-exported)
+
+# Mixed-integer solvers OR-Tools ships that solve this model exactly (docs/solver-scale.md
+# compares them): HiGHS is the default, SCIP the solver fxpar used before.
+SOLVERS = ("HIGHS", "SCIP")
+DEFAULT_SOLVER = "HIGHS"
+# The objective is passed to the solver in units of a reference plan's step time divided by this
+# (seconds are 1e-4 on small models): solvers' absolute tolerances (HiGHS stops at an absolute gap of
+# 1e-6) then stay far below any difference between plans. Reported figures are in seconds.
+_OBJECTIVE_SCALE = 1e6
 
 _INITIAL_SETS = 8
 _SETS_PER_ROUND = 8
@@ -91,10 +111,16 @@ class SolverTimeout(Exception):
 
 
 class _Model:
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, solver: str = DEFAULT_SOLVER):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; known: {list(SOLVERS)}")
         self.p = problem
-        self.solver = pywraplp.Solver.CreateSolver("SCIP")
-        assert self.solver is not None, "OR-Tools was built without SCIP"
+        self.solver = HighsSolver() if solver == "HIGHS" else pywraplp.Solver.CreateSolver(solver)
+        assert self.solver is not None, f"OR-Tools was built without {solver}"
+        self.solver.SetNumThreads(1)  # one thread: the same problem gives the same plan
+        if os.environ.get("FXPAR_SOLVER_LOG"):
+            self.solver.EnableOutput()
+        self.scale = 1.0  # solver units per second of objective (see _OBJECTIVE_SCALE)
         self.reps: list[Node] = list(dict.fromkeys(problem.rep(n) for n in problem.nodes))
         self.x: dict[Node, list] = {}
         self.obj: dict = defaultdict(float)
@@ -106,6 +132,7 @@ class _Model:
         self.last_terms: dict = defaultdict(float)
         self.window_terms: dict = defaultdict(float)
         self.memory_rows: list = []
+        self.z = None
 
     def xs(self, node: Node) -> list:
         return self.x[self.p.rep(node)]
@@ -228,30 +255,36 @@ class _Model:
         self.memory_rows.append(row)
 
     def add_overlap(self) -> None:
-        """z >= G - B and z >= G_last, z >= 0; the objective pays z instead of G."""
+        """z >= G - e B, z >= (1 - e) G, z >= G_last, z >= 0; the objective pays z instead of G."""
         if not self.grad_terms:
             return
         s = self.solver
-        z = s.NumVar(0, s.infinity(), "exposed_grad_sync")
+        self.z = z = s.NumVar(0, s.infinity(), "exposed_grad_sync")
         self.obj[z] += 1.0
+        k = self.scale  # rows in solver units, like the objective
+        self.add_window()
         row = s.Constraint(0, s.infinity())
-        row.SetCoefficient(z, 1)
+        row.SetCoefficient(z, k)
+        for x, c in self.last_terms.items():
+            row.SetCoefficient(x, -k * c)
+        if self.p.overlap_efficiency < 1:
+            row = s.Constraint(0, s.infinity())
+            row.SetCoefficient(z, k)
+            for x, c in self.grad_terms.items():
+                row.SetCoefficient(x, -k * (1 - self.p.overlap_efficiency) * c)
+
+    def add_window(self) -> None:
+        """z >= G - e B: gradient sync beyond the backward compute it hides behind is exposed."""
+        s, k = self.solver, self.scale
+        row = s.Constraint(0, s.infinity())
+        row.SetCoefficient(self.z, k)
         coef: dict = defaultdict(float)
         for x, c in self.grad_terms.items():
             coef[x] -= c
         for x, c in self.window_terms.items():
             coef[x] += self.p.overlap_efficiency * c
         for x, c in coef.items():
-            row.SetCoefficient(x, c)
-        row = s.Constraint(0, s.infinity())
-        row.SetCoefficient(z, 1)
-        for x, c in self.last_terms.items():
-            row.SetCoefficient(x, -c)
-        if self.p.overlap_efficiency < 1:
-            row = s.Constraint(0, s.infinity())
-            row.SetCoefficient(z, 1)
-            for x, c in self.grad_terms.items():
-                row.SetCoefficient(x, -(1 - self.p.overlap_efficiency) * c)
+            row.SetCoefficient(x, k * c)
 
     def add_forced(self) -> None:
         for v, allowed in self.p.forced.items():
@@ -262,7 +295,7 @@ class _Model:
     def set_objective(self) -> None:
         objective = self.solver.Objective()
         for x, c in self.obj.items():
-            objective.SetCoefficient(x, c)
+            objective.SetCoefficient(x, self.scale * c)
         objective.SetMinimization()
 
     def choice(self) -> dict[Node, int]:
@@ -292,9 +325,18 @@ def _overflowing(problem: Problem, choice: dict[Node, int], limit: float, added:
     return [i for _, i in sorted(over, reverse=True)[:_SETS_PER_ROUND]]
 
 
-def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
+def _scale(problem: Problem) -> float:
+    """Solver units per second: a reference plan (every node's first strategy) costs _OBJECTIVE_SCALE."""
+    reference = problem.cost_of({n: 0 for n in problem.nodes})
+    return _OBJECTIVE_SCALE / reference if reference > 0 else 1.0
+
+
+def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER) -> Solution:
+    """The optimal assignment of ``problem`` (``solver``: one of ``SOLVERS``); at the time limit,
+    the best found, with the solver's bound."""
     start = time.perf_counter()
-    m = _Model(problem)
+    m = _Model(problem, solver)
+    m.scale = _scale(problem)
     m.add_one_strategy()
     m.add_edge_links()
     m.add_overlap()
@@ -306,7 +348,6 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     if not problem.live_sets:
         m.add_memory([], problem.memory_budget)
     solver = m.solver
-    solver.SetNumThreads(1)
     for _ in range(_MAX_ROUNDS):
         remaining = time_limit_s - (time.perf_counter() - start)
         solver.SetTimeLimit(max(1, int(remaining * 1000)))
@@ -327,7 +368,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     return Solution(
         choice,
         problem.cost_of(choice),
-        solver.Objective().BestBound(),
+        solver.Objective().BestBound() / m.scale,
         "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible (time limit)",
         solver.NumVariables(),
         solver.NumConstraints(),
@@ -337,9 +378,9 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0) -> Solution:
     )
 
 
-def min_memory(problem: Problem, *, time_limit_s: float = 30.0) -> float:
+def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DEFAULT_SOLVER) -> float:
     """The least per-device memory any allowed assignment needs (to explain an infeasible plan)."""
-    m = _Model(problem)
+    m = _Model(problem, solver)
     m.add_one_strategy()
     m.add_edge_links()
     m.add_forced()

@@ -215,8 +215,35 @@ def build_problem(
         problem.last_grads = {e for e in grad_edges if order[e.producer] == latest}
     if simplify:
         problem.classes = repeated_classes(nodes, strategies)
-        problem.no_reshard = {e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)}
+        cheap = [e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)]
+        problem.no_reshard = _satisfiable(problem, cheap)
     return problem
+
+
+def _satisfiable(problem: Problem, edges: list[Edge]) -> set[Edge]:
+    """The no-reshard edges, less those that would leave a class with no strategy: an edge's
+    consumer keeps the strategies whose input spec its producer can still give, propagated to a
+    fixed point; an edge that empties a class is resharded as usual, and the propagation restarts."""
+    kept = list(edges)
+    while True:
+        alive = {v: set(range(len(problem.strategies[v]))) for v in {problem.rep(n) for n in problem.nodes}}
+        constraining = [e for e in kept if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1]
+        dead = None
+        changed = True
+        while changed and dead is None:
+            changed = False
+            for e in constraining:
+                u, v = problem.rep(e.producer), problem.rep(e.consumer)
+                given = {e.out_specs[k] for k in alive[u]}
+                left = {k for k in alive[v] if e.in_specs[k] in given}
+                if not left:
+                    dead = e
+                    break
+                if left != alive[v]:
+                    alive[v], changed = left, True
+        if dead is None:
+            return set(kept)
+        kept.remove(dead)
 
 
 

@@ -12,7 +12,7 @@ from torch import nn
 import fxpar
 from fxpar.cost import CostModel
 from fxpar.planner import capture_and_annotate, plan_graph
-from fxpar.solve.ilp import build_problem, min_memory, solve
+from fxpar.solve.ilp import SOLVERS, build_problem, min_memory, solve
 from fxpar.solve.strategies import all_strategies
 
 
@@ -32,25 +32,22 @@ def _problem(cluster_name: str, batch: int, mesh=(2,)):
 
 
 def _brute_force(problem, budget=None):
+    """The least ``cost_of`` (the objective computed directly, overlap included) of all assignments."""
     nodes = problem.nodes
-    edge_costs = [
-        {(a, b): problem.edge_cost(e, a, b) for a in range(len(problem.strategies[e.producer])) for b in range(len(problem.strategies[e.consumer]))}
-        for e in problem.edges
-    ]
     best, best_choice = float("inf"), None
     for combo in itertools.product(*[range(len(problem.strategies[n])) for n in nodes]):
         choice = dict(zip(nodes, combo))
-        cost = sum(problem.node_cost[n][k] for n, k in choice.items())
-        cost += sum(c[(choice[e.producer], choice[e.consumer])] for e, c in zip(problem.edges, edge_costs))
+        cost = problem.cost_of(choice)
         if cost < best - 1e-15 and (budget is None or problem.memory_of(choice) <= budget):
             best, best_choice = cost, choice
     return best, best_choice
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("cluster_name, batch", [("cpu-local", 8), ("a100-nvlink-8", 4096), ("v100-pcie-4", 2)])
-def test_ilp_optimum_equals_brute_force(cluster_name, batch):
+def test_ilp_optimum_equals_brute_force(cluster_name, batch, solver):
     problem = _problem(cluster_name, batch)
-    sol = solve(problem)
+    sol = solve(problem, solver=solver)
     best, _ = _brute_force(problem)
     assert sol.status == "optimal"
     assert sol.objective == pytest.approx(best, rel=1e-9)
@@ -58,14 +55,15 @@ def test_ilp_optimum_equals_brute_force(cluster_name, batch):
     assert sol.bound == pytest.approx(sol.objective, rel=1e-6)
 
 
-def test_ilp_optimum_equals_brute_force_under_a_memory_bound():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_ilp_optimum_equals_brute_force_under_a_memory_bound(solver):
     problem = _problem("a100-nvlink-8", 64)
-    free = solve(problem)
-    least = min_memory(problem)
+    free = solve(problem, solver=solver)
+    least = min_memory(problem, solver=solver)
     assert least < problem.memory_of(free.choice)
     # A budget between the least any plan needs and what the unconstrained optimum needs.
     problem.memory_budget = (least + problem.memory_of(free.choice)) / 2
-    sol = solve(problem)
+    sol = solve(problem, solver=solver)
     best, choice = _brute_force(problem, problem.memory_budget)
     assert choice is not None
     assert sol.objective == pytest.approx(best, rel=1e-9)

@@ -13,8 +13,8 @@ import fxpar
 from fxpar.cost import CostModel
 from fxpar.models import MLP
 from fxpar.planner import capture_and_annotate
-from fxpar.solve.ilp import solve
-from fxpar.solve.problem import build_problem
+from fxpar.solve.ilp import Infeasible, solve
+from fxpar.solve.problem import _is_cheap, build_problem
 from fxpar.solve.repeat import repeated_classes
 from fxpar.solve.strategies import all_strategies
 
@@ -59,3 +59,38 @@ def test_simplified_optimum_is_a_restriction_of_the_exact_one(deep_mlp_graph, cl
     for e in simple.no_reshard:
         if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1:
             assert e.out_specs[restricted.choice[e.producer]] == e.in_specs[restricted.choice[e.consumer]]
+
+
+def test_no_reshard_edges_that_would_empty_a_class_are_resharded():
+    """In a Hugging Face GPT-2, a concatenation with a replicated constant can give only specs that
+    a later cheap op cannot take: with every cheap-to-cheap edge kept as it is, the simplified
+    problem has no plan; build_problem reshards the edges that would empty a class."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=16)
+    lm = transformers.GPT2LMHeadModel(config)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids, labels):
+            return self.lm(ids, labels=labels).loss
+
+    ids = torch.randint(0, 128, (8, 16))
+    gm = capture_and_annotate(Step(), (ids, ids.clone()))
+    mesh = (2,)
+    cost = CostModel(fxpar.preset("cpu-local", num_devices=2), mesh)
+    simple = build_problem(gm, all_strategies(gm, mesh), cost, simplify=True)
+    cheap = {e for e in simple.edges if _is_cheap(e.producer) and _is_cheap(e.consumer)}
+    assert simple.no_reshard < cheap
+    sol = solve(simple)
+    assert sol.status == "optimal"
+    assert sol.objective == pytest.approx(simple.cost_of(sol.choice), rel=1e-12)
+    for e in simple.no_reshard:
+        assert e.out_specs[sol.choice[e.producer]] == e.in_specs[sol.choice[e.consumer]] or len(set(e.in_specs)) == 1 \
+            or len(set(e.out_specs)) == 1
+    simple.no_reshard = cheap
+    with pytest.raises(Infeasible):
+        solve(simple)
