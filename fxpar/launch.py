@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_mod
+import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -44,9 +46,28 @@ def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue)
             dist.destroy_process_group()
 
 
+_POLL_S = 0.5  # how often the parent checks that every rank is alive
+_GRACE_S = 2.0  # how long a dead rank's last message may take to arrive
+
+
+def _died(dead: list[int], procs, nprocs: int) -> str:
+    parts = []
+    for r in dead:
+        code = procs[r].exitcode
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (killed: out of memory, or by another process)" if name == "SIGKILL" else ""
+            parts.append(f"rank {r} of {nprocs} died from signal {name}{hint}")
+        else:
+            parts.append(f"rank {r} of {nprocs} exited with status {code} without a result")
+    return "; ".join(parts) + "; the other ranks were stopped"
+
+
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 600.0) -> list[Any]:
     """Call ``fn(rank, *args)`` in ``nprocs`` spawned processes with a gloo process group set up;
-    return the results in rank order. ``fn`` must be importable (defined at a module's top level)."""
+    return the results in rank order. ``fn`` must be importable (defined at a module's top level).
+    A rank that raises, or dies (killed, out of memory), raises ``RankError`` naming it within
+    seconds; the other ranks are then stopped."""
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; launch needs at least 1 process")
     ctx = mp.get_context("spawn")
@@ -57,21 +78,41 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
         p.start()
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(nprocs):
+        while len(results) + len(errors) < nprocs:
             try:
-                rank, ok, value = queue.get(timeout=timeout_s)
+                rank, ok, value = queue.get(timeout=_POLL_S)
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in errors]
-                raise RankError(f"ranks {dead or 'unknown'} ended without a result within {timeout_s} s") from None
+                # A rank that died without a word (killed, out of memory) is named within seconds,
+                # not after the whole timeout, and before its peers fail on the closed connection.
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results and r not in errors]
+                if dead:
+                    try:  # its last message may still be in flight
+                        rank, ok, value = queue.get(timeout=_GRACE_S)
+                    except queue_mod.Empty:
+                        raise RankError(_died(dead, procs, nprocs)) from None
+                elif time.monotonic() > deadline:
+                    raise RankError(f"ranks {[r for r in range(nprocs) if r not in results]} gave no result within {timeout_s} s") from None
+                else:
+                    continue
             (results if ok else errors)[rank] = value
             if not ok:
                 break
     finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 30)
+        stopped = set()
+        for r, p in enumerate(procs):
+            p.join(timeout=_GRACE_S if len(results) < nprocs else 30)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=_GRACE_S)
+                stopped.add(r)
+    dead = [r for r, p in enumerate(procs)
+            if r not in stopped and p.exitcode not in (None, 0) and r not in results and r not in errors]
+    if dead:
+        # A rank that died took its peers' connections with it: name it, not the peer that noticed.
+        others = "; ".join(f"rank {r} then failed: {errors[r].splitlines()[0]}" for r in sorted(errors))
+        raise RankError(_died(dead, procs, nprocs) + (f" ({others})" if others else ""))
     if errors:
         rank = min(errors)
         raise RankError(f"rank {rank} of {nprocs} failed: {errors[rank]}")

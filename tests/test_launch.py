@@ -1,0 +1,50 @@
+"""``fxpar.launch`` names a rank that fails or dies, without waiting for its timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch.distributed as dist
+
+import fxpar
+from fxpar.launch import RankError
+
+
+def _rank_one_is_killed(rank: int) -> int:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # rank 0 waits for a peer that is gone
+    return rank
+
+
+def _rank_one_raises(rank: int) -> int:
+    if rank == 1:
+        raise KeyError("bad batch")
+    dist.barrier()
+    return rank
+
+
+def _rank_one_exits(rank: int) -> int:
+    if rank == 1:
+        os._exit(3)
+    time.sleep(0.1)
+    return rank
+
+
+def test_a_killed_rank_is_named_not_its_peer():
+    # The timeout is far longer than the test runs: reaching it would give another message.
+    with pytest.raises(RankError, match=r"rank 1 of 2 died from signal SIGKILL \(killed: out of memory"):
+        fxpar.launch(_rank_one_is_killed, 2, timeout_s=300)
+
+
+def test_a_rank_that_raises_is_named_with_its_error():
+    with pytest.raises(RankError, match=r"rank 1 of 2 failed: KeyError: 'bad batch'"):
+        fxpar.launch(_rank_one_raises, 2, timeout_s=300)
+
+
+def test_a_rank_that_exits_without_a_result_is_named():
+    with pytest.raises(RankError, match=r"rank 1 of 2 exited with status 3 without a result"):
+        fxpar.launch(_rank_one_exits, 2, timeout_s=300)
