@@ -117,13 +117,15 @@ def test_missing_profile_file(tmp_path):
         fxpar.Cluster.load(tmp_path / "nope.json")
 
 
-def test_calibrate_needs_two_ranks():
+def test_calibrate_needs_two_ranks(capsys):
     from fxpar.__main__ import main
 
-    with pytest.raises(fxpar.ClusterSpecError, match=r"--max-ranks is 1; collectives need at least 2 ranks"):
-        main(["calibrate", "--max-ranks", "1"])
-    with pytest.raises(fxpar.ClusterSpecError, match=r"--quantile is 2.0; give a fraction in \[0, 1\]"):
-        main(["calibrate", "--quantile", "2"])
+    for argv, message in [(["calibrate", "--max-ranks", "1"], "--max-ranks is 1; collectives need at least 2 ranks"),
+                          (["calibrate", "--quantile", "2"], "--quantile is 2.0; give a fraction in [0, 1]")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"fxpar: error: ClusterSpecError: {message}" in capsys.readouterr().err
 
 
 def test_profile_quantile_picks_from_the_slowest_rank():
