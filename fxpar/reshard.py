@@ -19,8 +19,8 @@ from fxpar.placement import Partial, R, Replicate, Shard, Spec, local_shape
 class Step:
     kind: str  # all_gather | all_reduce | reduce_scatter | all_to_all | chunk | keep_one
     axis: int
-    dim: int = -1  # the tensor dim gathered / scattered / chunked
-    dim2: int = -1  # all_to_all: the dim that becomes sharded (``dim`` becomes whole)
+    dim: int | None = None  # the tensor dim gathered / scattered / chunked; None for all_reduce, keep_one
+    dim2: int | None = None  # all_to_all: the dim that becomes sharded (``dim`` becomes whole)
 
 
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")

@@ -3,9 +3,12 @@
 For each small model (``benchlib.small_models``) one training step (forward, backward, Adam
 update) is timed for:
 
-- ``fxpar``: ``fxpar.compile`` with the plan fxpar makes for the calibrated profile;
+- ``fxpar``: ``fxpar.compile`` with the plan fxpar makes for the calibrated profile (its step
+  compiled by Inductor, the default);
 - ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (each rank its slice of the batch);
+- ``ddp_compile``: ``torch.compile`` over the DDP module (dynamo splits the graph at DDP's buckets);
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on each layer or block and on the root;
+- ``fsdp2_compile``: ``torch.compile`` over the fully-sharded model;
 - ``tp``: ``torch.distributed.tensor.parallel.parallelize_module`` with ``ColwiseParallel`` /
   ``RowwiseParallel`` (Megatron pairs; every rank runs the whole batch, as tensor parallelism
   does). Its styles cover linear and embedding layers only, so for the CNN only the classifier is
@@ -41,7 +44,7 @@ from fxpar.calibrate import calibrate  # noqa: E402
 from fxpar.models import GPT, MLP  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 
-RUNNERS = ("fxpar", "ddp", "fsdp2", "tp")
+RUNNERS = ("fxpar", "ddp", "ddp_compile", "fsdp2", "fsdp2_compile", "tp")
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
@@ -92,18 +95,23 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
     local = [t.chunk(world)[rank] for t in inputs]
     if kind == "fxpar":
         module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
-    elif kind == "ddp":
+    elif kind in ("ddp", "ddp_compile"):
         module = DistributedDataParallel(model)
-    elif kind == "fsdp2":
+        if kind == "ddp_compile":
+            module = torch.compile(module, dynamic=False)
+    elif kind in ("fsdp2", "fsdp2_compile"):
         mesh = init_device_mesh("cpu", (world,))
         for unit in _units(model):
             fully_shard(unit, mesh=mesh)
         module = fully_shard(model, mesh=mesh)
+        if kind == "fsdp2_compile":
+            module = torch.compile(module, dynamic=False)
     else:
         mesh = init_device_mesh("cpu", (world,))
         module = parallelize_module(model, mesh, _tp_plan(model, world))
         local = list(inputs)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+    params = list(module.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
 
     def step() -> None:
         module(*local).backward()
@@ -173,15 +181,17 @@ def _load() -> list[float]:
         return []
 
 
+NAMES = {"fxpar": "fxpar", "ddp": "DDP", "ddp_compile": "DDP+compile", "fsdp2": "FSDP2",
+         "fsdp2_compile": "FSDP2+compile", "tp": "TP"}
+
+
 def markdown(rep: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    lines = ["| model | fxpar ms | DDP ms | FSDP2 ms | TP ms | fxpar / DDP | fxpar / FSDP2 | fxpar / TP | fxpar / best |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | " + " | ".join(f"{NAMES[k]} ms" for k in RUNNERS) + " | fxpar / best |",
+             "|---|" + "---|" * (len(RUNNERS) + 1)]
     for r in rep["rows"]:
-        lines.append(
-            f"| {r['model']} | {ms(r['fxpar_s'])} | {ms(r['ddp_s'])} | {ms(r['fsdp2_s'])} | {ms(r['tp_s'])} "
-            f"| {r['ratio_ddp']:.2f} | {r['ratio_fsdp2']:.2f} | {r['ratio_tp']:.2f} | {r['ratio_to_best']:.2f} ({r['best_torch']}) |"
-        )
+        lines.append(f"| {r['model']} | " + " | ".join(ms(r[f"{k}_s"]) for k in RUNNERS)
+                     + f" | {r['ratio_to_best']:.2f} ({NAMES[r['best_torch']]}) |")
     lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}.")
     return "\n".join(lines)
 
