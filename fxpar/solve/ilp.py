@@ -246,12 +246,18 @@ class _Model:
         return coef
 
     def add_memory(self, live: list[Node], bound, bound_var=None) -> None:
-        """``bound`` bytes, or ``bound_var`` (a variable) when minimizing the peak."""
-        row = self.solver.Constraint(-self.solver.infinity(), bound)
-        for x, c in self.live_coefficients(live).items():
-            row.SetCoefficient(x, c)
+        """``bound`` bytes, or ``bound_var`` (a variable, in bytes) when minimizing the peak. Byte
+        counts of a large model (1e11) beside the objective's coefficients (~1) make a matrix range
+        that the solver handles badly, so the row is divided by the bound
+        (or, minimizing, by its largest coefficient), so the solver's feasibility tolerance is
+        relative to the device's memory."""
+        coefficients = self.live_coefficients(live)
+        unit = 1.0 / max(float(bound), max(coefficients.values(), default=0.0), 1.0)
+        row = self.solver.Constraint(-self.solver.infinity(), bound * unit)
+        for x, c in coefficients.items():
+            row.SetCoefficient(x, c * unit)
         if bound_var is not None:
-            row.SetCoefficient(bound_var, -1)
+            row.SetCoefficient(bound_var, -unit)
         self.memory_rows.append(row)
 
     def add_overlap(self) -> None:
