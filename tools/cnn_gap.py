@@ -1,5 +1,5 @@
 """Where the CNN's step time goes under fxpar on 2 gloo ranks: the compiled and the eager step of
-fxpar's plan, DDP, and the batch-norm statistics all-reduces alone (as many, and as large, as the
+fxpar's plan, DDP, and the batch-norm statistics collectives alone (as many, and as large, as the
 plan's rank graph issues), interleaved as in ``vs_torch.py``.
 
     python tools/cnn_gap.py [--profile PATH] [--rounds 5] [--steps 3]
@@ -37,8 +37,8 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
         runners[f"fxpar_{codegen}"] = _step(module, [t.chunk(world)[rank] for t in inputs])
     model, inputs = benchlib.build("cnn")
     runners["ddp"] = _step(DistributedDataParallel(model), [t.chunk(world)[rank] for t in inputs])
-    # The statistics all-reduces of the plan's batch norms: two of C values per forward, one of 2C
-    # per backward, each waited for at once.
+    # The statistics collectives of the plan's batch norms: an all-gather of 2C values per forward,
+    # an all-reduce of 2C per backward, each waited for at once.
     local = compiled["eager"].local_graph
     bn = [n for n in local.graph.nodes if n.target is norm.batch_norm_global_stats]
     num_channels = [m.num_features for m in benchlib.build("cnn")[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -48,10 +48,10 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
 
     def stats_only() -> None:
         for c in num_channels:
-            for numel in (c, c, 2 * c):
-                funcol.wait_tensor(funcol.all_reduce(torch.ones(numel), "sum", group))
+            funcol.wait_tensor(funcol.all_gather_into_tensor(torch.ones(2 * c), world, group))  # forward
+            funcol.wait_tensor(funcol.all_reduce(torch.ones(2 * c), "sum", group))  # backward
 
-    runners["bn_allreduces"] = stats_only
+    runners["bn_collectives"] = stats_only
     times = benchlib.interleave(runners, rounds=rounds, steps=steps)
     times["num_bn"] = [float(len(bn))]
     times["compile_s"] = [compiled["inductor"].compile_s]
@@ -80,7 +80,7 @@ def main() -> None:
     model, inputs = benchlib.build("cnn")
     plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(2,))
     results = fxpar.launch(_rank, 2, plan.to_json(), args.rounds, args.steps)
-    for key in ("fxpar_inductor", "fxpar_eager", "ddp", "bn_allreduces"):
+    for key in ("fxpar_inductor", "fxpar_eager", "ddp", "bn_collectives"):
         print(f"{key}: {benchlib.slowest_rank_median([r[key] for r in results]) * 1e3:.1f} ms")
     print(f"batch norms {int(results[0]['num_bn'][0])}, compile {max(r['compile_s'][0] for r in results):.1f} s")
 

@@ -3,13 +3,13 @@
 Batch norm in training mode normalizes each channel with the mean and variance over the batch
 and spatial dims. It can cut the channel dim (each device normalizes its channels), or the batch
 dim with the statistics still those of the whole batch, as ``torch.nn.SyncBatchNorm`` computes
-them: each device sums its slice per channel and the sums are all-reduced over the mesh axes that
-cut the batch (two all-reduces of ``channels`` values forward, for the mean and then the variance
-about it; one of ``2 * channels`` values backward, for the sums of the gradient and of the
-gradient times the normalized input). The localize hooks put those collectives into the rank's
-graph (``batch_norm_global_stats`` and its backward); the results equal single-device batch norm,
-running statistics included. The all-reduces are not priced by the cost model (O(channels)
-values each). Per-device statistics (DDP's behaviour without SyncBatchNorm) are not offered.
+them, over the mesh axes that cut the batch: forward, one all-gather of every device's per-channel
+mean and sum of squared deviations, combined as a parallel variance; backward, one all-reduce of
+``2 * channels`` values, the sums of the gradient and of the gradient times the normalized input.
+The localize hooks put those collectives into the rank's graph (``batch_norm_global_stats`` and
+its backward); the results equal single-device batch norm, running statistics included. The
+collectives are not priced by the cost model (O(channels) values each). Per-device statistics
+(DDP's behaviour without SyncBatchNorm) are not offered.
 Layer norm normalizes over its trailing ``normalized_shape`` dims; any leading dim (batch,
 sequence) can be cut, the normalized ones cannot.
 
@@ -19,12 +19,14 @@ so a Partial gradient passes through to Partial results.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fxpar.placement import P, R, Shard
 from fxpar.rules.common import absent_as_r, fill_absent_outputs, present, sharding_axes
 from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
-from fxpar.runtime.steps import all_reduce_over
+from fxpar.runtime.steps import all_gather_over, all_reduce_over
 
 aten = torch.ops.aten
 
@@ -35,15 +37,21 @@ def _channel_view(x: torch.Tensor) -> tuple[list[int], list[int]]:
 
 
 def batch_norm_global_stats(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                            group_names: list[str], num_pieces: int):
-    """Training-mode batch norm of this device's slice ``x`` of a batch cut into ``num_pieces``
-    over the groups ``group_names``, with the statistics of the whole batch; returns what
+                            group_names: list[str], group_sizes: list[int]):
+    """Training-mode batch norm of this device's slice ``x`` of a batch cut over the groups
+    ``group_names`` (of ``group_sizes`` ranks), with the statistics of the whole batch; returns what
     ``_native_batch_norm_legit_functional`` does (y, mean, rstd, new running mean and variance)."""
     dims, shape = _channel_view(x)
-    count = x.numel() // x.shape[1] * num_pieces
-    mean = all_reduce_over(x.sum(dims), group_names) / count
+    local_count = x.numel() // x.shape[1]
+    count = local_count * math.prod(group_sizes)
+    # Each device's mean and sum of squared deviations, gathered and combined as in Chan et al.'s
+    # parallel variance (what SyncBatchNorm does): one collective, no E[x^2] - E[x]^2 cancellation.
+    local_mean = x.mean(dims)
+    local_m2 = ((x - local_mean.reshape(shape)) ** 2).sum(dims)
+    pieces = all_gather_over(torch.stack([local_mean, local_m2]), group_names, group_sizes)  # [pieces, 2, C]
+    mean = pieces[:, 0].mean(0)
+    var = (pieces[:, 1] + local_count * (pieces[:, 0] - mean) ** 2).sum(0) / count
     centered = x - mean.reshape(shape)
-    var = all_reduce_over((centered * centered).sum(dims), group_names) / count
     rstd = torch.rsqrt(var + eps)
     y = centered * rstd.reshape(shape)
     if weight is not None:
@@ -56,11 +64,11 @@ def batch_norm_global_stats(x, weight, bias, running_mean, running_var, momentum
 
 
 def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, mask: list[bool],
-                                     group_names: list[str], num_pieces: int):
+                                     group_names: list[str], group_sizes: list[int]):
     """The backward of ``batch_norm_global_stats`` on this device's slice: grad_x for the slice,
     grad_weight and grad_bias summed over the whole batch."""
     dims, shape = _channel_view(x)
-    count = x.numel() // x.shape[1] * num_pieces
+    count = x.numel() // x.shape[1] * math.prod(group_sizes)
     invstd = save_invstd.reshape(shape)
     xhat = (x - save_mean.reshape(shape)) * invstd
     sums = all_reduce_over(torch.cat([grad.sum(dims), (grad * xhat).sum(dims)]), group_names)
@@ -73,28 +81,25 @@ def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, ma
     return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
 
 
-def _batch_groups(spec, mesh_shape, coords) -> tuple[list[str], int]:
+def _batch_groups(spec, mesh_shape, coords) -> tuple[list[str], list[int]]:
     axes = sharding_axes(spec, 0)
-    num_pieces = 1
-    for a in axes:
-        num_pieces *= mesh_shape[a]
-    return [coords.group_names[a] for a in axes], num_pieces
+    return [coords.group_names[a] for a in axes], [mesh_shape[a] for a in axes]
 
 
 def localize_batch_norm(node, args, kwargs, strategy, mesh_shape, coords):
-    groups, num_pieces = _batch_groups(strategy.inputs[0], mesh_shape, coords)
+    groups, sizes = _batch_groups(strategy.inputs[0], mesh_shape, coords)
     if not groups:
         return node.target, args, kwargs
     x, weight, bias, running_mean, running_var, _, momentum, eps = args
-    return batch_norm_global_stats, [x, weight, bias, running_mean, running_var, momentum, eps, groups, num_pieces], {}
+    return batch_norm_global_stats, [x, weight, bias, running_mean, running_var, momentum, eps, groups, sizes], {}
 
 
 def localize_batch_norm_backward(node, args, kwargs, strategy, mesh_shape, coords):
-    groups, num_pieces = _batch_groups(strategy.inputs[1], mesh_shape, coords)
+    groups, sizes = _batch_groups(strategy.inputs[1], mesh_shape, coords)
     if not groups:
         return node.target, args, kwargs
     grad, x, weight, _, _, save_mean, save_invstd, _, _, mask = args
-    return batch_norm_global_stats_backward, [grad, x, weight, save_mean, save_invstd, list(mask), groups, num_pieces], {}
+    return batch_norm_global_stats_backward, [grad, x, weight, save_mean, save_invstd, list(mask), groups, sizes], {}
 
 
 @register_rule(aten._native_batch_norm_legit_functional.default, cost_class="reduction", localize=localize_batch_norm)

@@ -21,7 +21,7 @@ import torch
 from fxpar.placement import Spec
 from fxpar.reshard import Step, reshard_steps
 
-__all__ = ["ASYNC_KINDS", "RankCoords", "RankMesh", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
+__all__ = ["ASYNC_KINDS", "RankCoords", "RankMesh", "all_gather_over", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
 
 aten = torch.ops.aten
 funcol = torch.ops._c10d_functional
@@ -100,6 +100,15 @@ def all_reduce_over(x, group_names: Sequence[str]):
     for group in group_names:
         x = funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
     return x
+
+
+def all_gather_over(x, group_names: Sequence[str], group_sizes: Sequence[int]):
+    """Every rank's ``x`` over the groups in ``group_names`` (of ``group_sizes`` ranks), stacked
+    along a new dim 0."""
+    out = x.unsqueeze(0)
+    for group, n in zip(group_names, group_sizes):
+        out = funcol.wait_tensor(funcol.all_gather_into_tensor(out.contiguous(), n, group))
+    return out
 
 
 def step_shape(shape: Sequence[int], step: Step, n: int) -> list[int]:

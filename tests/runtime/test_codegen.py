@@ -1,6 +1,6 @@
 """The per-rank graph as code: only torch ops and functional collectives in it, bucketed gradient
-all-reduces, batch norm cut over the batch with all-reduced statistics, and the code generator's
-options and fallback."""
+all-reduces, batch norm cut over the batch with its statistics combined over the ranks, and the
+code generator's options and fallback."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_gradient_all_reduces_are_bucketed():
     assert (before, after) == (6, 1)
 
 
-def test_data_parallel_batch_norm_all_reduces_statistics_not_activations():
+def test_data_parallel_batch_norm_communicates_statistics_not_activations():
     torch.manual_seed(0)
     gm, plan = _data_parallel(ResNet18(num_classes=8, image_size=32, width=1 / 16), 64)
     bn = [n for n in gm.graph.nodes if n.target is aten._native_batch_norm_legit_functional.default]
