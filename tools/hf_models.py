@@ -20,23 +20,23 @@ class LossOf(nn.Module):
         return self.model(input_ids=input_ids, labels=labels)
 
 
-def gpt2_small(batch: int = 8) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def gpt2_small(batch: int = 8, num_layers: int = 12) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """``GPT2LMHeadModel(GPT2Config())``: 12 layers, d=768, 12 heads, sequence 1024, dropout 0.1."""
     import transformers as T
 
-    config = T.GPT2Config()
+    config = T.GPT2Config(n_layer=num_layers)
     with torch.device("meta"):
         model = LossOf(T.GPT2LMHeadModel(config))
     ids = torch.zeros(batch, config.n_positions, dtype=torch.long)
     return model, (ids, ids)
 
 
-def llama_7b(batch: int = 64) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def llama_7b(batch: int = 64, num_layers: int = 32) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """A Llama-7B-sized ``LlamaForCausalLM``: 32 layers, d=4096, 32 heads, MLP 11008, vocabulary
     32000, sequence 2048."""
     import transformers as T
 
-    config = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    config = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers, num_attention_heads=32,
                            num_key_value_heads=32, max_position_embeddings=2048, vocab_size=32000)
     with torch.device("meta"):
         model = LossOf(T.LlamaForCausalLM(config))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import fxpar
+from fxpar.errors import FxparError
 from fxpar.models import GPT, GPTConfig, Llama, LlamaConfig
 from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
@@ -34,6 +35,7 @@ from fxpar.solve import ilp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tools import hf_models  # noqa: E402
 from tools.toy_transformer import ToyTransformer  # noqa: E402
 
 
@@ -52,6 +54,13 @@ def cases(quick: bool) -> list[dict]:
          "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0, "time_limit_s": 12.0},
         {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
          "cluster": "h100-2node-16", "mesh": (4, 4, 4), "target_s": 20.0, "time_limit_s": 60.0},
+        # Third-party models as users bring them (tools/hf_models.py), built on meta by transformers.
+        {"name": f"HF GPT2LMHeadModel, default config ({gpt.n_layer} layers, dropout 0.1)",
+         "build": lambda b: hf_models.gpt2_small(b, gpt.n_layer), "batch": 8,
+         "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0, "time_limit_s": 60.0},
+        {"name": f"HF LlamaForCausalLM, Llama-7B-sized ({llama.n_layer} layers, seq 2048)",
+         "build": lambda b: hf_models.llama_7b(b, llama.n_layer), "batch": 64,
+         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0, "time_limit_s": 60.0},
     ]
 
 
@@ -64,9 +73,12 @@ def run_case(case: dict, solver: str) -> dict:
         inner = (cluster.links[-1],) * (len(mesh) - len(cluster.links))
         cluster = dataclasses.replace(cluster, links=cluster.links + inner)
     times = {}
-    with torch.device("meta"):
-        model = case["model"]()
-        inputs = model.example_inputs(case["batch"])
+    if "build" in case:
+        model, inputs = case["build"](case["batch"])
+    else:
+        with torch.device("meta"):
+            model = case["model"]()
+            inputs = model.example_inputs(case["batch"])
     num_params = sum(p.numel() for p in model.parameters())
     t = time.perf_counter()
     gm = capture(model, inputs)
@@ -120,11 +132,19 @@ def main() -> None:
     parser.add_argument("--solvers", default=",".join(ilp.SOLVERS),
                         help="comma-separated, from fxpar.solve.ilp.SOLVERS")
     parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this (prints, writes nothing)")
     args = parser.parse_args()
     results = []
     for case in cases(args.quick):
+        if args.only and args.only not in case["name"]:
+            continue
         for solver in args.solvers.split(","):
-            r = run_case(case, solver)
+            try:
+                r = run_case(case, solver)
+            except FxparError as exc:  # a case that does not plan is a result too
+                print(f"{case['name']} on {case['mesh']} with {solver}: {type(exc).__name__}: {exc}", flush=True)
+                results.append({"name": case["name"], "solver": solver, "mesh": list(case["mesh"]), "error": str(exc)})
+                continue
             results.append(r)
             t = r["times_s"]
             print(f"{r['name']} on {r['mesh']} with {solver} (load {r['load_avg_1min']:.1f}): {r['nodes']} nodes, "
@@ -132,7 +152,7 @@ def main() -> None:
                   f"capture {t['capture']:.1f}s annotate {t['annotate']:.1f}s build {t['build']:.1f}s solve {t['solve']:.1f}s "
                   f"rewrite {t['rewrite']:.1f}s = {r['total_s']:.1f}s (target {r['target_s']:g}s), {r['status']}, "
                   f"gap {r['gap']:.2%}, predicted step {r['predicted_step_s'] * 1e3:.3f} ms", flush=True)
-    if not args.quick:
+    if not args.quick and not args.only:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
@@ -146,6 +166,9 @@ def write_table(results: list[dict], path: Path) -> None:
             "| target | predicted step | status |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            rows.append(f"| {r['name']} | {'x'.join(map(str, r['mesh']))} | {r['solver']} | | | | | | | | | | | | | {r['error']} |")
+            continue
         t = r["times_s"]
         rows.append(
             f"| {r['name']} | {'x'.join(map(str, r['mesh']))} | {r['solver']} | {r['load_avg_1min']:.1f} | {r['nodes']} | "
