@@ -56,6 +56,10 @@ class PlanOptionError(FxparError):
     (``mesh_shape``, ``optimizer``, ``force``, ``time_limit_s``, ``plan_cache``)."""
 
 
+class CodegenError(PlanOptionError):
+    """An unknown ``codegen=`` option."""
+
+
 class FallbackWarning(UserWarning):
     """fxpar fell back to something slower than a planned strategy (e.g. an op without a rule)."""
 

@@ -18,7 +18,6 @@ Writes the tables between the markers of ``docs/study.md`` and the figure ``docs
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess

@@ -23,7 +23,6 @@ steps per round; the step time is the median over steps of the slowest rank.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxpar.errors import FallbackWarning, FxparError
+from fxpar.errors import CodegenError, FallbackWarning
 
 __all__ = ["CODEGENS", "CodegenError", "bucket_collectives", "compile_step", "cpp_compiler"]
 
@@ -33,9 +33,6 @@ CODEGENS = ("inductor", "eager")
 # DDP's default bucket size.
 BUCKET_CAP_MB = 25.0
 
-
-class CodegenError(FxparError):
-    """An unknown ``codegen=`` option."""
 
 
 def check_codegen(codegen: str) -> str:

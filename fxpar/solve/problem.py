@@ -21,7 +21,7 @@ from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
 from fxpar.solve.repeat import node_signature, repeated_classes
 
-# Collectives the runtime can leave in flight (fxpar.runtime.collectives.ASYNC_STEPS).
+# Collectives the runtime can leave in flight (fxpar.runtime.steps.ASYNC_KINDS).
 ASYNC_KINDS = ("all_reduce", "reduce_scatter")
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
