@@ -10,14 +10,16 @@ from torch import nn
 
 
 class LossOf(nn.Module):
-    """Calls a Hugging Face model with its labels; fxpar takes the ``loss`` of the output."""
+    """Calls a Hugging Face model with its labels (``inputs`` passed as ``input_name``); fxpar takes
+    the ``loss`` of the output."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input_name: str = "input_ids"):
         super().__init__()
         self.model = model
+        self.input_name = input_name
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        return self.model(input_ids=input_ids, labels=labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        return self.model(**{self.input_name: inputs}, labels=labels)
 
 
 def gpt2_small(batch: int = 8, num_layers: int = 12) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from tests.runtime.train_fns import mlp_inputs, mlp_model, train_mlp_steps
+from tests.runtime.train_fns import finish_torchrun_rank, mlp_inputs, mlp_model, train_mlp_steps
 
 
 def main(out_path: str, num_steps: int) -> None:
@@ -21,20 +21,8 @@ def main(out_path: str, num_steps: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert int(os.environ["GROUP_RANK"]) == rank // 2, "torchrun numbers ranks node by node"
     losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps)
-    state = compiled.state_dict()
-    if rank == 0:
-        torch.save({"losses": losses, "state": state, "plan": compiled.plan.to_json()}, out_path)
-    # Every rank is past its last collective (rank 0's save included) before the groups go away.
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_torchrun_rank(out_path, {"losses": losses, "state": compiled.state_dict(), "plan": compiled.plan.to_json()})
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
-    # Past this point the work is done and saved. Under load, a C++ thread that torch's distributed
-    # runtime leaves joinable is destroyed during interpreter finalization about once in ten runs
-    # ("terminate called without an active exception", SIGABRT, with no Python frame left), which
-    # would fail the run after it succeeded: skip finalization.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

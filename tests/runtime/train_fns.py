@@ -90,3 +90,21 @@ def backend_with_smaller_mesh(rank: int):
     compiled = torch.compile(mlp_model(), backend="fxpar", options={"mesh_shape": (1,), "codegen": "eager"})
     x, y = mlp_inputs(0)
     return compiled(x.chunk(2)[rank], y.chunk(2)[rank])
+
+
+def finish_torchrun_rank(out_path: str, payload: dict) -> None:
+    """End a torchrun test script's rank: rank 0 saves ``payload``, every rank waits for the others
+    to be past their last collective, the groups go away, and the process exits without
+    interpreter finalization. (Under load, a C++ thread that torch's distributed runtime leaves
+    joinable is destroyed during finalization about once in ten runs: "terminate called without an
+    active exception", SIGABRT with no Python frame left, failing a run that succeeded.)"""
+    import os
+    import sys
+
+    if dist.get_rank() == 0:
+        torch.save(payload, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fxpar
+from tools.hf_models import LossOf
 
 GLOBAL_BATCH = 8
 SEQ = 16
@@ -21,18 +22,6 @@ NUM_STEPS = 3
 # a step of 1e-4 keeps that inside the tolerance, while a wrong gradient still moves weights by
 # a multiple of it.
 LR = 1e-4
-
-
-class LossOf(nn.Module):
-    """Calls a Hugging Face model with its labels; fxpar takes the ``loss`` of the output."""
-
-    def __init__(self, model: nn.Module, input_name: str):
-        super().__init__()
-        self.model = model
-        self.input_name = input_name
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
-        return self.model(**{self.input_name: inputs}, labels=labels)
 
 
 def _text() -> dict:
