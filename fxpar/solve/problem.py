@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
-from fxpar.cost import CostModel, spec_bytes
+from fxpar.cost import CostModel, collective_time, spec_bytes
 from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
@@ -25,6 +25,34 @@ from fxpar.solve.repeat import node_signature, repeated_classes
 ASYNC_KINDS = ("all_reduce", "reduce_scatter")
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
+
+# The runtime packs the gradient collectives of one kind, mesh axis and dtype into buckets of at
+# most this many bytes (fxpar.runtime.codegen.bucket_collectives, DDP's 25 MB default).
+GRAD_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+class GradValue:
+    """A gradient's value on the edge that synchronizes it into its parameter's spec: the edge is
+    priced as part of a bucket (``Problem.grad_sync_cost``) rather than as a collective of its own."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def element_size(self) -> int:
+        return self.value.element_size()
+
+    def numel(self) -> int:
+        return self.value.numel()
 
 
 @dataclass(eq=False)
@@ -59,16 +87,46 @@ class Problem:
     overlap_efficiency: float = 1.0  # the share of backward compute time that hides communication
     backward: set = field(default_factory=set)  # nodes of the backward pass
     last_grads: set = field(default_factory=set)  # gradient edges of the last gradients produced
+    num_grad_syncs: int = 1  # gradient edges: the most gradients that can share one bucket
+    # fxpar.solve.recompute.Analysis of the graph, made when recomputation is planned.
+    recompute_analysis: object = field(default=None, repr=False)
     _reshard_cache: dict = field(default_factory=dict, repr=False)
     _matrix_cache: dict = field(default_factory=dict, repr=False)
 
     def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
         if src == dst:
             return 0.0
-        key = (tuple(tensor.shape), tensor.dtype, src, dst)
+        grad = isinstance(tensor, GradValue)
+        key = (tuple(tensor.shape), tensor.dtype, src, dst, grad)
         if key not in self._reshard_cache:
-            self._reshard_cache[key] = self.cost_model.reshard_time(tensor, src, dst)
+            self._reshard_cache[key] = self.grad_sync_cost(tensor, src, dst) if grad else self.cost_model.reshard_time(tensor, src, dst)
         return self._reshard_cache[key]
+
+    def grad_sync_cost(self, grad: GradValue, src: Spec, dst: Spec) -> float:
+        """Seconds of synchronizing a gradient from ``src`` to its parameter's ``dst`` as the runtime
+        runs it. A single all-reduce or reduce-scatter goes into a bucket with the other gradients
+        of its kind, axis and dtype (one collective per ``GRAD_BUCKET_BYTES``): the gradient pays
+        its transfer time, its copy into the bucket, and its share of one bucket's
+        fixed cost (the collective's latency and launch), ``max(bytes / bucket, 1 / gradients)``,
+        so that a model whose gradients fill one partial bucket pays one latency, not one per
+        gradient. Anything else is resharded step by step, as on any edge."""
+        steps = reshard_steps(src, dst)
+        cm = self.cost_model
+        if len(steps) != 1 or steps[0].kind not in ASYNC_KINDS:
+            return cm.reshard_time(grad.value, src, dst)
+        step = steps[0]
+        n = cm.mesh_shape[step.axis]
+        if n <= 1:
+            return 0.0
+        nbytes = float(spec_bytes(grad.value, src, cm.mesh_shape))
+        bandwidth, latency = cm.links[step.axis].figures(step.kind)
+        fixed = collective_time(step.kind, 0.0, n, bandwidth, latency) + cm.cluster.device.kernel_overhead_s
+        transfer = collective_time(step.kind, nbytes, n, bandwidth, latency) - collective_time(step.kind, 0.0, n, bandwidth, latency)
+        # The bucket is one concatenation of its gradients (read and written once); the results
+        # are views of the collective's output.
+        copies = cm.roofline(0.0, 2 * nbytes, "elementwise") - cm.cluster.device.kernel_overhead_s
+        share = max(nbytes / GRAD_BUCKET_BYTES, 1.0 / max(self.num_grad_syncs, 1))
+        return transfer + copies + share * fixed
 
     def cost_matrix(self, tensor, a_specs: list[Spec], b_specs: list[Spec]) -> dict[tuple[Spec, Spec], float]:
         key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs))
@@ -193,7 +251,8 @@ def build_problem(
     params = [param for _, param in grads]
     for grad, param in grads:
         edges.append(
-            Edge(grad, param, 0, grad.meta["val"], [s.outputs[0] for s in strategies[grad]], [s.outputs[0] for s in strategies[param]])
+            Edge(grad, param, 0, GradValue(grad.meta["val"]), [s.outputs[0] for s in strategies[grad]],
+                 [s.outputs[0] for s in strategies[param]])
         )
     factor = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
     param_mem = {p: [factor * spec_bytes(p.meta["val"], s.outputs[0], mesh_shape) for s in strategies[p]] for p in params}
@@ -207,6 +266,7 @@ def build_problem(
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
     )
     problem.backward = {n for n in nodes if n.meta.get("fxpar_phase") == "backward"}
+    problem.num_grad_syncs = len(grads)
     problem.overlap_efficiency = cost_model.cluster.device.overlap_efficiency
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_edges = [e for e in edges if e.position == -1]

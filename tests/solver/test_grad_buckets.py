@@ -1,0 +1,52 @@
+"""Gradient synchronization is priced per bucket, as the runtime runs it (one collective per
+bucket of gradients): each gradient pays its transfer and its copy into the bucket, and the
+bucket's fixed cost (latency and launch) is shared, not paid once per gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.cost import collective_time
+from fxpar.models import MLP
+from fxpar.planner import capture_and_annotate, plan_graph
+from fxpar.solve.problem import GRAD_BUCKET_BYTES, GradValue
+
+
+def _dp_problem():
+    torch.manual_seed(0)
+    model = MLP((64, 128, 128, 10))
+    gm = capture_and_annotate(model, model.example_inputs(64))
+    force = {f: "R" for f, _ in model.named_parameters()}
+    plan, problem = plan_graph(gm, cluster=fxpar.preset("cpu-local", num_devices=2), mesh_shape=(2,), force=force)
+    choice = {n: problem.strategies[n].index(plan.strategies[n.name]) for n in problem.nodes}
+    return problem, choice
+
+
+def test_a_gradient_pays_its_share_of_one_bucket_latency():
+    problem, choice = _dp_problem()
+    syncs = [e for e in problem.edges if e.position == -1]
+    assert syncs and all(isinstance(e.tensor, GradValue) for e in syncs)
+    cm = problem.cost_model
+    bandwidth, latency = cm.links[0].figures("all_reduce")
+    fixed = collective_time("all_reduce", 0.0, 2, bandwidth, latency) + cm.cluster.device.kernel_overhead_s
+    total = 0.0
+    for e in syncs:
+        a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
+        if not problem.overlappable(e, a, b):
+            continue
+        nbytes = e.tensor.numel() * e.tensor.element_size()
+        alone = cm.reshard_time(e.tensor.value, a, b)
+        bucketed = problem.reshard_cost(e.tensor, a, b)
+        assert bucketed == problem.grad_sync_cost(e.tensor, a, b)
+        share = max(nbytes / GRAD_BUCKET_BYTES, 1 / problem.num_grad_syncs)
+        # Alone, a gradient pays the whole latency; in a bucket, its share of it.
+        assert bucketed - share * fixed == pytest.approx(
+            alone - fixed + cm.roofline(0.0, 2 * nbytes, "elementwise") - cm.cluster.device.kernel_overhead_s, rel=1e-9)
+        total += share * fixed
+    # These small gradients fill one partial bucket: one latency in all.
+    assert total == pytest.approx(fixed * sum(1 for e in syncs if problem.overlappable(
+        e, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]])) / problem.num_grad_syncs)
+    assert problem.breakdown(choice)["grad_sync"] < sum(
+        cm.reshard_time(e.tensor.value, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]) for e in syncs)
