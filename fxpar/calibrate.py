@@ -3,10 +3,12 @@
 Every rank measures at once, as in training (so contention between ranks is in the figures):
 per-op overhead (tiny ops in an fx ``GraphModule``, as fxpar runs steps); matmul and convolution
 throughput (FLOPs as ``torch.utils.flop_counter`` counts them; the fastest kernel is the peak, the
-median of a class its efficiency); memory bandwidth (elementwise streams, reductions and norms);
-the overlap of an asynchronous all-reduce with a matmul; and the collectives (through
-``fxpar.runtime.collectives.DistComm``, the code rewritten steps call, plus broadcast) on groups
-of 2..N ranks at several sizes, fitted per collective to the alpha-beta formulas of ``fxpar.cost``.
+median of a class its efficiency); the same matmul in bfloat16 and float16 (their speed against
+float32 scales the peak into ``peak_flops_by_dtype``); memory bandwidth (elementwise streams,
+reductions and norms); the overlap of an asynchronous all-reduce with a matmul; and the
+collectives (through ``fxpar.runtime.collectives.DistComm``, the code rewritten steps call, plus
+broadcast) on groups of 2..N ranks at several sizes, fitted per collective to the alpha-beta
+formulas of ``fxpar.cost``.
 Without a process group the ranks are local gloo processes (``fxpar.launch``); under torchrun the
 running backend is measured. Each timing is the median over repeats of the slowest rank
 (``--quantile`` picks another). ``fxpar.Cluster.load(path)`` reads the profile back.
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxpar.cluster import COLLECTIVES, OP_CLASSES, Cluster, DeviceSpec, LinkSpec
+from fxpar.cluster import COLLECTIVES, OP_CLASSES, Cluster, DeviceSpec, LinkSpec, dtype_name
 from fxpar.cost import collective_time
 
 HELP = "measure this machine (compute, memory, per-op overhead, collectives) and write a profile JSON"
@@ -48,6 +50,14 @@ class Sizes:
     repeats: int = 9
 
 
+# The dtypes whose matmul speed is measured against float32 (keys of DeviceSpec.peak_flops_by_dtype).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Their entries among the raw measurements: {"matmul_bfloat16": "bfloat16", ...}.
+DTYPE_MATMULS = {f"matmul_{dtype_name(d)}": dtype_name(d) for d in LOW_PRECISION}
+# A kernel slower than this on its first call is timed once more, not ``repeats`` times: a dtype
+# the machine has no fast path for (float16 on many CPUs) would otherwise take most of the run.
+SLOW_KERNEL_S = 0.05
+
 QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3)
 
 
@@ -56,8 +66,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int) -> list[float]:
-    fn()
+def _time(fn, device: torch.device, repeats: int, *, warmup: bool = True) -> list[float]:
+    if warmup:
+        fn()
     out = []
     for _ in range(repeats):
         _sync(device)
@@ -107,6 +118,21 @@ def _compute(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
         bt, at = torch.randn(n, k, device=device), torch.randn(k, m, device=device)
         for fn in (lambda: torch.mm(a, b), lambda: torch.mm(a, bt.t()), lambda: torch.mm(at.t(), b)):
             out["matmul"].append((_flops(fn), _time(fn, device, reps)))
+    m, k, n = sizes.matmuls[0]
+    for dtype in LOW_PRECISION:
+        name = dtype_name(dtype)
+        _say(rank, f"matmul {m}x{k} @ {k}x{n} in {name}")
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+
+        def fn(a=a, b=b):
+            return torch.mm(a, b)
+
+        start = time.perf_counter()
+        fn()  # the warm-up call, timed to choose the repeats
+        _sync(device)
+        first = time.perf_counter() - start
+        # 2mkn: an mm's FLOPs as FlopCounterMode counts them (counting would run the kernel again).
+        out[f"matmul_{name}"] = [(2 * m * k * n, _time(fn, device, reps if first < SLOW_KERNEL_S else 1, warmup=False))]
     batch, ch, hw, _ = sizes.conv[0], sizes.conv[1], sizes.conv[2], sizes.conv[3]
     _say(rank, f"convolution 3x3, batch {batch}, {ch} channels, {hw}x{hw}, forward and backward")
     x = torch.randn(batch, ch, hw, hw, device=device, requires_grad=True)
@@ -289,6 +315,14 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     overhead = overhead_t / overhead_ops
     rates = {k: [w / max(t - overhead, 1e-12) for w, t in medians(k)] for k in ("matmul", "convolution", "elementwise", "reduction")}
     peak = max(rates["matmul"] + rates["convolution"])
+    # A low-precision matmul ran the first float32 kernel's shape and layout: the peak scaled by its
+    # speed against that kernel, so that the matmul efficiency carries over to it.
+    # (Measurements without them, from older runs, leave peak_flops_by_dtype empty.)
+    dtype_keys = [k for k in DTYPE_MATMULS if k in results[0]["compute"]]
+    peak_by_dtype = {}
+    for key in dtype_keys:
+        ((work, t),) = medians(key)
+        peak_by_dtype[DTYPE_MATMULS[key]] = peak * (work / max(t - overhead, 1e-12)) / rates["matmul"][0]
     # The memory bandwidth is that of the largest stream (its add, relu and copy come last):
     # memory-bound, where smaller streams may run from cache, faster (an efficiency can exceed 1).
     bandwidth = max(rates["elementwise"][-3:])
@@ -327,9 +361,11 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         compute_efficiency_by_class=compute_eff,
         memory_efficiency_by_class=memory_eff,
         overlap_efficiency=overlap,
+        peak_flops_by_dtype=peak_by_dtype,
     )
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
-    raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)] for k in ("overhead", "matmul", "convolution", "elementwise", "reduction")}
+    raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
+           for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {
         "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
@@ -362,6 +398,8 @@ def summary(c: Cluster) -> str:
     ce, me = {k: d.efficiencies(k)[0] for k in OP_CLASSES}, {k: d.efficiencies(k)[1] for k in OP_CLASSES}
     lines = [f"{c.name}: {c.num_devices} x {d.name}",
              f"  peak {d.peak_flops / 1e9:.1f} GFLOP/s; efficiency matmul {ce['matmul']:.2f}, convolution {ce['convolution']:.2f}",
+             "  peak by dtype: " + (", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in d.peak_flops_by_dtype.items())
+                                    or "none measured (every dtype at the float32 peak)"),
              f"  memory bandwidth {d.memory_bandwidth / 1e9:.1f} GB/s; efficiency elementwise {me['elementwise']:.2f}, "
              f"reduction {me['reduction']:.2f}",
              f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB; "

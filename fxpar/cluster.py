@@ -2,8 +2,9 @@
 
 All figures are SI: FLOP/s, bytes, bytes/s, seconds, watts. GPU presets take their numbers from
 public datasheets and published measurements; every preset names its source in ``source`` and
-``docs/hardware.md`` / ``docs/cost-model.md`` give the derivation (dense FP32 peaks unless the preset
-says otherwise; bus bandwidths as nccl-tests report them). ``python -m fxpar calibrate`` measures
+``docs/hardware.md`` / ``docs/cost-model.md`` give the derivation (``peak_flops`` is the dense FP32
+peak; ``peak_flops_by_dtype`` holds the dense (non-sparse) TF32, BF16, FP16 and FP64 figures; bus
+bandwidths as nccl-tests report them). ``python -m fxpar calibrate`` measures
 the machine at hand and writes a ``Cluster`` as JSON; ``Cluster.load(path)`` reads it back.
 """
 
@@ -15,6 +16,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from fxpar.errors import ClusterSpecError
 
 GB = 1e9
@@ -24,17 +27,35 @@ GiB = 2**30
 OP_CLASSES = ("matmul", "convolution", "elementwise", "reduction")
 # The collectives a link's figures can be given for (fxpar.cost.collective_time prices them).
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+# The dtypes a device's peak FLOP/s can be given for besides float32, whose figure is peak_flops.
+# Names are torch's dtype names (str(torch.bfloat16) without "torch."); "tf32" is float32 run on
+# TF32 tensor cores, which fxpar.cost.tf32_classes says torch's settings allow.
+PEAK_DTYPES = ("float64", "tf32", "bfloat16", "float16")
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The name a dtype's peak is keyed by: ``"bfloat16"`` for ``torch.bfloat16``; a string
+    (``"tf32"``, ``"float32"`` or one of ``PEAK_DTYPES``) names itself."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if dtype == "float32" or dtype in PEAK_DTYPES:
+        return dtype
+    raise ClusterSpecError(
+        f"no peak FLOP/s can be named {dtype!r}; give a torch.dtype or one of {['float32', *PEAK_DTYPES]}"
+    )
 
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One device. The compute time of an op of class ``c`` is the roofline
-    ``max(flops / (peak_flops * compute_eff(c)), bytes / (memory_bandwidth * memory_eff(c)))``
+    """One device. The compute time of an op of class ``c`` computing in dtype ``d`` is the roofline
+    ``max(flops / (peak_flops_for(d) * compute_eff(c)), bytes / (memory_bandwidth * memory_eff(c)))``
     plus ``kernel_overhead_s``; ``compute_efficiency_by_class`` / ``memory_efficiency_by_class``
-    override the device-wide fractions for single classes (a calibrated profile sets them)."""
+    override the device-wide fractions for single classes (a calibrated profile sets them).
+    ``peak_flops`` is the float32 figure (and the fallback for any dtype ``peak_flops_by_dtype``
+    has no entry for); ``peak_flops_by_dtype`` holds the others, keyed by ``PEAK_DTYPES`` names."""
 
     name: str
-    peak_flops: float  # FLOP/s for the dtype the model trains in
+    peak_flops: float  # FLOP/s in float32 (no TF32), and for every dtype peak_flops_by_dtype lacks
     memory_bytes: float
     memory_bandwidth: float  # bytes/s
     compute_efficiency: float = 0.7  # achievable fraction of peak_flops
@@ -47,6 +68,13 @@ class DeviceSpec:
     # The fraction of an asynchronous collective's time that can run under independent compute:
     # 1 where communication has its own engines (GPUs with NCCL), lower where the two share cores.
     overlap_efficiency: float = 1.0
+    # Peak FLOP/s per compute dtype other than float32 ({"bfloat16": 989.4e12, "tf32": ...}).
+    peak_flops_by_dtype: dict[str, float] = field(default_factory=dict)
+
+    def peak_flops_for(self, dtype: torch.dtype | str) -> float:
+        """Peak FLOP/s of a kernel computing in ``dtype`` (a torch dtype, or a name: ``"tf32"``,
+        ``"float32"``, one of ``PEAK_DTYPES``): its ``peak_flops_by_dtype`` entry, else ``peak_flops``."""
+        return self.peak_flops_by_dtype.get(dtype_name(dtype), self.peak_flops)
 
     def efficiencies(self, op_class: str) -> tuple[float, float]:
         """(fraction of peak FLOP/s, fraction of memory bandwidth) an op of ``op_class`` reaches."""
@@ -99,6 +127,28 @@ def _check_fraction(cluster: str, pairs: list[tuple[float, str]], upper: float, 
                 f"cluster {cluster!r}: {what} is {value!r}; it must be in (0, {upper:g}], the achievable fraction "
                 f"of {meaning} (e.g. 0.7); measure it with `python -m fxpar calibrate`"
             )
+
+
+def _check_dtype_peaks(cluster: str, peaks) -> None:
+    what = "device.peak_flops_by_dtype"
+    if not isinstance(peaks, dict):
+        raise ClusterSpecError(
+            f"cluster {cluster!r}: {what} is {describe_value(peaks)}; give a dict of FLOP/s by dtype name, "
+            'e.g. {"bfloat16": 989.4e12}'
+        )
+    for key in peaks:
+        if key == "float32":
+            raise ClusterSpecError(
+                f"cluster {cluster!r}: {what} has the key 'float32'; the float32 figure is device.peak_flops: "
+                f"set that instead and keep {what} for {list(PEAK_DTYPES)}"
+            )
+        if not isinstance(key, str) or key not in PEAK_DTYPES:
+            hint = f" (write {dtype_name(key)!r})" if isinstance(key, torch.dtype) else ""
+            raise ClusterSpecError(
+                f"cluster {cluster!r}: {what} has the key {key!r}{hint}; known dtype names: {list(PEAK_DTYPES)} "
+                "(float32 is device.peak_flops)"
+            )
+    _check_positive(cluster, [(v, f"{what}[{k!r}]") for k, v in peaks.items()])
 
 
 def _check_keys(cluster: str, what: str, keys, known: tuple[str, ...]) -> None:
@@ -162,6 +212,7 @@ class Cluster:
             raise ClusterSpecError(
                 f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"
             )
+        _check_dtype_peaks(self.name, d.peak_flops_by_dtype)
         _check_keys(self.name, "device.compute_efficiency_by_class", d.compute_efficiency_by_class, OP_CLASSES)
         _check_keys(self.name, "device.memory_efficiency_by_class", d.memory_efficiency_by_class, OP_CLASSES)
         for i, link in enumerate(self.links):
@@ -241,6 +292,10 @@ def describe_value(value) -> str:
     return (text if len(text) <= 60 else text[:57] + "...") + f" (a {type(value).__name__})"
 
 
+_DICT_EXAMPLES = {"peak_flops_by_dtype": '{"bfloat16": 989.4e12}', "bandwidth_by_collective": '{"all_gather": 2e9}',
+                  "latency_by_collective": '{"all_gather": 5e-5}'}
+
+
 def _fields_from_json(cls, data, where: str, path: str) -> dict:
     """The keyword arguments of ``cls`` that the JSON object ``data`` gives, each checked against
     the field's annotated type; nested specs are built. Ranges are checked by ``Cluster``."""
@@ -280,7 +335,7 @@ def _fields_from_json(cls, data, where: str, path: str) -> dict:
             value = int(value)
         elif kind == "dict[str, float]":
             if not isinstance(value, dict):
-                raise bad('an object of numbers, e.g. {"matmul": 0.8}')
+                raise bad("an object of numbers, e.g. " + _DICT_EXAMPLES.get(name, '{"matmul": 0.8}'))
             for k, v in value.items():
                 if not _is_number(v):
                     raise ClusterSpecError(f"{where}: {key}[{k!r}] is {describe_value(v)}; it must be a number")
@@ -299,7 +354,9 @@ def _fields_from_json(cls, data, where: str, path: str) -> dict:
     return out
 
 
-def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: float, idle_w: float) -> DeviceSpec:
+def _gpu(
+    name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: float, idle_w: float, **dtype_tflops: float
+) -> DeviceSpec:
     return DeviceSpec(
         name=name,
         peak_flops=fp32_tflops * 1e12,
@@ -307,20 +364,30 @@ def _gpu(name: str, fp32_tflops: float, mem_gb: float, hbm_gbs: float, board_w: 
         memory_bandwidth=hbm_gbs * GB,
         board_power_w=board_w,
         idle_power_w=idle_w,
+        peak_flops_by_dtype={k: v * 1e12 for k, v in dtype_tflops.items()},
     )
 
 
-# Datasheet figures (dense FP32, capacity, HBM bandwidth, max board power); idle power is a point in
-# the range public nvidia-smi readings report. Sources per device in docs/hardware.md.
-P100 = _gpu("P100-SXM2-16GB", 10.6, 16, 732, 300, 35)  # NVIDIA Tesla P100 datasheet (SXM2)
-V100 = _gpu("V100-SXM2-32GB", 15.7, 32, 900, 300, 48)  # NVIDIA Tesla V100 datasheet (SXM2)
-V100_PCIE = _gpu("V100-PCIe-32GB", 14.0, 32, 900, 250, 40)  # NVIDIA Tesla V100 datasheet (PCIe)
-A100 = _gpu("A100-SXM4-80GB", 19.5, 80, 2039, 400, 55)  # NVIDIA A100 datasheet (80 GB SXM)
-H100 = _gpu("H100-SXM5-80GB", 66.9, 80, 3350, 700, 100)  # NVIDIA H100 datasheet (SXM)
-H200 = _gpu("H200-141GB", 66.9, 141, 4800, 700, 78)  # NVIDIA H200 datasheet (SXM)
+# Datasheet figures (dense FP32, capacity, HBM bandwidth, max board power, and the dense (non-sparse)
+# peaks of the other dtypes, tensor cores where the GPU has them for that dtype); idle power is a
+# point in the range public nvidia-smi readings report. Sources (URLs) per device in docs/hardware.md.
+# A dtype a GPU has no figure for (BF16 and TF32 before Ampere) falls back to peak_flops.
+P100 = _gpu("P100-SXM2-16GB", 10.6, 16, 732, 300, 35,  # NVIDIA Tesla P100 datasheet (SXM2); FP16 without tensor cores
+            float64=5.3, float16=21.2)
+V100 = _gpu("V100-SXM2-32GB", 15.7, 32, 900, 300, 48,  # NVIDIA Tesla V100 datasheet (SXM2); FP16 tensor cores
+            float64=7.8, float16=125.0)
+V100_PCIE = _gpu("V100-PCIe-32GB", 14.0, 32, 900, 250, 40,  # NVIDIA Tesla V100 datasheet (PCIe)
+                 float64=7.0, float16=112.0)
+A100 = _gpu("A100-SXM4-80GB", 19.5, 80, 2039, 400, 55,  # NVIDIA A100 datasheet (80 GB SXM); FP64 tensor cores
+            float64=19.5, tf32=156.0, bfloat16=312.0, float16=312.0)
+H100 = _gpu("H100-SXM5-80GB", 66.9, 80, 3350, 700, 100,  # NVIDIA H100 datasheet (SXM) / Hopper whitepaper
+            float64=66.9, tf32=494.7, bfloat16=989.4, float16=989.4)
+H200 = _gpu("H200-141GB", 66.9, 141, 4800, 700, 78,  # NVIDIA H200 datasheet (SXM): H100's compute
+            float64=66.9, tf32=494.7, bfloat16=989.4, float16=989.4)
 
 # A CPU process of a small machine running gloo over loopback: rough defaults, to be replaced by
-# figures measured on the machine at hand (`python -m fxpar calibrate`).
+# figures measured on the machine at hand (`python -m fxpar calibrate`). No per-dtype peaks: every
+# dtype is priced at peak_flops until a calibrated profile measures bfloat16 and float16 matmuls.
 CPU = DeviceSpec(
     name="cpu-process",
     peak_flops=50e9,

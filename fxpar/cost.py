@@ -1,14 +1,17 @@
 """The cost model: seconds for compute and for communication, bytes for memory, from one place.
 
 Compute (per node, per device), for an op of class ``c`` (``op_class``: matmul, convolution,
-elementwise, reduction)::
+elementwise, reduction) computing in dtype ``d`` (``compute_dtype``)::
 
-    max(flops / (peak * compute_eff(c)), bytes / (mem_bw * memory_eff(c))) + kernel_overhead
+    max(flops / (peak(d) * compute_eff(c)), bytes / (mem_bw * memory_eff(c))) + kernel_overhead
 
 Views cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``); the
 per-device share shrinks by every mesh axis on which the strategy shards some tensor of the op;
-``bytes`` are the per-device sizes of the op's inputs and outputs. The efficiencies are the
-device's (``DeviceSpec.efficiencies``), per class where a profile gives them.
+``bytes`` are the per-device sizes of the op's inputs and outputs, each at its own element size.
+The efficiencies are the device's (``DeviceSpec.efficiencies``), per class where a profile gives
+them. ``peak(d)`` is ``DeviceSpec.peak_flops_for(d)``, where ``d`` is the dtype of the op's
+floating-point inputs (a bfloat16 ``mm`` under autocast computes in bfloat16), and float32 becomes
+``"tf32"`` for the classes ``tf32_classes()`` names when the cost model is built.
 
 Resharding runs the steps of ``fxpar.reshard``; each collective costs the alpha-beta time below,
 each step (collective or local slice) one kernel overhead, and the copies a step makes on the
@@ -33,7 +36,7 @@ import math
 import torch
 from torch.fx import Node
 
-from fxpar.cluster import Cluster
+from fxpar.cluster import Cluster, dtype_name
 from fxpar.placement import Shard, Spec, local_shape, num_pieces
 from fxpar.reshard import reshard_steps, step_bytes
 from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
@@ -44,6 +47,24 @@ def op_class(node: Node) -> str:
     """The class whose efficiencies price ``node``: matmul, convolution, reduction or elementwise,
     as the op's registration says (``fxpar.rules.registry.OpFacts.cost_class``)."""
     return op_facts(node.target).cost_class
+
+
+def tf32_classes() -> frozenset[str]:
+    """The op classes whose float32 kernels torch's settings let run on TF32 tensor cores now:
+    ``matmul`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (as
+    ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` sets it; off by default),
+    ``convolution`` when ``torch.backends.cudnn.allow_tf32`` is set (on by default)."""
+    allowed = {"matmul": torch.backends.cuda.matmul.allow_tf32, "convolution": torch.backends.cudnn.allow_tf32}
+    return frozenset(k for k, on in allowed.items() if on)
+
+
+def compute_dtype(ins: list, outs: list) -> torch.dtype | None:
+    """The dtype an op computes in: that of its first floating-point tensor input (of its first
+    floating-point output for an op without one); None when it has neither."""
+    for t in (*ins, *outs):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return None
 
 
 def collective_time(kind: str, nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -77,16 +98,31 @@ OPTIMIZER_KERNELS = {"sgd": (1, 3), "sgd-momentum": (3, 8), "adam": (7, 19), "ad
 
 
 class CostModel:
-    def __init__(self, cluster: Cluster, mesh_shape: tuple[int, ...]):
+    """Prices nodes, collectives and optimizer updates on ``cluster`` over a mesh of ``mesh_shape``.
+    ``tf32``: the op classes whose float32 kernels run on TF32 tensor cores; by default
+    ``tf32_classes()``, torch's settings at the time the model is built (at plan time)."""
+
+    def __init__(self, cluster: Cluster, mesh_shape: tuple[int, ...], *, tf32: frozenset[str] | None = None):
         self.cluster = cluster
         self.mesh_shape = mesh_shape
         self.links = [cluster.link(a, len(mesh_shape)) for a in range(len(mesh_shape))]
+        self.tf32 = tf32_classes() if tf32 is None else frozenset(tf32)
 
-    def roofline(self, flops: float, nbytes: float, klass: str) -> float:
-        """Seconds of one kernel of class ``klass`` doing ``flops`` and moving ``nbytes`` on a device."""
+    def peak_flops(self, dtype: torch.dtype | None, klass: str) -> float:
+        """Peak FLOP/s of a kernel of class ``klass`` computing in ``dtype`` (None: no float tensor)."""
+        dev = self.cluster.device
+        if dtype is None:
+            return dev.peak_flops
+        name = dtype_name(dtype)
+        return dev.peak_flops_for("tf32" if name == "float32" and klass in self.tf32 else name)
+
+    def roofline(self, flops: float, nbytes: float, klass: str, *, peak_flops: float | None = None) -> float:
+        """Seconds of one kernel of class ``klass`` doing ``flops`` and moving ``nbytes`` on a device
+        whose peak for the kernel's dtype is ``peak_flops`` (default: the device's float32 peak)."""
         dev = self.cluster.device
         ceff, meff = dev.efficiencies(klass)
-        return max(flops / (dev.peak_flops * ceff), nbytes / (dev.memory_bandwidth * meff)) + dev.kernel_overhead_s
+        peak = dev.peak_flops if peak_flops is None else peak_flops
+        return max(flops / (peak * ceff), nbytes / (dev.memory_bandwidth * meff)) + dev.kernel_overhead_s
 
     def compute_time(self, node: Node, strategy: OpStrategy) -> float:
         meta = node.meta
@@ -103,7 +139,8 @@ class CostModel:
         # An output the op does not compute (None, e.g. a convolution_backward's masked grads) costs nothing.
         nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs) if t is not None)
         nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(outs, strategy.outputs) if t is not None)
-        return self.roofline(flops, nbytes, op_class(node))
+        klass = op_class(node)
+        return self.roofline(flops, nbytes, klass, peak_flops=self.peak_flops(compute_dtype(ins, outs), klass))
 
     def collective_time(self, kind: str, nbytes: float, axis: int) -> float:
         """Seconds of collective ``kind`` on mesh axis ``axis`` (``nbytes`` as in the docstring)."""

@@ -16,11 +16,13 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     # Progress while it runs (from the ranks), then the summary.
     for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks"):
         assert f"[calibrate] {stage}" in out
+    assert "[calibrate] matmul 64x128 @ 128x128 in bfloat16" in out
     assert f"wrote {path}" in out
     c = fxpar.Cluster.load(path)
     assert c.name == "here" and c.num_devices == 2
     d = c.device
-    for value in (d.peak_flops, d.memory_bandwidth, d.memory_bytes, d.kernel_overhead_s):
+    assert set(d.peak_flops_by_dtype) == {"bfloat16", "float16"}
+    for value in (d.peak_flops, d.memory_bandwidth, d.memory_bytes, d.kernel_overhead_s, *d.peak_flops_by_dtype.values()):
         assert math.isfinite(value) and value > 0
     for klass in OP_CLASSES:
         assert all(math.isfinite(e) and e > 0 for e in d.efficiencies(klass))
