@@ -93,6 +93,8 @@ class Plan:
     solver: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    # Forward ops recomputed in the backward pass, by node name in graph order (passes.recompute).
+    recompute: list[str] = field(default_factory=list)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -161,6 +163,14 @@ class Plan:
             lines.append(f"strategies from torch's DTensor (no rule of fxpar's own): {', '.join(derived)}")
         lines += [f"fallback: {note}" for note in self.fallbacks]
         s = self.solver
+        if self.recompute:
+            shown = ", ".join(f"%{n}" for n in self.recompute[:12]) + (" ..." if len(self.recompute) > 12 else "")
+            lines.append(
+                f"recomputed in the backward pass: {len(self.recompute)} ops ({shown}), costing "
+                f"{_fmt_s(s.get('recompute_compute_s', 0.0))} of compute and {_fmt_s(s.get('recompute_comm_s', 0.0))} "
+                f"of communication; memory per device {_fmt_bytes(self.memory_bytes)} instead of "
+                f"{_fmt_bytes(s.get('memory_kept_bytes', self.memory_bytes))} keeping every activation"
+            )
         lines += [
             f"predicted step: {_fmt_s(self.predicted_step_s)} (compute {_fmt_s(self.compute_s)}, "
             f"communication {_fmt_s(self.comm_s)}); memory per device {_fmt_bytes(self.memory_bytes)} "
@@ -188,6 +198,8 @@ class Plan:
                 "solver": solver,
                 "rows": [{k: round_figure(v) for k, v in row.items()} for row in self.rows],
                 "fallbacks": self.fallbacks,
+                # Written only when something is recomputed, so other plans' text is unchanged.
+                **({"recompute": list(self.recompute)} if self.recompute else {}),
             },
             indent=1,
             sort_keys=True,
@@ -252,7 +264,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
 
 _PLAN_KEYS = ("cluster", "comm_s", "compute_s", "memory_bytes", "mesh_shape", "optimizer", "param_specs",
               "predicted_step_s", "rows", "solver", "strategies")
-_PLAN_OPTIONAL_KEYS = ("fallbacks",)
+_PLAN_OPTIONAL_KEYS = ("fallbacks", "recompute")
 _PLAN_HINT = "make plans with fxpar.plan and Plan.to_json() rather than editing them by hand"
 
 
@@ -341,7 +353,14 @@ def _plan_from_json(text: str) -> Plan:
     fallbacks = d.get("fallbacks", [])
     if not (isinstance(fallbacks, list) and all(isinstance(f, str) for f in fallbacks)):
         raise _plan_error("fallbacks", fallbacks, "a list of strings")
+    recompute = d.get("recompute", [])
+    if not (isinstance(recompute, list) and all(isinstance(n, str) for n in recompute)):
+        raise _plan_error("recompute", recompute, "a list of node names")
+    unknown_nodes = [n for n in recompute if n not in strategies][:5]
+    if unknown_nodes:
+        raise _plan_error("recompute", unknown_nodes, "names of nodes the plan has strategies for")
     return Plan(
         mesh_shape=tuple(mesh), cluster=cluster, strategies=strategies, param_specs=param_specs,
-        optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, **figures,
+        optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, recompute=recompute,
+        **figures,
     )

@@ -31,7 +31,8 @@ from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
 from fxpar.plan import Plan, fmt_bytes, layer_rows
-from fxpar.solve.ilp import Infeasible, SolverTimeout, min_memory, solve
+from fxpar.solve.ilp import Infeasible, SolverTimeout, memory_of, min_memory, solve
+from fxpar.solve.recompute import memory_may_bind, recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies, node_strategies
 
@@ -71,9 +72,13 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
     return cluster, mesh
 
 
-def capture_and_annotate(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
+def capture_and_annotate(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None
+) -> GraphModule:
+    """``capture`` (see there for ``grad`` and ``autocast_dtype``) then ``annotate``, with a
+    ``CaptureError`` naming the user's line for data-dependent control flow."""
     try:
-        gm = capture(model, example_inputs)
+        gm = capture(model, example_inputs, grad=grad, autocast_dtype=autocast_dtype)
     except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
         raise _data_dependent_error(model, exc) from exc
     return annotate(gm)
@@ -180,6 +185,31 @@ def _check_force(gm: GraphModule, force: Mapping[str, str], mesh: tuple[int, ...
             raise PlanOptionError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {labels}")
 
 
+def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool):
+    """The best plan keeping every activation and, with ``recompute`` where memory can bind, the
+    best with the ILP also choosing what to recompute; the second only if it is faster (so a plan
+    that fits without recomputation is never replaced by one as fast). Infeasible if neither fits."""
+    start = time.perf_counter()
+    try:
+        kept = solve(problem, time_limit_s=time_limit_s)
+    except Infeasible:
+        kept = None
+    if recompute and memory_may_bind(problem):
+        remaining = max(1.0, time_limit_s - (time.perf_counter() - start))
+        try:
+            sol = solve(problem, time_limit_s=remaining, recompute=True)
+        except (Infeasible, SolverTimeout):
+            if kept is None:
+                raise
+            sol = None
+        if sol is not None and sol.recompute and (kept is None or sol.objective < kept.objective * (1 - 1e-9)):
+            sol.solve_seconds = time.perf_counter() - start
+            return sol
+    if kept is None:
+        raise Infeasible()
+    return kept
+
+
 def plan_graph(
     gm: GraphModule,
     *,
@@ -190,6 +220,7 @@ def plan_graph(
     time_limit_s: float = 60.0,
     strict: bool = False,
     simplify: bool = True,
+    recompute: bool = True,
 ) -> tuple[Plan, Problem]:
     check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
     cluster, mesh = resolve_mesh(cluster, mesh_shape)
@@ -204,7 +235,7 @@ def plan_graph(
         _apply_force(problem, force)
     try:
         try:
-            sol = solve(problem, time_limit_s=time_limit_s)
+            sol = solve_with_recompute(problem, time_limit_s=time_limit_s, recompute=recompute)
         except Infeasible:
             if not simplify:
                 raise
@@ -213,12 +244,14 @@ def plan_graph(
             problem.build_seconds = time.perf_counter() - start
             if force:
                 _apply_force(problem, force)
-            sol = solve(problem, time_limit_s=time_limit_s)
+            sol = solve_with_recompute(problem, time_limit_s=time_limit_s, recompute=recompute)
     except Infeasible:
         need = min_memory(problem)
+        need_recompute = min_memory(problem, recompute=True)
         raise InfeasiblePlanError(
             f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
-            f"(parameters, gradients, {optimizer} state and live activations) but {cluster.device.name} has "
+            f"(parameters, gradients, {optimizer} state and live activations), {fmt_bytes(need_recompute)} with "
+            f"activations recomputed{'' if recompute else ' (recompute=True)'}, but {cluster.device.name} has "
             f"{fmt_bytes(cluster.device.memory_bytes)}; use more devices, a smaller batch or model, "
             "or a cluster with more memory"
         ) from None
@@ -229,6 +262,8 @@ def plan_graph(
     assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
     parts = problem.breakdown(sol.choice)
     compute = sum(cost_model.compute_time(n, problem.strategies[n][k]) for n, k in sol.choice.items())
+    recompute_s = recompute_split(problem, sol.choice, sol.recompute) if sol.recompute else (0.0, 0.0)
+    compute += recompute_s[0]
     params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
     plan = Plan(
         mesh_shape=mesh,
@@ -237,7 +272,7 @@ def plan_graph(
         predicted_step_s=sol.objective,
         compute_s=compute,
         comm_s=sol.objective - compute,
-        memory_bytes=problem.memory_of(sol.choice),
+        memory_bytes=memory_of(problem, sol.choice, sol.recompute if sol.recompute else None),
         param_specs={p.meta["fxpar_fqn"]: assignment[p].outputs[0] for p in params},
         optimizer=optimizer,
         solver={
@@ -253,7 +288,10 @@ def plan_graph(
             "hidden_grad_sync_s": parts["grad_sync"] - parts["exposed_grad_sync"],
             "build_s": problem.build_seconds,
             "solve_s": sol.solve_seconds,
+            **({"recompute_compute_s": recompute_s[0], "recompute_comm_s": recompute_s[1],
+                "memory_kept_bytes": problem.memory_of(sol.choice)} if sol.recompute else {}),
         },
+        recompute=[n.name for n in sol.recompute],
     )
     plan.rows = layer_rows(gm, assignment, problem, sol.choice)
     plan.fallbacks = _fallback_notes(problem, sol.choice)
@@ -294,6 +332,7 @@ def plan(
     time_limit_s: float = 60.0,
     strict: bool = False,
     plan_cache: str | os.PathLike | None = None,
+    recompute: bool = True,
 ) -> Plan:
     """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
 
@@ -302,12 +341,16 @@ def plan(
     An op without a sharding rule runs replicated, with a ``FallbackWarning`` naming it and its
     cost; ``strict=True`` makes that an ``UnsupportedOpError``. With ``plan_cache=DIR`` a plan made
     before for the same graph and options is read from ``DIR`` instead of solved
-    (``fxpar.plan_cache``).
+    (``fxpar.plan_cache``). With ``recompute`` (the default), the solver may also choose to
+    recompute activations in the backward pass where memory demands it (``plan.recompute``);
+    ``recompute=False`` keeps every activation.
     """
     check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
+    if not isinstance(recompute, bool):
+        raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     resolve_mesh(cluster, mesh_shape)
     gm = capture_and_annotate(model, example_inputs)
-    if plan_cache is not None:
+    if plan_cache is not None and recompute:  # the cache's key does not hold recompute=False
         from fxpar.plan_cache import cached_plan
 
         return cached_plan(
@@ -316,5 +359,5 @@ def plan(
         )
     return plan_graph(
         gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s,
-        strict=strict,
+        strict=strict, recompute=recompute,
     )[0]

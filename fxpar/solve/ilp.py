@@ -62,7 +62,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ortools.linear_solver import pywraplp
 from torch.fx import Node
@@ -70,6 +70,7 @@ from torch.fx import Node
 from fxpar.cost import spec_bytes
 from fxpar.solve.backend import HighsSolver
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem  # noqa: F401  (re-exported)
+from fxpar.solve.recompute import analysis_of, memory_profile, param_memory, recompute_edges, recompute_time
 
 # Mixed-integer solvers OR-Tools ships that solve this model exactly (docs/solver-scale.md
 # compares them): HiGHS is the default, SCIP the solver fxpar used before.
@@ -96,6 +97,7 @@ class Solution:
     solve_seconds: float
     num_classes: int = 0
     num_memory_sets: int = 0
+    recompute: list[Node] = field(default_factory=list)  # decisions recomputed, in graph order
 
     @property
     def gap(self) -> float:
@@ -133,6 +135,11 @@ class _Model:
         self.window_terms: dict = defaultdict(float)
         self.memory_rows: list = []
         self.z = None
+        self.edge_expr: dict = {}  # edge -> {variable: seconds}: its resharding time
+        # Recomputation (add_recompute): the analysis, r[d] per decision, y[n] per node and strategy.
+        self.rc = None
+        self.r: dict[Node, object] = {}
+        self.y: dict[Node, list] = {}
 
     def xs(self, node: Node) -> list:
         return self.x[self.p.rep(node)]
@@ -170,10 +177,14 @@ class _Model:
             e, count = members[0], len(members)
             num_last = sum(1 for m in members if m in p.last_grads)
             xu, xv = self.xs(e.producer), self.xs(e.consumer)
+            expr: dict = defaultdict(float)  # one member edge's resharding time, as a linear expression
+            for m in members:
+                self.edge_expr[m] = expr
 
-            def add_cost(var, a, b, cost, e=e, count=count, num_last=num_last):
+            def add_cost(var, a, b, cost, e=e, count=count, num_last=num_last, expr=expr):
                 if not cost:
                     return
+                expr[var] += cost
                 if p.overlappable(e, a, b):
                     self.grad_terms[var] += count * cost
                     if num_last:
@@ -251,7 +262,9 @@ class _Model:
         that the solver handles badly, so the row is divided by the bound
         (or, minimizing, by its largest coefficient), so the solver's feasibility tolerance is
         relative to the device's memory."""
-        coefficients = self.live_coefficients(live)
+        self._add_row(self.live_coefficients(live), bound, bound_var)
+
+    def _add_row(self, coefficients: dict, bound, bound_var=None) -> None:
         unit = 1.0 / max(float(bound), max(coefficients.values(), default=0.0), 1.0)
         row = self.solver.Constraint(-self.solver.infinity(), bound * unit)
         for x, c in coefficients.items():
@@ -259,6 +272,133 @@ class _Model:
         if bound_var is not None:
             row.SetCoefficient(bound_var, -unit)
         self.memory_rows.append(row)
+
+    def add_recompute(self) -> None:
+        """r[d] binary per decision (one per class of repeated layers); y[n,s] = x[n,s] r[d] for d and
+        each of its values n: y[n,s] <= x[n,s], sum_s y[n,s] = r[d]. The objective pays the
+        compute of d and its getitem nodes again."""
+        s, p = self.solver, self.p
+        a = self.rc = analysis_of(p)
+        keys: dict[Node, object] = {}
+        for i, d in enumerate(sorted(a.decisions, key=a.order.__getitem__)):
+            key = p.rep(d) if p.rep(d) in a.decisions else d
+            if key not in keys:
+                keys[key] = s.BoolVar(f"r{i}")
+            r = self.r[d] = keys[key]
+            for n in dict.fromkeys([d, *a.decisions[d].values]):
+                ys = self.y[n] = [s.NumVar(0, 1, f"y{n.name}_{k}") for k in range(len(p.strategies[n]))]
+                total = s.Constraint(0, 0)
+                total.SetCoefficient(r, -1)
+                for yv, xv in zip(ys, self.xs(n)):
+                    total.SetCoefficient(yv, 1)
+                    row = s.Constraint(-s.infinity(), 0)
+                    row.SetCoefficient(yv, 1)
+                    row.SetCoefficient(xv, -1)
+            for n in [d, *a.decisions[d].getitems]:
+                for yv, c in zip(self.y[n], p.node_cost[n]):
+                    if c:
+                        self.obj[yv] += c
+
+    def add_recompute_comm(self) -> None:
+        """q_e >= T_e - C_e (2 - r[u] - r[w]), q_e >= 0 for an edge from a copy of u into a copy of w
+        (T_e: its resharding time, C_e its largest; u = w inside one decision: q_e >= T_e - C_e (1 - r[w])).
+        The objective pays q_e."""
+        s, p, k = self.solver, self.p, self.scale
+        for e, du, dc in recompute_edges(p):
+            expr = self.edge_expr.get(e)
+            if not expr:
+                continue
+            biggest = max(p.cost_matrix(e.tensor, sorted(set(e.out_specs), key=repr), sorted(set(e.in_specs), key=repr)).values())
+            rs = [self.r[du]] if du is dc else [self.r[du], self.r[dc]]
+            q = s.NumVar(0, s.infinity(), f"q{e.consumer.name}_{e.position}")
+            self.obj[q] += 1.0
+            row = s.Constraint(-k * biggest * len(rs), s.infinity())
+            row.SetCoefficient(q, k)
+            for var, c in expr.items():
+                row.SetCoefficient(var, -k * c)
+            coef: dict = defaultdict(float)
+            for r in rs:
+                coef[r] -= k * biggest
+            for r, c in coef.items():
+                row.SetCoefficient(r, c)
+
+    def recompute_coefficients(self, pos: int) -> dict:
+        """The memory at position ``pos`` (see fxpar.solve.recompute) as {variable: bytes}; adds the
+        indicator rows it needs: A[d] >= A[w] + r[d] - 1 (d's copy is made by pos: a recomputed
+        reader's is, A[w] = r[w] where fb(w) <= pos), W >= sum_s m(s) y[v,s] - M (1 - A[d]) for a
+        copy made early, E >= kept bytes - M (1 - r[w]) for a kept input of a recomputed w."""
+        s, p, a = self.solver, self.p, self.rc
+        coef: dict = defaultdict(float, self.param_terms)
+        decisions = a.decisions
+        # A(d, pos) for decisions whose copy a chain of recomputed readers may need by pos.
+        early: dict[Node, object] = {}
+        if pos > a.loss_pos:
+            for d in sorted(decisions, key=a.order.__getitem__, reverse=True):
+                dec = decisions[d]
+                if dec.first_late <= pos:
+                    continue
+                feeders = [w for w in dec.readers if decisions[w].first_late <= pos or w in early]
+                if not feeders:
+                    continue
+                av = early[d] = s.NumVar(0, 1, f"A{d.name}_{pos}")
+                for w in feeders:
+                    row = s.Constraint(-1, s.infinity())
+                    row.SetCoefficient(av, 1)
+                    row.SetCoefficient(self.r[d], -1)
+                    row.SetCoefficient(early.get(w, self.r[w]), -1)
+
+        def indicator(terms: dict, biggest: float, switch, name: str):
+            """A variable >= terms - biggest (1 - switch), in units of biggest."""
+            var = s.NumVar(0, s.infinity(), name)
+            row = s.Constraint(-1, s.infinity())
+            row.SetCoefficient(var, 1 / biggest)
+            for x, c in terms.items():
+                row.SetCoefficient(x, -c / biggest)
+            row.SetCoefficient(switch, -1)
+            return var
+
+        for v in a.values.values():
+            ms = p.act_mem.get(v.node)
+            if ms is None or not any(ms):
+                continue
+            xs, d = self.xs(v.node), v.decision
+            ys = self.y.get(v.node) if d is not None else None
+            if v.start <= pos <= v.last_forward:
+                for x, m in zip(xs, ms):
+                    coef[x] += m
+            elif v.last_forward < pos <= v.last_use:
+                for x, m in zip(xs, ms):
+                    coef[x] += m
+                for yv, m in zip(ys or (), ms):
+                    coef[yv] -= m
+            if ys is not None:
+                dec = decisions[d]
+                if dec.first_late <= pos <= v.copy_end:
+                    for yv, m in zip(ys, ms):
+                        coef[yv] += m
+                elif pos < dec.first_late and pos <= v.copy_end and d in early:
+                    w = indicator(dict(zip(ys, ms)), max(ms), early[d], f"W{v.node.name}_{pos}")
+                    coef[w] += 1
+            readers = [w for w in v.readers if v.last_use < pos <= decisions[w].latest_host]
+            if readers:
+                kept: dict = defaultdict(float)
+                for x, m in zip(xs, ms):
+                    kept[x] += m
+                for yv, m in zip(ys or (), ms):
+                    kept[yv] -= m
+                ext = s.NumVar(0, s.infinity(), f"E{v.node.name}_{pos}")
+                for w in dict.fromkeys(self.r[w] for w in readers):
+                    row = s.Constraint(-1, s.infinity())
+                    row.SetCoefficient(ext, 1 / max(ms))
+                    for x, c in kept.items():
+                        row.SetCoefficient(x, -c / max(ms))
+                    row.SetCoefficient(w, -1)
+                coef[ext] += 1
+        return coef
+
+    def add_recompute_memory(self, pos: int, bound, bound_var=None) -> None:
+        """The memory row of position ``pos`` with recomputation (scaled as in add_memory)."""
+        self._add_row(self.recompute_coefficients(pos), bound, bound_var)
 
     def add_overlap(self) -> None:
         """z >= G - e B, z >= (1 - e) G, z >= G_last, z >= 0; the objective pays z instead of G."""
@@ -308,6 +448,14 @@ class _Model:
         best = {v: max(range(len(xs)), key=lambda k: xs[k].solution_value()) for v, xs in self.x.items()}
         return {n: best[self.p.rep(n)] for n in self.p.nodes}
 
+    def recomputed(self) -> list[Node]:
+        """The decisions the solution recomputes whose copy something uses, in graph order."""
+        if self.rc is None:
+            return []
+        chosen = [d for d, r in self.r.items() if r.solution_value() > 0.5]
+        hosts = self.rc.hosts(chosen)
+        return sorted((d for d in chosen if hosts[d] < float("inf")), key=self.rc.order.__getitem__)
+
 
 def _exact_params() -> pywraplp.MPSolverParameters:
     """Solve to optimality: a default relative gap would let near-optimal plans through."""
@@ -331,28 +479,79 @@ def _overflowing(problem: Problem, choice: dict[Node, int], limit: float, added:
     return [i for _, i in sorted(over, reverse=True)[:_SETS_PER_ROUND]]
 
 
+def _initial_positions(problem: Problem) -> list[int]:
+    """Positions most likely to bind with recomputation: largest if everything is replicated and
+    kept, largest at best (the counterparts of _initial_sets)."""
+    act = problem.act_mem
+    a = analysis_of(problem)
+    out = []
+    for pick in (max, min):
+        prof = a.profile((), lambda v, pick=pick: pick(act[v]) if v in act else 0.0)
+        out += sorted(range(len(prof)), key=lambda i: prof[i], reverse=True)[:_INITIAL_SETS]
+    return list(dict.fromkeys(out))
+
+
+def _overflowing_positions(problem: Problem, choice, recompute, limit: float, added: set[int]) -> list[int]:
+    params = param_memory(problem, choice)
+    prof = memory_profile(problem, choice, recompute)
+    over = [(params + m - limit, i) for i, m in enumerate(prof) if i not in added]
+    over = [(o, i) for o, i in over if o > 1e-6 * max(1.0, limit)]
+    return [i for _, i in sorted(over, reverse=True)[:_SETS_PER_ROUND]]
+
+
 def _scale(problem: Problem) -> float:
     """Solver units per second: a reference plan (every node's first strategy) costs _OBJECTIVE_SCALE."""
     reference = problem.cost_of({n: 0 for n in problem.nodes})
     return _OBJECTIVE_SCALE / reference if reference > 0 else 1.0
 
 
-def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER) -> Solution:
+def _add_rows(m: _Model, problem: Problem, recompute: bool, bound, bound_var=None) -> set[int]:
+    """The first memory rows: live sets (positions, with recomputation) most likely to bind."""
+    if recompute:
+        added = set(_initial_positions(problem))
+        for pos in added:
+            m.add_recompute_memory(pos, bound, bound_var)
+        return added
+    added = set(_initial_sets(problem)) if problem.live_sets else set()
+    for i in added:
+        m.add_memory(problem.live_sets[i], bound, bound_var)
+    if not problem.live_sets:
+        m.add_memory([], bound, bound_var)
+    return added
+
+
+def _more_rows(m: _Model, problem: Problem, recompute: bool, limit: float, added: set[int], bound, bound_var=None) -> bool:
+    """Adds the rows of the sets (positions) the solution overflows; False when there are none."""
+    choice = m.choice()
+    if recompute:
+        new = _overflowing_positions(problem, choice, m.recomputed(), limit, added)
+    else:
+        new = _overflowing(problem, choice, limit, added)
+    for i in new:
+        added.add(i)
+        if recompute:
+            m.add_recompute_memory(i, bound, bound_var)
+        else:
+            m.add_memory(problem.live_sets[i], bound, bound_var)
+    return bool(new)
+
+
+def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER, recompute: bool = False) -> Solution:
     """The optimal assignment of ``problem`` (``solver``: one of ``SOLVERS``); at the time limit,
-    the best found, with the solver's bound."""
+    the best found, with the solver's bound. With ``recompute``, the solver also chooses which
+    activations to recompute (``Solution.recompute``)."""
     start = time.perf_counter()
     m = _Model(problem, solver)
     m.scale = _scale(problem)
     m.add_one_strategy()
     m.add_edge_links()
+    if recompute:
+        m.add_recompute()
+        m.add_recompute_comm()
     m.add_overlap()
     m.add_forced()
     m.set_objective()
-    added = set(_initial_sets(problem)) if problem.live_sets else set()
-    for i in added:
-        m.add_memory(problem.live_sets[i], problem.memory_budget)
-    if not problem.live_sets:
-        m.add_memory([], problem.memory_budget)
+    added = _add_rows(m, problem, recompute, problem.memory_budget)
     solver = m.solver
     for _ in range(_MAX_ROUNDS):
         remaining = time_limit_s - (time.perf_counter() - start)
@@ -362,18 +561,15 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
             raise Infeasible()
         if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
             raise SolverTimeout(f"the solver found no plan within {time_limit_s} s (status {status})")
-        choice = m.choice()
-        new = _overflowing(problem, choice, problem.memory_budget, added)
-        if not new:
+        if not _more_rows(m, problem, recompute, problem.memory_budget, added, problem.memory_budget):
             break
-        for i in new:
-            added.add(i)
-            m.add_memory(problem.live_sets[i], problem.memory_budget)
     else:
         raise SolverTimeout(f"memory constraints did not settle in {_MAX_ROUNDS} rounds")
+    choice = m.choice()
+    chosen = m.recomputed()
     return Solution(
         choice,
-        problem.cost_of(choice),
+        problem.cost_of(choice) + (recompute_time(problem, choice, chosen) if chosen else 0.0),
         solver.Objective().BestBound() / m.scale,
         "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible (time limit)",
         solver.NumVariables(),
@@ -381,32 +577,37 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
         time.perf_counter() - start,
         num_classes=len(m.reps),
         num_memory_sets=len(added),
+        recompute=chosen,
     )
 
 
-def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DEFAULT_SOLVER) -> float:
-    """The least per-device memory any allowed assignment needs (to explain an infeasible plan)."""
+def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DEFAULT_SOLVER, recompute: bool = False) -> float:
+    """The least per-device memory any allowed assignment needs (to explain an infeasible plan);
+    with ``recompute``, when any activations may also be recomputed."""
     m = _Model(problem, solver)
     m.add_one_strategy()
     m.add_edge_links()
+    if recompute:
+        m.add_recompute()
     m.add_forced()
     peak = m.solver.NumVar(0, m.solver.infinity(), "peak")
-    added = set(_initial_sets(problem)) if problem.live_sets else set()
-    for i in added:
-        m.add_memory(problem.live_sets[i], 0, peak)
-    if not problem.live_sets:
-        m.add_memory([], 0, peak)
+    added = _add_rows(m, problem, recompute, 0, peak)
     objective = m.solver.Objective()
     objective.SetCoefficient(peak, 1)
     objective.SetMinimization()
     m.solver.SetTimeLimit(int(time_limit_s * 1000))
     for _ in range(_MAX_ROUNDS):
         m.solver.Solve(_exact_params())
-        choice = m.choice()
-        new = _overflowing(problem, choice, peak.solution_value(), added)
-        if not new:
+        if not _more_rows(m, problem, recompute, peak.solution_value(), added, 0, peak):
             break
-        for i in new:
-            added.add(i)
-            m.add_memory(problem.live_sets[i], 0, peak)
-    return problem.memory_of(m.choice())
+    return memory_of(problem, m.choice(), m.recomputed() if recompute else None)
+
+
+def memory_of(problem: Problem, choice: dict[Node, int], recompute=None) -> float:
+    """Peak bytes per device of ``choice``; with ``recompute`` (decisions), under the recomputation
+    model (``fxpar.solve.recompute``)."""
+    if recompute is None:
+        return problem.memory_of(choice)
+    from fxpar.solve.recompute import recompute_memory
+
+    return recompute_memory(problem, choice, recompute)
