@@ -72,13 +72,9 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
     return cluster, mesh
 
 
-def capture_and_annotate(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None
-) -> GraphModule:
-    """``capture`` (see there for ``grad`` and ``autocast_dtype``) then ``annotate``, with a
-    ``CaptureError`` naming the user's line for data-dependent control flow."""
+def capture_and_annotate(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
     try:
-        gm = capture(model, example_inputs, grad=grad, autocast_dtype=autocast_dtype)
+        gm = capture(model, example_inputs)
     except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
         raise _data_dependent_error(model, exc) from exc
     return annotate(gm)
