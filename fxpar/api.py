@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -10,16 +12,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.fx import GraphModule
 
-from fxpar.cluster import Cluster, preset
-from fxpar.errors import CaptureError, ClusterSpecError, IdleRankError, ShardingError
-from fxpar.passes.rewrite import rewrite
+from fxpar.cluster import Cluster, describe_value, preset
+from fxpar.errors import CaptureError, ClusterSpecError, PlanOptionError
 from fxpar.placement import replicated
 from fxpar.plan import Plan
-from fxpar.planner import capture_and_annotate, plan_graph
-from fxpar.runtime.codegen import bucket_collectives, check_codegen, compile_step
+from fxpar.plan_cache import cached_plan
+from fxpar.planner import capture_and_annotate, plan_graph, resolve_mesh
+from fxpar.runtime.agree import Control, broadcast_text, check_same, together
+from fxpar.runtime.codegen import check_codegen
+from fxpar.runtime.module import FxparModule, IdleModule, Runtime, build_variant, dtensor_placements
 from fxpar.runtime.steps import RankMesh, reshard
+
+__all__ = ["FxparModule", "IdleModule", "compile", "init_distributed", "local_cluster"]
 
 
 def init_distributed() -> None:
@@ -45,127 +52,79 @@ def local_cluster(num_devices: int) -> Cluster:
     return preset("cpu-local", num_devices=num_devices)
 
 
-class _Step(torch.autograd.Function):
-    """The whole joint step as one autograd op: forward computes loss and gradients; backward
-    hands the gradients (scaled by the incoming gradient of the loss) to the parameters."""
-
-    @staticmethod
-    def forward(ctx, module: FxparModule, num_rest: int, *args):
-        # args: the parameter shards, then buffers and inputs (num_rest of them).
-        num_params = len(module._shards)
-        with torch.no_grad():
-            loss, *outs = module.step_fn(*[a.detach() for a in args])
-            grads, updates = outs[:num_params], outs[num_params:]
-            for slot, value in zip(module._updated_slots, updates):
-                getattr(module, f"_buffer{slot}").copy_(value)
-        ctx.num_rest = num_rest
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grads = [g * grad_loss for g in ctx.saved_tensors]
-        return (None, None, *grads, *([None] * ctx.num_rest))
+def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache) -> dict:
+    """What every rank must agree on before the step is planned (compared by ``check_same``)."""
+    tensors = lambda items: {n: [list(t.shape), str(t.dtype), t.requires_grad] for n, t in items}  # noqa: E731
+    return {
+        "mesh_shape": list(mesh),
+        "codegen": codegen,
+        "optimizer": optimizer,
+        "plan": None if plan is None else hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
+        "plan_cache": plan_cache is not None,
+        "example_inputs": [[list(x.shape), str(x.dtype)] for x in example_inputs],
+        "parameters": tensors(model.named_parameters()),
+        "buffers": {n: [list(b.shape), str(b.dtype)] for n, b in model.named_buffers()},
+    }
 
 
-
-class FxparModule(nn.Module):
-    """A model's training step split over the ranks of a mesh.
-
-    ``parameters()`` are this rank's shards, so a stock optimizer updates them; ``forward(*batch)``
-    takes this rank's slice of the global batch and returns the global loss; ``state_dict()`` gives
-    full tensors under the model's own keys. Calling forward computes the gradients too (the joint
-    graph runs as one piece); ``loss.backward()`` then delivers them.
-    """
-
-    is_active = True
-
-    def __init__(self, plan: Plan, graph: GraphModule, local_graph: GraphModule, mesh: RankMesh, params: dict,
-                 buffers: dict, input_shapes: list[tuple[int, ...]], codegen: str):
-        super().__init__()
-        self.plan = plan
-        self.graph = graph
-        self.local_graph = local_graph
-        self.mesh = mesh
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        self.step_fn = compile_step(local_graph, codegen, device)
-        self._names = list(params)
-        self._shards = nn.ParameterList([nn.Parameter(t) for t in params.values()])
-        self._buffer_names = list(buffers)
-        for i, b in enumerate(buffers.values()):
-            self.register_buffer(f"_buffer{i}", b)
-        self._input_shapes = input_shapes
-        self._updated_slots = [self._buffer_names.index(fqn) for kind, fqn in graph.meta["fxpar_outputs"] if kind == "buffer"]
-
-    @property
-    def num_ranks(self) -> int:
-        """Ranks the plan runs on (ranks 0..num_ranks-1); the global batch is cut into this many slices."""
-        return math.prod(self.plan.mesh_shape)
-
-    @property
-    def codegen(self) -> str:
-        """``"inductor"`` or ``"eager"``: how the step runs (eager also where Inductor fell back)."""
-        return self.step_fn.codegen
-
-    @property
-    def compile_s(self) -> float:
-        """Seconds the code generator took (on the first call; 0 for eager)."""
-        return self.step_fn.compile_s
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if len(inputs) != len(self._input_shapes):
-            raise CaptureError(f"expected {len(self._input_shapes)} inputs (as planned), got {len(inputs)}")
-        for i, (x, shape) in enumerate(zip(inputs, self._input_shapes)):
-            if tuple(x.shape) != shape:
-                raise ShardingError(
-                    f"input[{i}] on this rank has shape {list(x.shape)} but the plan expects this rank's slice "
-                    f"of the global batch, {list(shape)}; pass inputs[i].chunk({self.num_ranks})[rank] (the plan's "
-                    f"{self.num_ranks} ranks)"
-                )
-        buffers = [getattr(self, f"_buffer{i}") for i in range(len(self._buffer_names))]
-        return _Step.apply(self, len(buffers) + len(inputs), *self._shards, *buffers, *inputs)
-
-    def named_shards(self) -> dict[str, nn.Parameter]:
-        return dict(zip(self._names, self._shards))
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """Full tensors under the original keys (gathers the shards: every rank must call it)."""
-        rep = replicated(len(self.plan.mesh_shape))
-        out = {}
-        with torch.no_grad():
-            for name, shard in zip(self._names, self._shards):
-                out[name] = reshard(shard.detach(), self.plan.param_specs[name], rep, self.mesh)
-        for i, name in enumerate(self._buffer_names):
-            out[name] = getattr(self, f"_buffer{i}").detach().clone()
-        return out
-
-
-class IdleModule(nn.Module):
-    """What ``fxpar.compile`` returns on a rank the plan does not use: it holds no parameters, and
-    calling it raises ``IdleRankError``. Check ``is_active`` and skip the training loop."""
-
-    is_active = False
-
-    def __init__(self, plan: Plan, rank: int):
-        super().__init__()
-        self.plan = plan
-        self.rank = rank
-
-    @property
-    def num_ranks(self) -> int:
-        return math.prod(self.plan.mesh_shape)
-
-    def _idle(self, what: str) -> IdleRankError:
-        return IdleRankError(
-            f"rank {self.rank} is idle: the plan's mesh {list(self.plan.mesh_shape)} runs on ranks 0..{self.num_ranks - 1}, "
-            f"so {what} has nothing to do here; check `compiled.is_active` and skip the step on idle ranks"
+def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, world: int) -> tuple[int, ...]:
+    check_codegen(codegen)
+    if plan is not None and not isinstance(plan, Plan):
+        raise PlanOptionError(f"plan is {describe_value(plan)}; give a fxpar.Plan (e.g. fxpar.Plan.from_json(text)) or None")
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"model is {describe_value(model)}; give the torch.nn.Module to train")
+    if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise CaptureError("example_inputs must be a tuple or list of tensors (the global batch)")
+    if mesh_shape is None:
+        mesh_shape = plan.mesh_shape if plan is not None else (world,)
+    _, mesh = resolve_mesh(None, mesh_shape)  # PlanOptionError for sizes that are not whole numbers
+    if math.prod(mesh) > world:
+        raise ClusterSpecError(
+            f"mesh {list(mesh_shape)} has {math.prod(mesh_shape)} devices but the process group has {world} ranks; "
+            f"give a mesh_shape whose sizes multiply to at most {world}"
         )
+    if plan is not None and tuple(plan.mesh_shape) != mesh:
+        raise ClusterSpecError(f"the plan is for mesh {list(plan.mesh_shape)}, not {list(mesh)}")
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
+        if isinstance(p, DTensor):
+            raise CaptureError(f"parameter {name} is already a DTensor; give fxpar.compile the model with plain parameters")
+    for name in _public_names(model):
+        if hasattr(FxparModule, name):
+            raise CaptureError(
+                f"the model has a submodule, parameter or buffer named {name!r}, which the compiled module uses for "
+                f"its own attribute of that name; rename it in the model"
+            )
+    return mesh
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        raise self._idle("the step")
 
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        raise self._idle("state_dict() (call it on the active ranks)")
+def _public_names(model: nn.Module) -> list[str]:
+    return [*model._modules, *model._parameters, *model._buffers]
+
+
+def _place(model: nn.Module, plan: Plan, device_mesh: DeviceMesh, rank_mesh: RankMesh, group) -> nn.Module:
+    """A copy of ``model`` whose parameters are DTensors in the plan's layout, holding rank 0's
+    values (broadcast, as DDP starts), and whose buffers are rank 0's; tied parameters stay tied."""
+    rep = replicated(len(plan.mesh_shape))
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = p.detach().clone()
+            dist.broadcast(full, src=0, group=group)
+            spec = plan.param_specs[name] if p.requires_grad else rep
+            local = reshard(full, rep, spec, rank_mesh).clone()
+            value = DTensor.from_local(local, device_mesh, dtensor_placements(spec), run_check=False,
+                                       shape=full.shape, stride=full.stride())
+            memo[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+        for _, b in model.named_buffers():
+            full = b.detach().clone()
+            dist.broadcast(full, src=0, group=group)
+            memo[id(b)] = full
+    for m in model.modules():
+        if isinstance(m, GraphModule) and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            memo[id(m)] = m  # stateless code (dynamo's graph, whose metadata holds dynamo's fake tensors): shared
+    return copy.deepcopy(model, memo)
 
 
 def compile(
@@ -177,79 +136,76 @@ def compile(
     plan: Plan | None = None,
     optimizer: str = "adam",
     codegen: str = "inductor",
+    plan_cache: str | os.PathLike | None = None,
 ) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
     ``example_inputs`` hold the global batch (their values are not used). Rank 0 plans and sends the
-    plan to the others unless ``plan`` is given; parameters are taken from rank 0, as DDP does.
-    A mesh (or plan) on fewer devices than the group has runs on ranks ``0..k-1``; every rank must
-    still call ``compile`` (the groups are made collectively), and the others get an
-    ``IdleModule`` (``is_active`` False) to skip training with.
+    plan (as JSON) to the others unless ``plan`` is given; with ``plan_cache=DIR`` rank 0 reads a plan
+    made before for the same graph and options from ``DIR`` (``fxpar.plan_cache``) instead of
+    solving. Parameters are taken from rank 0, as DDP does. A mesh (or plan) on fewer devices than
+    the group has runs on ranks ``0..k-1``; every rank must still call ``compile`` (the groups are
+    made collectively), and the others get an ``IdleModule`` (``is_active`` False) to skip training
+    with.
+
+    Ranks fail together: an error on any rank (bad arguments, a model that does not capture, a plan
+    that does not fit) is raised on every rank, with that rank's message. Before anything is
+    planned, the ranks compare their options, example input shapes and parameter shapes, and after
+    planning the captured graph and the plan; the first difference is a ``PlanMismatchError``.
 
     ``codegen``: ``"inductor"`` compiles the rank's step with torch Inductor on its first call (a
     ``FallbackWarning`` and eager execution where no C++ compiler is found on CPU); ``"eager"`` runs
     the graph op by op.
     """
-    check_codegen(codegen)
     init_distributed()
     world = dist.get_world_size()
     rank = dist.get_rank()
-    if mesh_shape is None:
-        mesh_shape = plan.mesh_shape if plan is not None else (world,)
-    mesh = tuple(int(s) for s in mesh_shape)
-    num_used = math.prod(mesh)
-    if num_used > world or num_used < 1:
-        raise ClusterSpecError(
-            f"mesh {list(mesh)} has {num_used} devices but the process group has {world} ranks; "
-            f"give a mesh_shape whose sizes multiply to at most {world}"
-        )
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":  # noqa: SIM102
-            raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
-    active = rank < num_used
-    gm = capture_and_annotate(model, example_inputs) if active else None
+    control = Control.create(range(world))
+    mesh = together(control, "checking fxpar.compile's arguments",
+                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, world))
+    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache), "the model and options")
+    gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs))
     if plan is None:
-        box = [None]
-        if rank == 0:
-            made, _ = plan_graph(gm, cluster=cluster or local_cluster(world), mesh_shape=mesh, optimizer=optimizer)
-            box = [made.to_json()]
-        dist.broadcast_object_list(box, src=0)
-        plan = Plan.from_json(box[0])
-    if tuple(plan.mesh_shape) != mesh:
-        raise ClusterSpecError(f"the plan is for mesh {list(plan.mesh_shape)}, not {list(mesh)}")
+        def solve() -> str | None:
+            if rank != 0:
+                return None
+            options = dict(cluster=cluster or local_cluster(world), mesh_shape=mesh, optimizer=optimizer)
+            if plan_cache is not None:
+                return cached_plan(gm, plan_cache=plan_cache, **options).to_json()
+            return plan_graph(gm, **options)[0].to_json()
+
+        text = broadcast_text(control, together(control, "planning", solve), 0)
+        plan = Plan.from_json(text)
+    check_same(control, {"graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
+                         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]}, "the captured step and its plan")
+    num_used = math.prod(mesh)
     device = next(model.parameters()).device
     if num_used == world:
         device_mesh = init_device_mesh(device.type, mesh)
-        group = None
+        group, active_control = None, control
     else:
         # Sub-groups are created collectively: every rank joins, even the ones left idle.
         device_mesh = DeviceMesh(device.type, torch.arange(num_used).reshape(mesh))
         group = dist.new_group(list(range(num_used)))
-    if not active:
+        active_control = Control.create(range(num_used))
+    if rank >= num_used:
         return IdleModule(plan, rank)
-    assignment = plan.assignment(gm)
     rank_mesh = RankMesh.from_device_mesh(device_mesh)
-    local_gm = rewrite(gm, assignment, mesh, coords=rank_mesh.coords, group_names=rank_mesh.group_names, device=device)
-    rep = replicated(len(mesh))
-    params, buffers = {}, {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            full = p.detach().clone()
-            dist.broadcast(full, src=0, group=group)
-            params[name] = reshard(full, rep, plan.param_specs[name], rank_mesh).clone()
-        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-        for name, b in frozen + list(model.named_buffers()):
-            full = b.detach().clone()
-            dist.broadcast(full, src=0, group=group)
-            buffers[name] = full
-    input_shapes = []
-    for x in example_inputs:
-        shape = list(x.shape)
-        shape[0] //= num_used
-        input_shapes.append(tuple(shape))
-    local_inputs = [*params.values(), *buffers.values(),
-                    *[torch.empty(s, dtype=x.dtype, device=device) for s, x in zip(input_shapes, example_inputs)]]
-    bucket_collectives(local_gm, local_inputs)
-    return FxparModule(plan, gm, local_gm, rank_mesh, params, buffers, input_shapes, codegen)
+    source = _place(model, plan, device_mesh, rank_mesh, group)
+    trainable = [n for n, p in source.named_parameters() if p.requires_grad]
+    state = [n for n, p in source.named_parameters() if not p.requires_grad] + [n for n, _ in source.named_buffers()]
+    input_shapes = [(x.shape[0] // num_used, *x.shape[1:]) for x in example_inputs]
+    main_key = (model.training, True, None, None)
+    runtime = Runtime(source, device_mesh, rank_mesh, active_control, codegen, device, trainable, state,
+                      input_shapes, [x.dtype for x in example_inputs], main_key)
+
+    def build():
+        by_name = dict(source.named_parameters())
+        local_state = [t.to_local() if isinstance(t, DTensor) else t
+                       for t in [*(by_name[n] for n in state if n in by_name), *(b for _, b in source.named_buffers())]]
+        local_inputs = [*(by_name[n].to_local() for n in trainable), *local_state,
+                        *[torch.empty(s, dtype=x.dtype, device=device) for s, x in zip(input_shapes, example_inputs)]]
+        runtime.variants[main_key] = build_variant(runtime, main_key, gm, plan, local_inputs)
+        return FxparModule(runtime)
+
+    return together(active_control, "building the step", build)

@@ -64,17 +64,18 @@ class _DynamoGraph(nn.Module):
 class _FullParamStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compiled, num_rest: int, *args):
-        num_params = len(compiled._names)
+        runtime = compiled._fxpar
+        num_params = len(runtime.param_names)
         full_params, rest = args[:num_params], args[num_params:]
         rep = replicated(len(compiled.plan.mesh_shape))
-        specs = [compiled.plan.param_specs[name] for name in compiled._names]
+        specs = [compiled.plan.param_specs[name] for name in runtime.param_names]
         with torch.no_grad():
             shards = [reshard(p.detach(), rep, spec, compiled.mesh) for p, spec in zip(full_params, specs)]
-            loss, *outs = compiled.step_fn(*shards, *[r.detach() for r in rest])
-            grads, updates = outs[:num_params], outs[num_params:]
+            loss, grads, updates = runtime.main.run(shards, [r.detach() for r in rest])
             grads = [reshard(g, spec, rep, compiled.mesh) for g, spec in zip(grads, specs)]
-            for slot, value in zip(compiled._updated_slots, updates):
-                rest[slot].copy_(value)  # the user's own buffer (batch-norm statistics)
+            slots = {name: i for i, name in enumerate(runtime.state_names)}
+            for name, value in zip(runtime.main.updated_buffers, updates):
+                rest[slots[name]].copy_(value)  # the user's own buffer (batch-norm statistics)
         ctx.num_rest = num_rest
         ctx.save_for_backward(*grads)
         return loss
@@ -105,7 +106,10 @@ def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = 
     local_inputs = [x for (kind, _), x in zip(module.kinds, example_inputs) if kind == "input"]
     global_inputs = [torch.empty((x.shape[0] * world, *x.shape[1:]), dtype=x.dtype, device="meta") if x.dim() else x
                      for x in local_inputs]
-    compiled = fxpar_compile(module, global_inputs, **options)
+    # fxpar traces and compiles with fake tensors of its own; dynamo's tracing context (and its fake
+    # mode, which torch's passes would otherwise pick up) is left for the duration.
+    with torch._guards.tracing(None):
+        compiled = fxpar_compile(module, global_inputs, **options)
     param_slots = [i for kind, i in module.kinds if kind == "param"]
     assert param_slots == list(range(len(param_slots)))
 

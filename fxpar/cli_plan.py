@@ -74,6 +74,7 @@ def run_plan(args: argparse.Namespace) -> None:
     import math
 
     import fxpar
+    from fxpar.progress import show_progress
 
     mesh = parse_mesh(args.mesh) if args.mesh else None
     factory = load_factory(args.factory)
@@ -83,8 +84,9 @@ def run_plan(args: argparse.Namespace) -> None:
     model, inputs = made
     cluster = resolve_cluster(args.cluster, math.prod(mesh) if mesh else None)
     print(f"planning {type(model).__name__} on {cluster.name}, mesh {list(mesh) if mesh else cluster.num_devices} ...", flush=True)
-    plan = fxpar.plan(model, tuple(inputs), cluster=cluster, mesh_shape=mesh, optimizer=args.optimizer,
-                      time_limit_s=args.time_limit)
+    with show_progress():  # capture, ILP build and solve report on stderr while they run
+        plan = fxpar.plan(model, tuple(inputs), cluster=cluster, mesh_shape=mesh, optimizer=args.optimizer,
+                          time_limit_s=args.time_limit)
     print(plan.explain())
     if args.out:
         Path(args.out).write_text(plan.to_json())

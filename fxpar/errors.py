@@ -60,6 +60,14 @@ class CodegenError(PlanOptionError):
     """An unknown ``codegen=`` option."""
 
 
+class RankFailedError(FxparError):
+    """Another rank failed (its error is repeated here), or did not join a collective call in time."""
+
+
+class StepInputError(FxparError):
+    """An input of a compiled step does not match what was planned (count, dtype, device, keyword)."""
+
+
 class FallbackWarning(UserWarning):
     """fxpar fell back to something slower than a planned strategy (e.g. an op without a rule)."""
 

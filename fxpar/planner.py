@@ -31,6 +31,7 @@ from fxpar.passes.annotate import annotate
 from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
 from fxpar.plan import Plan, fmt_bytes, layer_rows
+from fxpar.progress import stage
 from fxpar.solve.ilp import Infeasible, SolverTimeout, memory_of, min_memory, solve
 from fxpar.solve.recompute import memory_may_bind, recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
@@ -72,9 +73,13 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
     return cluster, mesh
 
 
-def capture_and_annotate(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> GraphModule:
+def capture_and_annotate(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None
+) -> GraphModule:
+    """``capture`` (see there for ``grad`` and ``autocast_dtype``) then ``annotate``, with a
+    ``CaptureError`` naming the user's line for data-dependent control flow."""
     try:
-        gm = capture(model, example_inputs)
+        gm = capture(model, example_inputs, grad=grad, autocast_dtype=autocast_dtype)
     except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
         raise _data_dependent_error(model, exc) from exc
     return annotate(gm)
@@ -224,14 +229,16 @@ def plan_graph(
         _check_force(gm, force, mesh)
     cost_model = CostModel(cluster, mesh)
     start = time.perf_counter()
-    strategies = all_strategies(gm, mesh, strict=strict)
-    problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, simplify=simplify)
+    with stage(f"building the ILP for {len(gm.graph.nodes)} nodes on mesh {list(mesh)}"):
+        strategies = all_strategies(gm, mesh, strict=strict)
+        problem = build_problem(gm, strategies, cost_model, optimizer=optimizer, simplify=simplify)
     problem.build_seconds = time.perf_counter() - start
     if force:
         _apply_force(problem, force)
     try:
         try:
-            sol = solve_with_recompute(problem, time_limit_s=time_limit_s, recompute=recompute)
+            with stage(f"solving ({len(problem.nodes)} nodes)", limit_s=time_limit_s):
+                sol = solve_with_recompute(problem, time_limit_s=time_limit_s, recompute=recompute)
         except Infeasible:
             if not simplify:
                 raise
@@ -345,7 +352,8 @@ def plan(
     if not isinstance(recompute, bool):
         raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     resolve_mesh(cluster, mesh_shape)
-    gm = capture_and_annotate(model, example_inputs)
+    with stage(f"capturing the training step of {type(model).__name__}"):
+        gm = capture_and_annotate(model, example_inputs)
     if plan_cache is not None and recompute:  # the cache's key does not hold recompute=False
         from fxpar.plan_cache import cached_plan
 

@@ -7,7 +7,8 @@ the model's memory nor its compute is needed (a model built on the ``meta`` devi
 Writes ``node.meta``:
   ``fxpar_role``: ``"param"``, ``"buffer"`` or ``"input"`` on placeholders;
   ``fxpar_fqn``: the parameter or buffer name, or ``"input[i]"``;
-and ``gm.meta["fxpar_outputs"]``: one ``("loss", None)``, then ``("grad", fqn)`` per parameter,
+and ``gm.meta["fxpar_outputs"]``: one ``("loss", None)``, then ``("grad", fqn)`` per parameter (none for a
+forward-only capture),
 then ``("buffer", fqn)`` per buffer the step updates in place (batch-norm running statistics), in
 the order of the graph's output tuple; those in-place updates become out-of-place ops.
 
@@ -73,12 +74,24 @@ def _symbolic_batch(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
     return mode.from_tensor(real, symbolic_context=ctx)
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic_batch: bool = False) -> GraphModule:
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    dynamic_batch: bool = False,
+    grad: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> GraphModule:
     """Trace ``model(*example_inputs)`` (which must return a scalar loss) and its gradients.
 
-    With ``dynamic_batch``, dim 0 of every input is a symbol, so the graph's shapes (and the
-    annotations of ``annotate``) are expressions of the batch size; such a graph is for analysis,
-    and planning takes a static capture."""
+    The model is traced in the mode it is in (``model.training``: dropout, batch-norm statistics).
+    With ``grad=False`` the graph is the forward pass only: ``step(...) -> (loss, *buffer updates)``
+    with no gradient outputs (an evaluation or ``torch.no_grad()`` call). With ``autocast_dtype``
+    the forward runs under ``torch.autocast(<device>, autocast_dtype)`` and the gradients are taken
+    outside it, as in ``with autocast(): loss = model(x)`` then ``loss.backward()``; the graph holds
+    the casts autocast made. With ``dynamic_batch``, dim 0 of every input is a symbol, so the
+    graph's shapes (and the annotations of ``annotate``) are expressions of the batch size; such a
+    graph is for analysis, and planning takes a static capture."""
     if not isinstance(example_inputs, (tuple, list)):
         raise CaptureError(f"example_inputs must be a tuple or list of tensors, got {type(example_inputs).__name__}")
     for i, x in enumerate(example_inputs):
@@ -93,25 +106,30 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic
     buffer_names = [n for n, _ in buffers]
 
     mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv() if dynamic_batch else None)
-    params = [_fake_like(mode, p, requires_grad=True) for _, p in named]
+    params = [_fake_like(mode, p, requires_grad=grad) for _, p in named]
+    device_type = next(iter(model.parameters())).device.type
+    device_type = "cpu" if device_type == "meta" else device_type
     bufs = [_fake_like(mode, b) for _, b in buffers]
     inputs = [_symbolic_batch(mode, x) if dynamic_batch else _fake_like(mode, x) for x in example_inputs]
 
     def step(params, bufs, inputs):
         state = {**dict(zip(param_names, params)), **dict(zip(buffer_names, bufs))}
-        loss = _loss_of(torch.func.functional_call(model, state, tuple(inputs)))
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = _loss_of(torch.func.functional_call(model, state, tuple(inputs)))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.dtype.is_floating_point:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise CaptureError(
                 f"the model must return a scalar floating-point loss, but returned {got}; "
                 "wrap it so that forward() computes the loss (e.g. return F.cross_entropy(logits, y))"
             )
+        if not grad:
+            return (loss,)
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         return (loss, *grads)
 
     decompositions = get_decompositions(_DECOMPOSE)
     tracing_mode = "symbolic" if dynamic_batch else "fake"
-    with torch.device("cpu"):
+    with torch.device("cpu"), torch.autocast(device_type, enabled=False), torch.set_grad_enabled(grad):
         joint = make_fx(step, tracing_mode=tracing_mode)(params, bufs, inputs)
         gm = _functionalize(joint, decompositions, tracing_mode)
     _drop_identities(gm)
@@ -125,7 +143,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, dynamic
     for node, (role, fqn) in zip(placeholders, roles):
         node.meta["fxpar_role"] = role
         node.meta["fxpar_fqn"] = fqn
-    gm.meta["fxpar_outputs"] = [("loss", None)] + [("grad", n) for n in param_names]
+    gm.meta["fxpar_outputs"] = [("loss", None)] + ([("grad", n) for n in param_names] if grad else [])
     updated = _functionalize_buffer_updates(gm, [n for n in placeholders if n.meta["fxpar_role"] == "buffer"])
     if updated:
         output = gm.graph.output_node()

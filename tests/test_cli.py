@@ -33,8 +33,12 @@ def factory_dir(tmp_path, monkeypatch):
 def test_plan_prints_the_plan_and_writes_it(factory_dir, capsys):
     out = factory_dir / "plan.json"
     main(["plan", "userfactory:make", "--batch", "32", "--mesh", "2x2", "--out", str(out)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "fxpar plan: mesh [2, 2]" in printed and "predicted step" in printed
+    # progress of the long stages, on stderr
+    assert "fxpar: capturing the training step of MLP ..." in captured.err
+    assert "fxpar: solving (" in captured.err and "done in" in captured.err
     plan = json.loads(out.read_text())
     assert plan["mesh_shape"] == [2, 2]
     main(["explain", str(out)])

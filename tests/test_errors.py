@@ -13,7 +13,7 @@ from fxpar.errors import DuplicateRuleError, PlanFileError, PlanOptionError
 from fxpar.launch import RankError
 from fxpar.rules import register_rule
 
-from .runtime import train_fns
+from .runtime import loop_fns, train_fns
 
 
 class RenormModel(nn.Module):
@@ -150,6 +150,10 @@ def test_compile_without_process_group(monkeypatch):
 def test_wrong_local_batch_at_run_time():
     with pytest.raises(RankError, match=r"input\[0\] on this rank has shape \[16, 16\] but the plan expects this rank's slice of the global batch, \[8, 16\]"):
         fxpar.launch(train_fns.pass_global_batch, 2)
+
+
+def test_wrong_step_inputs_at_run_time():
+    assert fxpar.launch(loop_fns.bad_step_inputs, 2) == [True, True]
 
 
 def test_backend_mesh_must_cover_the_group():

@@ -8,8 +8,17 @@ mean and sum of squared deviations, combined as a parallel variance; backward, o
 ``2 * channels`` values, the sums of the gradient and of the gradient times the normalized input.
 The localize hooks put those collectives into the rank's graph (``batch_norm_global_stats`` and
 its backward); the results equal single-device batch norm, running statistics included. The
-collectives are not priced by the cost model (O(channels) values each). Per-device statistics
-(DDP's behaviour without SyncBatchNorm) are not offered.
+collectives are not priced by the cost model (O(channels) values each).
+
+Per-device statistics, DistributedDataParallel's semantics (without SyncBatchNorm), are the
+rewrite's opt-in ``batch_norm="local"`` (``fxpar.runtime.steps.BATCH_NORM_STATS``): each device
+normalizes its slice with the slice's own statistics, and the layer communicates nothing. The
+backward's grad_weight and grad_bias are then each device's partial sums, and the new running
+statistics each device's update divided by the number of devices, so the plan's strategy is read
+with Partial in their place (``local_stats_assignment``) and the rewrite's usual resharding sums
+them: the weight and bias gradients join the gradient buckets, and the running statistics
+(the average over devices of each device's update, the same on every rank) are one more
+all-reduce per layer, outside the layer's critical path, bucketed with the others.
 Layer norm normalizes over its trailing ``normalized_shape`` dims; any leading dim (batch,
 sequence) can be cut, the normalized ones cannot.
 
@@ -81,9 +90,22 @@ def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, ma
     return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
 
 
+def batch_norm_local_stats(x, weight, bias, running_mean, running_var, momentum: float, eps: float, num_devices: int):
+    """Training-mode batch norm of this device's slice with the slice's own statistics (DDP's
+    semantics); the new running statistics come divided by ``num_devices``, this device's term of
+    their average over the devices."""
+    y, mean, rstd, new_mean, new_var = aten._native_batch_norm_legit_functional.default(
+        x, weight, bias, running_mean, running_var, True, momentum, eps)
+    return y, mean, rstd, new_mean / num_devices, new_var / num_devices
+
+
 def _batch_groups(spec, mesh_shape, coords) -> tuple[list[str], list[int]]:
     axes = sharding_axes(spec, 0)
     return [coords.group_names[a] for a in axes], [mesh_shape[a] for a in axes]
+
+
+def _local(coords) -> bool:
+    return getattr(coords, "batch_norm", "global") == "local"
 
 
 def localize_batch_norm(node, args, kwargs, strategy, mesh_shape, coords):
@@ -91,6 +113,8 @@ def localize_batch_norm(node, args, kwargs, strategy, mesh_shape, coords):
     if not groups:
         return node.target, args, kwargs
     x, weight, bias, running_mean, running_var, _, momentum, eps = args
+    if _local(coords):
+        return batch_norm_local_stats, [x, weight, bias, running_mean, running_var, momentum, eps, math.prod(sizes)], {}
     return batch_norm_global_stats, [x, weight, bias, running_mean, running_var, momentum, eps, groups, sizes], {}
 
 
@@ -98,8 +122,50 @@ def localize_batch_norm_backward(node, args, kwargs, strategy, mesh_shape, coord
     groups, sizes = _batch_groups(strategy.inputs[1], mesh_shape, coords)
     if not groups:
         return node.target, args, kwargs
+    if _local(coords):
+        # Local statistics: the op itself on the slice and its saved statistics; grad_weight and
+        # grad_bias are this device's partial sums (see local_stats_assignment). The running
+        # statistics, which a training-mode backward does not read, are dropped, so the backward
+        # does not wait for their all-reduce.
+        args = list(args)
+        args[3] = args[4] = None
+        return node.target, args, kwargs
     grad, x, weight, _, _, save_mean, save_invstd, _, _, mask = args
     return batch_norm_global_stats_backward, [grad, x, weight, save_mean, save_invstd, list(mask), groups, sizes], {}
+
+
+def _partial_on(spec, axes):
+    return tuple(P if a in axes else p for a, p in enumerate(spec))
+
+
+def local_stats_assignment(assignment: dict) -> dict:
+    """The plan's ``assignment`` (node -> OpStrategy) as the ranks run it under
+    ``batch_norm="local"``: for every batch norm (or its backward) whose batch is cut, the outputs
+    that the global strategy gives replicated and that per-device statistics leave as per-device
+    terms (the new running statistics; grad_weight and grad_bias) are Partial on the axes that cut
+    the batch, in the op's strategy and in the ``getitem`` that takes each of them out."""
+    import operator
+
+    from fxpar.rules.registry import OpStrategy
+
+    out = dict(assignment)
+    partial: dict = {}  # node -> {output index: axes}
+    for node, strategy in assignment.items():
+        if node.target is aten._native_batch_norm_legit_functional.default:
+            axes, which = sharding_axes(strategy.inputs[0], 0), (3, 4)
+        elif node.target is aten.native_batch_norm_backward.default and node.args[7]:
+            axes, which = sharding_axes(strategy.inputs[1], 0), (1, 2)
+        else:
+            continue
+        if axes:
+            partial[node] = {i: axes for i in which}
+            out[node] = OpStrategy(strategy.inputs, tuple(
+                _partial_on(spec, axes) if i in which else spec for i, spec in enumerate(strategy.outputs)))
+    for node, strategy in assignment.items():
+        if node.target is operator.getitem and node.args[0] in partial and node.args[1] in partial[node.args[0]]:
+            axes = partial[node.args[0]][node.args[1]]
+            out[node] = OpStrategy((_partial_on(strategy.inputs[0], axes),), (_partial_on(strategy.outputs[0], axes),))
+    return out
 
 
 @register_rule(aten._native_batch_norm_legit_functional.default, cost_class="reduction", localize=localize_batch_norm)

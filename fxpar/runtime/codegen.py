@@ -30,9 +30,10 @@ from fxpar.errors import CodegenError, FallbackWarning
 __all__ = ["CODEGENS", "CodegenError", "bucket_collectives", "compile_step", "cpp_compiler"]
 
 CODEGENS = ("inductor", "eager")
-# DDP's default bucket size.
+# DDP's default bucket size, and the size of its first bucket (the gradients the backward
+# produces first: their collective starts while the rest of the backward computes).
 BUCKET_CAP_MB = 25.0
-
+FIRST_BUCKET_CAP_MB = 1.0
 
 
 def check_codegen(codegen: str) -> str:
@@ -41,10 +42,13 @@ def check_codegen(codegen: str) -> str:
     return codegen
 
 
-def bucket_collectives(gm: GraphModule, inputs: Sequence[torch.Tensor], cap_mb: float = BUCKET_CAP_MB) -> GraphModule:
+def bucket_collectives(gm: GraphModule, inputs: Sequence[torch.Tensor], cap_mb: float | None = None,
+                       first_cap_mb: float | None = None) -> GraphModule:
     """Merge independent all-reduces and reduce-scatters of one group and dtype into buckets of at
-    most ``cap_mb`` MB (in place; the graph's collectives must name existing process groups).
-    ``inputs``: tensors of the placeholders' shapes and dtypes (their values are not read)."""
+    most ``cap_mb`` MB (default ``BUCKET_CAP_MB``), the first of at most ``first_cap_mb`` MB
+    (default ``FIRST_BUCKET_CAP_MB``), as DDP does (in place; the graph's collectives must name
+    existing process groups). ``inputs``: tensors of the placeholders' shapes and dtypes (their
+    values are not read)."""
     from torch._inductor.fx_passes.bucketing import bucket_all_reduce, bucket_reduce_scatter
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -53,8 +57,11 @@ def bucket_collectives(gm: GraphModule, inputs: Sequence[torch.Tensor], cap_mb: 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*inputs)
 
-    def cap(_bucket_id: int) -> float:
-        return cap_mb
+    cap_mb = BUCKET_CAP_MB if cap_mb is None else cap_mb
+    first_cap_mb = FIRST_BUCKET_CAP_MB if first_cap_mb is None else first_cap_mb
+
+    def cap(bucket_id: int) -> float:
+        return first_cap_mb if bucket_id == 0 else cap_mb
 
     bucket_all_reduce(gm, cap)
     bucket_reduce_scatter(gm, cap)

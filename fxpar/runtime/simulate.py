@@ -129,9 +129,10 @@ def shard_for_ranks(value: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]
 
 
 def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
-                  output_specs=None) -> list[list]:
-    """Rewrite ``gm`` under ``assignment`` for every rank, slice ``full_inputs`` per the
-    placeholders' specs, and run every rank; returns each rank's outputs."""
+                  output_specs=None, batch_norm: str = "global") -> list[list]:
+    """Rewrite ``gm`` under ``assignment`` for every rank (``batch_norm``: the rewrite's option),
+    slice ``full_inputs`` per the placeholders' specs, and run every rank; returns each rank's
+    outputs."""
     from fxpar.passes.rewrite import rewrite
 
     mesh_shape = tuple(mesh_shape)
@@ -140,5 +141,6 @@ def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...]
     coords = _coords(mesh_shape)
     rank_inputs = [[p[r] for p in pieces] for r in range(len(coords))]
     with fake_world(mesh_shape) as names:
-        graphs = [rewrite(gm, assignment, mesh_shape, coords=c, group_names=names, output_specs=output_specs) for c in coords]
+        graphs = [rewrite(gm, assignment, mesh_shape, coords=c, group_names=names, output_specs=output_specs,
+                          batch_norm=batch_norm) for c in coords]
         return simulate(graphs, rank_inputs)

@@ -21,7 +21,7 @@ import torch
 from fxpar.placement import Spec
 from fxpar.reshard import Step, reshard_steps
 
-__all__ = ["ASYNC_KINDS", "RankCoords", "RankMesh", "all_gather_over", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
+__all__ = ["ASYNC_KINDS", "BATCH_NORM_STATS", "RankCoords", "RankMesh", "all_gather_over", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
 
 aten = torch.ops.aten
 funcol = torch.ops._c10d_functional
@@ -31,6 +31,12 @@ funcol = torch.ops._c10d_functional
 ASYNC_KINDS = ("all_reduce", "reduce_scatter")
 
 Call = Callable[..., Any]
+
+# How batch norm over a batch cut between devices computes its statistics: "global", those of the
+# whole batch (single-device numerics, as torch.nn.SyncBatchNorm; two small collectives per layer,
+# on the critical path); "local", each device's own slice (DistributedDataParallel's semantics
+# without SyncBatchNorm; no collective in the layer).
+BATCH_NORM_STATS = ("global", "local")
 
 
 def eager(target: Any, *args: Any) -> Any:
@@ -84,14 +90,17 @@ class RankMesh:
 class RankCoords(tuple):
     """A rank's mesh coordinates (a plain tuple of ints to whoever indexes it) that also carry the
     process-group name of every mesh axis, for the ``localize`` hooks of ops that communicate inside
-    (batch norm over a split batch all-reduces its statistics)."""
+    (batch norm over a split batch all-reduces its statistics), and the rewrite's options those
+    hooks read (``batch_norm``: one of ``BATCH_NORM_STATS``)."""
 
     group_names: tuple[str, ...]
+    batch_norm: str = "global"
 
     @staticmethod
-    def of(mesh: RankMesh) -> RankCoords:
+    def of(mesh: RankMesh, batch_norm: str = "global") -> RankCoords:
         out = RankCoords(mesh.coords)
         out.group_names = mesh.group_names
+        out.batch_norm = batch_norm
         return out
 
 

@@ -300,7 +300,7 @@ def recompute_split(problem, choice: dict[Node, int], recompute=()) -> tuple[flo
     a = analysis_of(problem)
     chosen = set(recompute)
     compute = sum(problem.node_cost[n][choice[n]] for d in chosen for n in [d, *a.decisions[d].getitems])
-    return compute, recompute_time(problem, choice, chosen) - compute
+    return compute, max(0.0, recompute_time(problem, choice, chosen) - compute)
 
 
 def memory_may_bind(problem) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from fxpar.api import IdleRankError
+from fxpar.errors import IdleRankError
 from fxpar.errors import ClusterSpecError
 
 from .train_fns import mlp_inputs, mlp_model

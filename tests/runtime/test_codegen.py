@@ -41,7 +41,8 @@ def test_rank_graph_holds_only_torch_ops_and_functional_collectives():
 
 
 def test_rank_graphs_differ_only_in_their_slice_offsets():
-    gm, plan = _mlp_plan((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)"})
+    # The first layer computed replicated, its relu on the batch: a chunk at each rank's offset.
+    gm, plan = _mlp_plan((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)", "addmm": "R,R,R->R", "relu": "S(0)->S(0)"})
     graphs = [rewrite(gm, plan.assignment(gm), (2,), coords=(c,)) for c in (0, 1)]
     slices = [[n.args for n in g.graph.nodes if n.target is aten.slice.Tensor] for g in graphs]
     assert slices[0] and slices[0] != slices[1]

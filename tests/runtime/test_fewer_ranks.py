@@ -43,7 +43,8 @@ def test_plan_on_two_of_three_ranks_matches_single_process(mesh, force):
 
 
 def test_idle_module_refuses_to_run_and_says_why():
-    from fxpar.api import IdleModule, IdleRankError
+    from fxpar.api import IdleModule
+    from fxpar.errors import IdleRankError
 
     plan = fxpar.plan(t.mlp_model(), t.mlp_inputs(0), mesh_shape=(2,))
     idle = IdleModule(plan, rank=2)
