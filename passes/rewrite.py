@@ -16,6 +16,11 @@ parameter's spec, *updated buffers replicated)``. Gradients synchronized by one 
 reduce-scatter are issued where they are produced and waited for at the end of the graph; a
 resharded value is made once per (producer, output, spec) and shared by its consumers.
 
+``batch_norm``: how a batch norm whose batch is cut computes its statistics
+(``fxpar.runtime.steps.BATCH_NORM_STATS``): ``"global"`` (the default; the whole batch's, as a
+single device computes them) or ``"local"`` (each device's own slice, DDP's semantics; see
+``fxpar.rules.norm``).
+
 Writes no ``node.meta`` keys; ``gm.meta`` is copied to the new graph.
 
 Before (global, mm chosen row-parallel on a 1-D mesh of 2: x S(1), w S(0) -> Partial)::
@@ -44,7 +49,8 @@ from fxpar.passes.capture import step_outputs
 from fxpar.placement import Spec, local_shape, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values
-from fxpar.runtime.steps import ASYNC_KINDS, RankCoords, RankMesh, apply_steps, start_step
+from fxpar.errors import PlanOptionError
+from fxpar.runtime.steps import ASYNC_KINDS, BATCH_NORM_STATS, RankCoords, RankMesh, apply_steps, start_step
 
 __all__ = ["rewrite"]
 
@@ -62,16 +68,25 @@ def rewrite(
     group_names: Sequence[str] | None = None,
     device: torch.device | None = None,
     output_specs: list[Spec] | None = None,
+    batch_norm: str = "global",
 ) -> GraphModule:
     """The graph of the rank at ``coords`` (default: the first rank) whose mesh axes' process
     groups are named ``group_names`` (default: stand-in names, enough to inspect the graph but not
     to run its collectives). ``output_specs``: the spec of each graph output; by default a training
-    step's (the loss replicated, each gradient in its parameter's spec, buffers replicated)."""
+    step's (the loss replicated, each gradient in its parameter's spec, buffers replicated).
+    ``batch_norm``: ``"global"`` or ``"local"`` statistics for a batch norm over a cut batch."""
+    if batch_norm not in BATCH_NORM_STATS:
+        raise PlanOptionError(f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole "
+                              "batch's statistics, as on one device) or 'local' (each device's own, as DDP)")
     mesh_shape = tuple(int(s) for s in mesh_shape)
     if group_names is None:
         mesh = RankMesh.placeholder(mesh_shape, coords)
     else:
         mesh = RankMesh(mesh_shape, tuple(coords) if coords is not None else (0,) * len(mesh_shape), tuple(group_names))
+    if batch_norm == "local":
+        from fxpar.rules.norm import local_stats_assignment
+
+        assignment = local_stats_assignment(assignment)
     graph = Graph()
     emit = lambda target, *args: graph.call_function(target, args)  # noqa: E731
     env: dict[Node, Node] = {}
@@ -107,7 +122,7 @@ def rewrite(
         elif node.op == "get_attr":  # a constant the step creates: the same on every rank
             env[node] = graph.get_attr(node.target)
         elif node.op == "call_function":
-            env[node] = _call(graph, node, assignment[node], get, mesh, device)
+            env[node] = _call(graph, node, assignment[node], get, mesh, device, batch_norm)
         elif node.op == "output":
             continue
         else:
@@ -131,7 +146,8 @@ def rewrite(
     return new
 
 
-def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, device: torch.device | None) -> Node:
+def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, device: torch.device | None,
+          batch_norm: str = "global") -> Node:
     """The node's call on this rank's local values."""
     if node.target is operator.getitem and _is_multi(node.args[0]):
         u, idx = input_source(node, 0)
@@ -148,7 +164,7 @@ def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, d
     target, args, kwargs = node.target, list(args), dict(kwargs)
     localize = get_localizer(target)
     if localize is not None:
-        target, args, kwargs = localize(node, args, kwargs, strategy, mesh.shape, RankCoords.of(mesh))
+        target, args, kwargs = localize(node, args, kwargs, strategy, mesh.shape, RankCoords.of(mesh, batch_norm))
     if device is not None and "device" in kwargs:
         kwargs["device"] = device
     return graph.call_function(target, tuple(args), kwargs)

@@ -5,6 +5,8 @@ update) is timed for:
 
 - ``fxpar``: ``fxpar.compile`` with the plan fxpar makes for the calibrated profile (its step
   compiled by Inductor, the default);
+- ``fxpar_local_bn`` (models with batch norm only): the same plan with per-device batch-norm
+  statistics (the rewrite's ``batch_norm="local"``, DDP's semantics; ``benchlib.compile_with``);
 - ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (each rank its slice of the batch);
 - ``ddp_compile``: ``torch.compile`` over the DDP module (dynamo splits the graph at DDP's buckets);
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on each layer or block and on the root;
@@ -17,7 +19,10 @@ update) is timed for:
 Every rank builds all runners, then the runners of a model take turns (rotating order) for a few
 steps per round; the step time is the median over steps of the slowest rank.
 
-    python tools/vs_torch.py [--profile PATH] [--rounds 5] [--steps 3] [--out docs/bench]
+    python tools/vs_torch.py [--profile PATH] [--rounds 5] [--steps 3] [--foreach] [--out docs/bench]
+
+``--foreach`` gives every runner's Adam ``foreach=True`` (torch's default on CPU is the per-tensor
+loop).
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ from fxpar.calibrate import calibrate  # noqa: E402
 from fxpar.models import GPT, MLP  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 
-RUNNERS = ("fxpar", "ddp", "ddp_compile", "fsdp2", "fsdp2_compile", "tp")
+RUNNERS = ("fxpar", "fxpar_local_bn", "ddp", "ddp_compile", "fsdp2", "fsdp2_compile", "tp")
+BASELINES = RUNNERS[2:]
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
@@ -84,7 +94,7 @@ def _tp_plan(model: nn.Module, world: int) -> dict:
     return {"fc": ColwiseParallel(output_layouts=Replicate())}
 
 
-def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
+def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -92,8 +102,9 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
 
     model, inputs = benchlib.build(model_name)
     local = [t.chunk(world)[rank] for t in inputs]
-    if kind == "fxpar":
-        module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
+    if kind in ("fxpar", "fxpar_local_bn"):
+        module = benchlib.compile_with(model, inputs, Plan.from_json(plan_json),
+                                       batch_norm="local" if kind == "fxpar_local_bn" else "global")
     elif kind in ("ddp", "ddp_compile"):
         module = DistributedDataParallel(model)
         if kind == "ddp_compile":
@@ -110,7 +121,7 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
         module = parallelize_module(model, mesh, _tp_plan(model, world))
         local = list(inputs)
     params = list(module.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4)
+    opt = torch.optim.Adam(params, lr=1e-4, foreach=True if foreach else None)
 
     def step() -> None:
         module(*local).backward()
@@ -120,12 +131,16 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int):
     return step
 
 
-def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int) -> dict:
+def _kinds(model_name: str) -> list[str]:
+    return [k for k in RUNNERS if k != "fxpar_local_bn" or _has_batch_norm(benchlib.build(model_name)[0])]
+
+
+def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, foreach: bool) -> dict:
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     times = {}
     for model_name, plan_json in jobs:
-        runners = {kind: _runner(kind, model_name, plan_json, rank, world) for kind in RUNNERS}
+        runners = {kind: _runner(kind, model_name, plan_json, rank, world, foreach) for kind in _kinds(model_name)}
         for kind, ts in benchlib.interleave(runners, rounds=rounds, steps=steps).items():
             times[f"{model_name}/{kind}"] = ts
     return times
@@ -138,6 +153,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--models", default="mlp,cnn,transformer")
+    ap.add_argument("--foreach", action="store_true", help="Adam(foreach=True) for every runner")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -145,24 +161,28 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cluster = fxpar.Cluster.load(args.profile) if args.profile else calibrate(max_ranks=args.nprocs)
-    jobs = []
+    jobs, plans = [], {}
     for name in args.models.split(","):
         model, inputs = benchlib.build(name)
         plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,))
         print(f"planned {name}: predicted {plan.predicted_step_s * 1e3:.2f} ms ({benchlib.param_summary(plan)})", flush=True)
+        plans[name] = {"predicted_step_s": plan.predicted_step_s, "params": benchlib.param_summary(plan)}
         jobs.append((name, plan.to_json()))
     print(f"timing {', '.join(RUNNERS)} on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
           flush=True)
     load_before = _load()
-    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps)
+    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, args.foreach)
     rows = []
     for name, _ in jobs:
-        med = {k: benchlib.slowest_rank_median([r[f"{name}/{k}"] for r in results]) for k in RUNNERS}
-        best = min((k for k in RUNNERS if k != "fxpar"), key=med.get)
+        med = {k: benchlib.slowest_rank_median([r[f"{name}/{k}"] for r in results]) if f"{name}/{k}" in results[0] else None
+               for k in RUNNERS}
+        best = min(BASELINES, key=med.get)
         rows.append({"model": name, **{f"{k}_s": med[k] for k in RUNNERS}, "best_torch": best,
                      "ratio_to_best": med["fxpar"] / med[best],
-                     **{f"ratio_{k}": med["fxpar"] / med[k] for k in RUNNERS if k != "fxpar"}})
+                     "ratio_local_bn_to_best": med["fxpar_local_bn"] / med[best] if med["fxpar_local_bn"] else None,
+                     **{f"ratio_{k}": med["fxpar"] / med[k] for k in BASELINES}, "plan": plans[name]})
     report = {"rows": rows, "profile": cluster.name, "nprocs": args.nprocs, "rounds": args.rounds, "steps": args.steps,
+              "adam_foreach": args.foreach,
               "load_average_before": load_before, "load_average_after": _load(),
               "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     (out / "vs_torch.json").write_text(json.dumps(report, indent=1))
@@ -180,18 +200,22 @@ def _load() -> list[float]:
         return []
 
 
-NAMES = {"fxpar": "fxpar", "ddp": "DDP", "ddp_compile": "DDP+compile", "fsdp2": "FSDP2",
+NAMES = {"fxpar": "fxpar", "fxpar_local_bn": "fxpar local BN", "ddp": "DDP", "ddp_compile": "DDP+compile", "fsdp2": "FSDP2",
          "fsdp2_compile": "FSDP2+compile", "tp": "TP"}
 
 
 def markdown(rep: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    lines = ["| model | " + " | ".join(f"{NAMES[k]} ms" for k in RUNNERS) + " | fxpar / best |",
-             "|---|" + "---|" * (len(RUNNERS) + 1)]
+    cell = lambda s: "-" if s is None else ms(s)  # noqa: E731
+    lines = ["| model | " + " | ".join(f"{NAMES[k]} ms" for k in RUNNERS) + " | fxpar / best | fxpar local BN / best |",
+             "|---|" + "---|" * (len(RUNNERS) + 2)]
     for r in rep["rows"]:
-        lines.append(f"| {r['model']} | " + " | ".join(ms(r[f"{k}_s"]) for k in RUNNERS)
-                     + f" | {r['ratio_to_best']:.2f} ({NAMES[r['best_torch']]}) |")
-    lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}.")
+        local = "-" if r["ratio_local_bn_to_best"] is None else f"{r['ratio_local_bn_to_best']:.2f}"
+        lines.append(f"| {r['model']} | " + " | ".join(cell(r[f"{k}_s"]) for k in RUNNERS)
+                     + f" | {r['ratio_to_best']:.2f} ({NAMES[r['best_torch']]}) | {local} |")
+    lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}; "
+                 f"Adam foreach={rep.get('adam_foreach', False)}; plans: "
+                 + ", ".join(f"{r['model']} {r['plan']['params']}" for r in rep["rows"] if "plan" in r) + ".")
     return "\n".join(lines)
 
 
