@@ -132,13 +132,13 @@ def _apply_force(problem: Problem, force: dict[str, str]) -> None:
     for key, want in force.items():
         node = by_name.get(key) or by_fqn.get(key)
         if node is None:
-            raise ClusterSpecError(f"force names {key!r}, which is neither a node nor a parameter of the graph")
+            raise PlanOptionError(f"force names {key!r}, which is neither a node nor a parameter of the graph")
         allowed = {
             k for k, s in enumerate(problem.strategies[node]) if want in (s.label(), spec_str(s.outputs[0]))
         }
         if not allowed:
             options = sorted({s.label() for s in problem.strategies[node]})
-            raise ClusterSpecError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {options}")
+            raise PlanOptionError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {options}")
         problem.forced[node] = allowed
 
 
@@ -235,6 +235,7 @@ def plan_graph(
     problem.build_seconds = time.perf_counter() - start
     if force:
         _apply_force(problem, force)
+    simplified = problem
     try:
         try:
             with stage(f"solving ({len(problem.nodes)} nodes)", limit_s=time_limit_s):
@@ -247,10 +248,11 @@ def plan_graph(
             problem.build_seconds = time.perf_counter() - start
             if force:
                 _apply_force(problem, force)
-            sol = solve_with_recompute(problem, time_limit_s=time_limit_s, recompute=recompute)
+            # Recomputation is chosen on the simplified problem only (the full one is far larger).
+            sol = solve(problem, time_limit_s=time_limit_s)
     except Infeasible:
         need = min_memory(problem)
-        need_recompute = min_memory(problem, recompute=True)
+        need_recompute = min_memory(simplified, recompute=True)
         raise InfeasiblePlanError(
             f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
             f"(parameters, gradients, {optimizer} state and live activations), {fmt_bytes(need_recompute)} with "
