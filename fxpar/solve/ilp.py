@@ -41,6 +41,31 @@ Constraints
                      B counts all backward compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 
+Recomputation (``solve(..., recompute=True)``; positions, values, decisions d, hosts p(d), fb, lf,
+lu, q and U as defined in ``fxpar.solve.recompute``)
+  Variables: r[d] in {0,1} per decision (one per class of repeated layers): d is recomputed;
+             y[n,s] in [0,1] for d and each of its values n: n has strategy s and d is recomputed;
+             A[d,P] in [0,1]: d's copy is made at or before position P (only for P after the loss
+             and before fb(d), where a chain of readers can need it); W[v,P], E[v,P] >= 0: bytes
+             of an early copy, of a kept input extended for a recomputed reader; q_e >= 0: a
+             resharding paid again.
+  add_recompute:       y[n,s] <= x[n,s],  sum_s y[n,s] = r[d];  objective += sum_s c_n(s) y[n,s]
+                       for d and its getitem nodes (their compute, again)
+  add_recompute_comm:  q_e >= T_e - C_e (2 - r[u] - r[w]) for an edge from a copy of u's into a copy
+                       of w's (T_e its resharding-time expression, C_e its largest; inside one
+                       decision, q_e >= T_e - C_e (1 - r[d])); objective += q_e
+  add_recompute_memory (replaces add_memory; one row per position P, added lazily as above):
+                       params + sum_v [m_v x_v on [o, lf]] + [m_v (x_v - y_v) on (lf, lu]]
+                       + [m_v y_v on [fb(d), q(v)]] + W[v,P] + E[v,P] <= M, with
+                       A[d,P] >= A[w,P] + r[d] - 1 for each decision w reading d (A[w,P] = r[w]
+                       where fb(w) <= P), W[v,P] >= m_v y_v - max m_v (1 - A[d,P]) for P < fb(d),
+                       P <= q(v), E[v,P] >= m_v (x_v - y_v) - max m_v (1 - r[w]) for each decision w
+                       reading v with lu(v) < P <= U(w). The indicators only appear with positive
+                       coefficients in rows bounded above, so each takes its least value, which is
+                       the model's exactly; the rows then hold exactly where the model's memory
+                       (``fxpar.solve.recompute.recompute_memory``) fits. Recomputation does not
+                       enter add_overlap's window, so it never shortens a step.
+
 Simplified problems (``build_problem(simplify=True)``) also keep edges between two cheap ops
 (elementwise, views, slicing) free of resharding: sum_{t: in_k(t)=b} x[v,t] <= sum_{s: out_k(s)=b} x[u,s]
 for every spec b, with no edge variables; layouts then change only on edges into or out of ops
