@@ -31,6 +31,8 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broa
 # Names are torch's dtype names (str(torch.bfloat16) without "torch."); "tf32" is float32 run on
 # TF32 tensor cores, which fxpar.cost.tf32_classes says torch's settings allow.
 PEAK_DTYPES = ("float64", "tf32", "bfloat16", "float16")
+# How a device's convolutions can be priced (DeviceSpec.convolution_algorithms).
+CONVOLUTION_ALGORITHMS = ("direct", "cudnn")
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -70,6 +72,11 @@ class DeviceSpec:
     overlap_efficiency: float = 1.0
     # Peak FLOP/s per compute dtype other than float32 ({"bfloat16": 989.4e12, "tf32": ...}).
     peak_flops_by_dtype: dict[str, float] = field(default_factory=dict)
+    # How convolutions are priced (CONVOLUTION_ALGORITHMS; fxpar.cost, docs/cost-model.md): "direct",
+    # the FLOPs of a direct convolution at the convolution efficiency (CPUs, and calibrated profiles,
+    # whose efficiency is measured against those FLOPs); "cudnn", the fastest of the algorithms cuDNN
+    # offers for the shape (implicit GEMM, fused and non-fused Winograd), each priced on its own.
+    convolution_algorithms: str = "direct"
 
     def peak_flops_for(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s of a kernel computing in ``dtype`` (a torch dtype, or a name: ``"tf32"``,
@@ -213,6 +220,12 @@ class Cluster:
                 f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"
             )
         _check_dtype_peaks(self.name, d.peak_flops_by_dtype)
+        if d.convolution_algorithms not in CONVOLUTION_ALGORITHMS:
+            raise ClusterSpecError(
+                f"cluster {self.name!r}: device.convolution_algorithms is {d.convolution_algorithms!r}; it must be one "
+                f"of {list(CONVOLUTION_ALGORITHMS)} ('direct': direct-convolution FLOPs, for CPUs and calibrated "
+                "profiles; 'cudnn': the fastest algorithm cuDNN offers for the shape, for GPUs)"
+            )
         _check_keys(self.name, "device.compute_efficiency_by_class", d.compute_efficiency_by_class, OP_CLASSES)
         _check_keys(self.name, "device.memory_efficiency_by_class", d.memory_efficiency_by_class, OP_CLASSES)
         for i, link in enumerate(self.links):
@@ -365,6 +378,7 @@ def _gpu(
         board_power_w=board_w,
         idle_power_w=idle_w,
         peak_flops_by_dtype={k: v * 1e12 for k, v in dtype_tflops.items()},
+        convolution_algorithms="cudnn",  # PyTorch and TensorFlow run GPU convolutions through cuDNN
     )
 
 

@@ -97,6 +97,49 @@ def spec_bytes(t: torch.Tensor, spec: Spec, mesh_shape: tuple[int, ...]) -> int:
 OPTIMIZER_KERNELS = {"sgd": (1, 3), "sgd-momentum": (3, 8), "adam": (7, 19), "adamw": (8, 21)}
 
 
+# ---- convolutions as cuDNN runs them (DeviceSpec.convolution_algorithms == "cudnn") -------------
+#
+# cuDNN computes a convolution with one of several algorithms and the framework takes the fastest
+# for the shape (TensorFlow autotunes by default; PyTorch with torch.backends.cudnn.benchmark, and
+# its heuristics otherwise). Each algorithm is priced here as the kernels it runs, each a roofline;
+# the convolution costs the cheapest one cuDNN offers for the shape (docs/cost-model.md,
+# "Convolutions on GPUs"). Winograd F(m x m, r x r) (Lavin & Gray, "Fast Algorithms for
+# Convolutional Neural Networks", CVPR 2016) computes an m x m output tile from an
+# (m + r - 1)^2 input tile with (m + r - 1)^2 multiplications instead of m^2 r^2, as
+# (m + r - 1)^2 independent matrix products over the channels.
+
+# (name, passes it serves, filter size r, output tile m, fused): cuDNN's Winograd algorithms.
+# WINOGRAD (fused; cuDNN 5): 3x3 filters, forward and backward data, tile F(2x2, 3x3) assumed.
+# WINOGRAD_NONFUSED (cuDNN 5.1): 3x3 and 5x5 filters, all three passes, 6x6 transforms assumed:
+# F(4x4, 3x3) and F(2x2, 5x5).
+WINOGRAD_ALGORITHMS = (
+    ("winograd", ("forward", "backward_data"), 3, 2, True),
+    ("winograd_nonfused", ("forward", "backward_data", "backward_filter"), 3, 4, False),
+    ("winograd_nonfused", ("forward", "backward_data", "backward_filter"), 5, 2, False),
+)
+# Lavin & Gray, section 5: F(2x2, 3x3) transforms take 32 additions per input tile and channel
+# (data), 24 per output tile and channel (inverse) and 28 operations per filter; fused into the
+# kernel they add to its arithmetic.
+F2X2_3X3_TRANSFORM_FLOPS = (32, 24, 28)
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+class ConvPass:
+    """One cuDNN call of a convolution: ``kind`` "forward", "backward_data" or "backward_filter",
+    on the local shapes of one device. ``tensors``: the bytes it reads and writes (input, filter,
+    output of the call); ``flops``: its direct-convolution FLOPs; ``winograd``: (tiles, channels
+    into the matrix products, channels out of them, filter size) where Winograd applies, else None."""
+
+    def __init__(self, kind: str, flops: float, nbytes: float, geometry: tuple | None, shapes: dict):
+        self.kind, self.flops, self.nbytes, self.geometry, self.shapes = kind, flops, nbytes, geometry, shapes
+
+
 class CostModel:
     """Prices nodes, collectives and optimizer updates on ``cluster`` over a mesh of ``mesh_shape``.
     ``tf32``: the op classes whose float32 kernels run on TF32 tensor cores; by default
@@ -140,7 +183,75 @@ class CostModel:
         nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs) if t is not None)
         nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(outs, strategy.outputs) if t is not None)
         klass = op_class(node)
+        if klass == "convolution" and self.cluster.device.convolution_algorithms == "cudnn":
+            choices = self.conv_algorithms(node, strategy)
+            if choices is not None:
+                return sum(seconds for _, _, seconds in choices)
         return self.roofline(flops, nbytes, klass, peak_flops=self.peak_flops(compute_dtype(ins, outs), klass))
+
+    def conv_algorithms(self, node: Node, strategy: OpStrategy) -> list[tuple[str, str, float]] | None:
+        """How cuDNN runs convolution node ``node`` under ``strategy`` on one device: one
+        (pass, algorithm, seconds) per library call (a forward convolution is one call; a
+        ``convolution_backward`` one per gradient it computes: ``backward_data``,
+        ``backward_filter``, ``backward_bias``), each the cheapest algorithm cuDNN offers for its
+        shape: ``implicit_gemm`` (the direct convolution's FLOPs), ``winograd`` or
+        ``winograd_nonfused``. None for a convolution this does not model (not 2-D), which is
+        priced as a direct convolution."""
+        passes = _conv_passes(node, strategy, self.mesh_shape)
+        if passes is None:
+            return None
+        ins = [output_values(u)[i] for u, i in (input_source(node, j) for j in range(len(tensor_arg_nodes(node))))]
+        dtype = compute_dtype(ins, output_values(node))
+        peak = self.peak_flops(dtype, "convolution")
+        out = []
+        for p in passes:
+            if p.kind == "backward_bias":
+                out.append((p.kind, "reduction", self.roofline(0.0, p.nbytes, "reduction")))
+                continue
+            best = ("implicit_gemm", self.roofline(p.flops, p.nbytes, "convolution", peak_flops=peak))
+            # Winograd kernels run on the FP32 units: float32 only, at the float32 peak (not TF32).
+            if p.geometry is not None and dtype == torch.float32:
+                for name, seconds in self._winograd_times(p, ins[0].element_size()):
+                    if seconds < best[1]:
+                        best = (name, seconds)
+            out.append((p.kind, *best))
+        return out
+
+    def _winograd_times(self, p: ConvPass, elem: int) -> list[tuple[str, float]]:
+        """Seconds of each Winograd algorithm cuDNN offers for pass ``p`` (elements of ``elem`` bytes)."""
+        batch, out_hw, c_in, c_out, r = p.geometry  # the products contract c_in into c_out
+        peak = self.cluster.device.peak_flops
+        found = []
+        for name, kinds, size, m, fused in WINOGRAD_ALGORITHMS:
+            if size != r or p.kind not in kinds:
+                continue
+            a2 = (m + r - 1) ** 2
+            tiles = batch * math.ceil(out_hw[0] / m) * math.ceil(out_hw[1] / m)
+            gemm_flops = 2.0 * a2 * tiles * c_in * c_out
+            if fused:
+                # One kernel: the transforms run in registers; memory traffic as the direct kernel's.
+                d, i, g = F2X2_3X3_TRANSFORM_FLOPS
+                flops = gemm_flops + tiles * (d * c_in + i * c_out) + g * c_in * c_out
+                found.append((name, self.roofline(flops, p.nbytes, "convolution", peak_flops=peak)))
+                continue
+            # Four kernels: transform the two operands into the Winograd domain (a2 values per
+            # tile), a2 batched matrix products, transform the result back. The transforms are
+            # memory-bound (a few operations per element moved) and priced by their bytes.
+            src, other, dst = p.shapes["src"], p.shapes["other"], p.shapes["dst"]
+            # Values in the Winograd domain: the source's (input or output gradient) per tile; the
+            # filter's once, or, for the filter's gradient, the output gradient's per tile; the result's.
+            wgrad = p.kind == "backward_filter"
+            t_src = a2 * tiles * c_in
+            t_other = a2 * (tiles * c_out if wgrad else c_in * c_out)
+            t_dst = a2 * (c_in * c_out if wgrad else tiles * c_out)
+            seconds = (
+                self.roofline(0.0, (src + t_src) * elem, "elementwise")
+                + self.roofline(0.0, (other + t_other) * elem, "elementwise")
+                + self.roofline(gemm_flops, (t_src + t_other + t_dst) * elem, "convolution", peak_flops=peak)
+                + self.roofline(0.0, (t_dst + dst) * elem, "elementwise")
+            )
+            found.append((name, seconds))
+        return found
 
     def collective_time(self, kind: str, nbytes: float, axis: int) -> float:
         """Seconds of collective ``kind`` on mesh axis ``axis`` (``nbytes`` as in the docstring)."""
@@ -174,3 +285,53 @@ class CostModel:
 
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:
         return t.numel() * t.element_size() // num_pieces(spec, self.mesh_shape)
+
+
+def _conv_passes(node: Node, strategy: OpStrategy, mesh_shape: tuple[int, ...]) -> list[ConvPass] | None:
+    """The cuDNN calls of a 2-D convolution node on one device (local shapes under ``strategy``),
+    or None for another op or a convolution of another dimensionality."""
+    aten = torch.ops.aten
+    if node.target not in (aten.convolution.default, aten.convolution_backward.default):
+        return None
+    nodes = tensor_arg_nodes(node)
+    ins = [output_values(u)[i] for u, i in (input_source(node, j) for j in range(len(nodes)))]
+    local = [local_shape(tuple(t.shape), s, mesh_shape) for t, s in zip(ins, strategy.inputs)]
+    if node.target == aten.convolution.default:
+        x, w = local[0], local[1]
+        stride, _, dilation, transposed, _, groups = node.args[3:9]
+        out = local_shape(tuple(output_values(node)[0].shape), strategy.outputs[0], mesh_shape)
+        grad_out = None
+        mask = (False, False, False)
+    else:
+        grad_out, x, w = local[0], local[1], local[2]
+        stride, _, dilation, transposed, _, groups, mask = node.args[4:11]
+        out = grad_out
+    if len(x) != 4 or len(w) != 4:
+        return None
+    elem = ins[0].element_size()
+    n, c, h, wd = x
+    k, c_g, r, s = w
+    p_, q = out[2], out[3]
+    flops = 2.0 * n * k * c_g * r * s * p_ * q
+    x_n, w_n, y_n = _prod(x), _prod(w), _prod(out)
+    winograd_ok = (not transposed and groups == 1 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+                   and r == s)
+    if grad_out is None:
+        nbytes = sum(spec_bytes(t, sp, mesh_shape) for t, sp in zip(ins, strategy.inputs))
+        nbytes += spec_bytes(output_values(node)[0], strategy.outputs[0], mesh_shape)
+        geo = (n, (p_, q), c, k, r) if winograd_ok else None
+        return [ConvPass("forward", flops, nbytes, geo, {"src": x_n, "other": w_n, "dst": y_n})]
+    passes = []
+    if mask[0]:
+        # The gradient of the input: a convolution of the output's gradient with the flipped filter.
+        geo = (n, (h, wd), k, c, r) if winograd_ok else None
+        passes.append(ConvPass("backward_data", flops, (y_n + w_n + x_n) * elem, geo,
+                               {"src": y_n, "other": w_n, "dst": x_n}))
+    if mask[1]:
+        # The gradient of the filter: tiles of the output's gradient against the input's.
+        geo = (n, (p_, q), c, k, r) if winograd_ok else None
+        passes.append(ConvPass("backward_filter", flops, (y_n + x_n + w_n) * elem, geo,
+                               {"src": x_n, "other": y_n, "dst": w_n}))
+    if mask[2]:
+        passes.append(ConvPass("backward_bias", 0.0, (y_n + k) * elem, None, {}))
+    return passes
