@@ -469,6 +469,14 @@ class _Model:
             objective.SetCoefficient(x, self.scale * c)
         objective.SetMinimization()
 
+    def set_hint(self, hint: dict[Node, int]) -> None:
+        """The strategies of ``hint`` as the solver's starting point (its binaries only)."""
+        values = {x: float(k == hint[v]) for v, xs in self.x.items() if v in hint for k, x in enumerate(xs)}
+        if isinstance(self.solver, HighsSolver):
+            self.solver.SetHint(values)
+        else:
+            self.solver.SetHint(list(values), list(values.values()))
+
     def choice(self) -> dict[Node, int]:
         best = {v: max(range(len(xs)), key=lambda k: xs[k].solution_value()) for v, xs in self.x.items()}
         return {n: best[self.p.rep(n)] for n in self.p.nodes}
@@ -561,10 +569,17 @@ def _more_rows(m: _Model, problem: Problem, recompute: bool, limit: float, added
     return bool(new)
 
 
-def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER, recompute: bool = False) -> Solution:
+def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER, recompute: bool = False,
+          presolve: bool = True, hint: dict[Node, int] | None = None) -> Solution:
     """The optimal assignment of ``problem`` (``solver``: one of ``SOLVERS``); at the time limit,
     the best found, with the solver's bound. With ``recompute``, the solver also chooses which
-    activations to recompute (``Solution.recompute``)."""
+    activations to recompute (``Solution.recompute``). With ``presolve`` (the default) the problem
+    is first reduced exactly and warm-started (``fxpar.solve.presolve``, ``fxpar.solve.warmstart``);
+    ``hint`` is a starting assignment (strategy index per node) handed to the solver."""
+    if presolve:
+        from fxpar.solve.warmstart import solve_presolved
+
+        return solve_presolved(problem, time_limit_s=time_limit_s, solver=solver, recompute=recompute)
     start = time.perf_counter()
     m = _Model(problem, solver)
     m.scale = _scale(problem)
@@ -576,6 +591,8 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
     m.add_overlap()
     m.add_forced()
     m.set_objective()
+    if hint is not None:
+        m.set_hint(hint)
     added = _add_rows(m, problem, recompute, problem.memory_budget)
     solver = m.solver
     for _ in range(_MAX_ROUNDS):

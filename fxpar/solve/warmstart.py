@@ -1,0 +1,128 @@
+"""Warm starts: plans of forced families handed to the solver as its first incumbent.
+
+A family fixes every parameter's spec: data parallel (every parameter replicated) and fully
+sharded (every parameter split along its first dimension that divides over each mesh axis, as
+FSDP/ZeRO-3 do; replicated where none divides). The rest of the plan is completed greedily in
+graph order: each class takes, at its first member, the strategy of least compute plus resharding
+from the strategies its producers already took, among those its no-reshard edges allow and whose
+parameter spec the family fixes. The completed plan is evaluated directly (``Problem.cost_of``,
+``Problem.memory_of``); the cheapest one that fits the memory is the hint, and ``solve_presolved``
+never returns a plan slower than it: at a time limit the solver's incumbent is at least as good
+(HiGHS keeps the hint as its first incumbent), and the hint itself is returned otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from torch.fx import Node
+
+from fxpar.placement import R, Shard
+from fxpar.solve.presolve import lift, presolve
+from fxpar.solve.problem import Problem
+
+FAMILIES = ("data parallel", "fully sharded")
+
+
+def _family_spec(problem: Problem, param: Node, family: str):
+    mesh = problem.cost_model.mesh_shape
+    if family == "data parallel":
+        return (R,) * len(mesh)
+    shape = tuple(param.meta["val"].shape)
+    for dim, size in enumerate(shape):
+        total = 1
+        for n in mesh:
+            total *= n
+        if size % total == 0:
+            return (Shard(dim),) * len(mesh)
+    return (R,) * len(mesh)
+
+
+def greedy_plan(problem: Problem, family: str) -> dict[Node, int] | None:
+    """The family's plan completed greedily (see the module's docstring); None if some class has no
+    allowed strategy."""
+    p = problem
+    rep = p.rep
+    inputs: dict[Node, list] = {}
+    for e in p.edges:
+        if e.position >= 0:
+            inputs.setdefault(e.consumer, []).append(e)
+    chosen: dict[Node, int] = {}
+    for n in p.nodes:
+        v = rep(n)
+        if v in chosen:
+            continue
+        allowed = [k for k in range(len(p.strategies[v])) if v not in p.forced or k in p.forced[v]]
+        if n in p.param_mem:
+            want = _family_spec(p, n, family)
+            fixed = [k for k in allowed if p.strategies[v][k].outputs[0] == want]
+            allowed = fixed or allowed
+        best, best_cost = None, float("inf")
+        for k in allowed:
+            cost = p.node_cost[n][k]
+            ok = True
+            for e in inputs.get(n, ()):
+                u = rep(e.producer)
+                if u not in chosen:
+                    continue
+                a, b = e.out_specs[chosen[u]], e.in_specs[k]
+                if e in p.no_reshard and a != b and len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1:
+                    ok = False
+                    break
+                cost += p.reshard_cost(e.tensor, a, b)
+            if ok and cost < best_cost:
+                best, best_cost = k, cost
+        if best is None:
+            return None
+        chosen[v] = best
+    return {n: chosen[rep(n)] for n in p.nodes}
+
+
+def _respects(problem: Problem, choice: dict[Node, int]) -> bool:
+    """Whether ``choice`` satisfies the no-reshard edges and the memory bound."""
+    for e in problem.no_reshard:
+        if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1 and problem.rep(e.producer) is not problem.rep(e.consumer):
+            if e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]:
+                return False
+    return problem.memory_of(choice) <= problem.memory_budget
+
+
+def best_family(problem: Problem) -> tuple[str, dict[Node, int], float] | None:
+    """(family, plan, step seconds) of the fastest family plan that fits, or None."""
+    best = None
+    for family in FAMILIES:
+        choice = greedy_plan(problem, family)
+        if choice is None or not _respects(problem, choice):
+            continue
+        cost = problem.cost_of(choice)
+        if best is None or cost < best[2]:
+            best = (family, choice, cost)
+    return best
+
+
+def solve_presolved(problem: Problem, *, time_limit_s: float, solver: str, recompute: bool):
+    """``fxpar.solve.ilp.solve`` on the presolved problem, warm-started from the best family plan;
+    the solution is in the original problem's indices."""
+    from fxpar.solve import ilp
+
+    start = time.perf_counter()
+    reduction = presolve(problem)
+    if any(not ks for ks in reduction.keep.values()):
+        raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
+    reduced = reduction.problem
+    family = best_family(reduced)
+    hint = family[1] if family is not None else None
+    remaining = max(0.001, time_limit_s - (time.perf_counter() - start))
+    try:
+        sol = ilp.solve(reduced, time_limit_s=remaining, solver=solver, recompute=recompute, presolve=False, hint=hint)
+    except ilp.SolverTimeout:
+        if family is None:
+            raise
+        sol = ilp.Solution(family[1], family[2], 0.0, "feasible (time limit)", 0, 0, 0.0,
+                           num_classes=len({reduced.rep(n) for n in reduced.nodes}))
+    if family is not None and sol.status != "optimal" and family[2] < sol.objective:
+        sol = replace(sol, choice=family[1], objective=family[2], recompute=[])
+    out = lift(reduction, sol)
+    out.solve_seconds = time.perf_counter() - start
+    return out

@@ -1,0 +1,140 @@
+"""The presolve (fxpar.solve.presolve) and warm start (fxpar.solve.warmstart) keep the exact optimum:
+the reduced problem's brute-force optimum is the original's, the default solve (presolved,
+warm-started) equals brute force on small graphs and the old exact solve (``presolve=False``) on
+shipped models, and a time limit never returns a plan slower than the best family plan."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.cost import CostModel
+from fxpar.models import GPT, MLP, GPTConfig, Llama, LlamaConfig
+from fxpar.planner import capture_and_annotate
+from fxpar.solve.ilp import solve
+from fxpar.solve.presolve import presolve
+from fxpar.solve.problem import build_problem
+from fxpar.solve.strategies import all_strategies
+from fxpar.solve.warmstart import best_family
+
+from .test_ilp import _brute_force, _problem
+
+
+def _graph(name: str):
+    torch.manual_seed(0)
+    model = {
+        "mlp": lambda: MLP((16, 64, 32, 8)),
+        "small-mlp": lambda: MLP((16, 32, 8)),
+        "gpt": lambda: GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=32, dropout=0.0)),
+        "llama": lambda: Llama(LlamaConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                           ffn_hidden=64)),
+    }[name]()
+    return capture_and_annotate(model, model.example_inputs(8))
+
+
+def _shipped(name, mesh, simplify):
+    gm = _graph(name)
+    cost = CostModel(fxpar.preset("a100-nvlink-8", num_devices=math.prod(mesh)), mesh)
+    return build_problem(gm, all_strategies(gm, mesh), cost, simplify=simplify)
+
+
+def _with_dominated_copies(problem):
+    """``problem`` with a costlier copy of every strategy of its first multi-strategy op appended."""
+    node = next(n for n in problem.nodes if n.op == "call_function" and len(problem.strategies[n]) > 1)
+    k = len(problem.strategies[node])
+    problem.strategies[node] = problem.strategies[node] * 2
+    problem.node_cost[node] = problem.node_cost[node] + [c + 1e-3 for c in problem.node_cost[node]]
+    if node in problem.act_mem:
+        problem.act_mem[node] = problem.act_mem[node] * 2
+    for e in problem.edges:
+        if e.producer is node:
+            e.out_specs = e.out_specs * 2
+        if e.consumer is node:
+            e.in_specs = e.in_specs * 2
+    return node, k
+
+
+def test_reduced_problem_has_the_brute_force_optimum():
+    problem = _problem("v100-pcie-4", 2)
+    node, k = _with_dominated_copies(problem)
+    reduction = presolve(problem)
+    assert all(i < k for i in reduction.keep[node]), "the costlier copies are dominated"
+    assert reduction.removed["dominated"] >= k
+    best, _ = _brute_force(problem)
+    reduced_best, choice = _brute_force(reduction.problem)
+    assert reduced_best == pytest.approx(best, rel=1e-12)
+    assert problem.cost_of(reduction.lift_choice(choice)) == pytest.approx(best, rel=1e-12)
+    sol = solve(problem)
+    assert sol.status == "optimal" and sol.objective == pytest.approx(best, rel=1e-9)
+
+
+def test_reduced_problem_keeps_the_optimum_under_a_memory_bound():
+    problem = _problem("a100-nvlink-8", 64)
+    free = solve(problem, presolve=False)
+    problem.memory_budget = problem.memory_of(free.choice) * 0.9
+    best, choice = _brute_force(problem, problem.memory_budget)
+    assert choice is not None
+    reduction = presolve(problem)
+    reduced_best, _ = _brute_force(reduction.problem, problem.memory_budget)
+    assert reduced_best == pytest.approx(best, rel=1e-12)
+    assert solve(problem).objective == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("name, mesh, simplify", [
+    ("mlp", (2, 2), False),
+    ("mlp", (2, 4), True),
+    ("gpt", (2,), True),
+    ("llama", (2, 2), True),
+])
+def test_presolved_solve_equals_the_old_exact_solve(name, mesh, simplify):
+    problem = _shipped(name, mesh, simplify)
+    old = solve(problem, presolve=False)
+    new = solve(problem)
+    assert old.status == new.status == "optimal"
+    assert new.objective == pytest.approx(old.objective, rel=1e-9)
+    assert new.objective == pytest.approx(problem.cost_of(new.choice), rel=1e-12)
+    assert new.gap <= 1e-9
+    for n, k in new.choice.items():
+        assert 0 <= k < len(problem.strategies[n])
+    for node, rep in problem.classes.items():
+        assert new.choice[node] == new.choice[rep] or problem.rep(rep) is not rep
+    before, after = presolve(problem).num_strategies
+    assert after <= before
+
+
+def test_presolve_only_removes_strategies_outside_the_forced_sets():
+    problem = _shipped("mlp", (2, 2), True)
+    param = next(n for n in problem.nodes if n in problem.param_mem and len(problem.strategies[n]) > 2)
+    problem.forced[param] = {1}
+    reduction = presolve(problem)
+    assert reduction.keep[param] == [1]
+    sol = solve(problem)
+    assert sol.choice[param] == 1
+    assert sol.objective == pytest.approx(solve(problem, presolve=False).objective, rel=1e-9)
+
+
+def test_a_time_limit_never_returns_a_plan_slower_than_the_best_family():
+    problem = _shipped("llama", (2, 2), True)
+    family = best_family(presolve(problem).problem)
+    assert family is not None
+    for limit in (1e-3, 0.05):
+        sol = solve(problem, time_limit_s=limit)
+        assert sol.objective <= family[2] * (1 + 1e-9)
+        assert sol.objective == pytest.approx(problem.cost_of(sol.choice), rel=1e-12)
+
+
+def test_family_plans_are_valid_assignments():
+    problem = _shipped("gpt", (2, 2), True)
+    reduced = presolve(problem).problem
+    family = best_family(reduced)
+    assert family is not None
+    name, choice, cost = family
+    assert name in ("data parallel", "fully sharded")
+    assert cost == pytest.approx(reduced.cost_of(choice), rel=1e-12)
+    assert reduced.memory_of(choice) <= reduced.memory_budget
+    assert all(0 <= k < len(reduced.strategies[n]) for n, k in choice.items())
+    assert set(itertools.chain(choice)) == set(reduced.nodes)
