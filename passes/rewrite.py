@@ -115,6 +115,7 @@ def rewrite(
     is_grad = {grad for grad, _ in step_outputs(gm)[1]} if "fxpar_outputs" in gm.meta else set()
     # Gradient syncs in flight: (node, spec) -> (issued value, finish).
     pending: dict[tuple[Node, Spec], tuple] = {}
+    late: list[tuple[Node, Spec]] = []
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -129,11 +130,20 @@ def rewrite(
             raise AssertionError(f"unexpected node {node.op} {node.name}")
         for dst in wanted.get(node, []):
             steps = reshard_steps(assignment[node].outputs[0], dst)
-            if node in is_grad and not _is_multi(node) and len(steps) == 1 and steps[0].kind in ASYNC_KINDS:
+            single = not _is_multi(node) and len(steps) == 1 and steps[0].kind in ASYNC_KINDS
+            if node in is_grad and single:
                 shape = local_shape(tuple(node.meta["val"].shape), assignment[node].outputs[0], mesh_shape)
                 pending.setdefault((node, dst), start_step(env[node], shape, steps[0], mesh, emit))
+            elif single and all(u.op == "output" for u in node.users):
+                # An output nothing else reads (a buffer's new value summed over devices): issued
+                # after the gradients, so that it joins their bucket.
+                late.append((node, dst))
             else:
                 get(node, 0, dst)
+    for node, dst in late:
+        steps = reshard_steps(assignment[node].outputs[0], dst)
+        shape = local_shape(tuple(node.meta["val"].shape), assignment[node].outputs[0], mesh_shape)
+        pending.setdefault((node, dst), start_step(env[node], shape, steps[0], mesh, emit))
     finished = {key: finish(value) for key, (value, finish) in pending.items()}
     graph.output(tuple(finished[(out, spec)] if (out, spec) in finished else get(out, 0, spec)
                        for out, spec in zip(out_nodes, output_specs)))

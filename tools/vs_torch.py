@@ -120,8 +120,12 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, f
         mesh = init_device_mesh("cpu", (world,))
         module = parallelize_module(model, mesh, _tp_plan(model, world))
         local = list(inputs)
+    from torch.distributed.tensor import DTensor
+
     params = list(module.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4, foreach=True if foreach else None)
+    # foreach kernels take DTensors or plain tensors, not both in one list (TP leaves some plain).
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
+    opt = torch.optim.Adam([{"params": g} for g in groups], lr=1e-4, foreach=True if foreach else None)
 
     def step() -> None:
         module(*local).backward()

@@ -92,9 +92,8 @@ def test_local_statistics_put_no_collective_in_the_layer_and_bucket_the_sums():
                 inputs.append(torch.empty(shape, dtype=n.meta["val"].dtype))
         codegen.bucket_collectives(local, inputs)
     reduces = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
-    # Gradients and running statistics: all-reduces that the bucketing pass merges (the running
-    # statistics of the forward in one bucket, the gradients of the backward in another).
-    assert 1 <= len(reduces) <= 2, [n.args[0] for n in reduces]
+    # Gradients and running statistics: all-reduces issued after the backward, one bucket.
+    assert len(reduces) == 1, [n.args[0] for n in reduces]
 
 
 def test_unknown_batch_norm_option_is_refused():
