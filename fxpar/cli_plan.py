@@ -2,11 +2,15 @@
 
     fxpar plan mypkg.models:make --batch 64 --cluster a100-nvlink-8 --mesh 2x4 --out plan.json
     fxpar explain plan.json
+    fxpar explain plan.json --measured mypkg.models:make --batch 64   # per-op predicted vs measured
 
 ``MODULE:FACTORY`` names a function that returns ``(model, example_inputs)`` (the global batch);
 with ``--batch B`` it is called as ``FACTORY(B)``. ``--cluster`` is a preset name or a cluster JSON
 file (``python -m fxpar calibrate --out FILE`` writes one). The plan prints as ``explain()`` and,
-with ``--out``, is written as JSON, which ``fxpar explain`` prints again.
+with ``--out``, is written as JSON, which ``fxpar explain`` prints again. ``fxpar explain --measured
+MODULE:FACTORY`` also runs the plan on local gloo ranks (one per device of its mesh, eager runtime)
+under torch's profiler and prints predicted against measured time per op (``fxpar.profile_report``),
+priced with ``--cluster`` (the cluster the plan was made for).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", help="a plan JSON file")
+    parser.add_argument("--measured", default=None, metavar="MODULE:FACTORY",
+                        help="run the plan on local gloo ranks under torch's profiler; print predicted vs measured per op")
+    parser.add_argument("--batch", type=int, default=None, help="global batch size, passed as FACTORY(B)")
+    parser.add_argument("--cluster", default="cpu-local", help="the cluster the plan was made for (preset or JSON file)")
+    parser.add_argument("--by", default="signature", choices=("signature", "op", "class"), help="rows per op signature, op or op class")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
@@ -100,4 +110,16 @@ def run_explain(args: argparse.Namespace) -> None:
         text = Path(args.plan).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanOptionError(f"cannot read plan file {args.plan!r}: {exc}") from exc
-    print(fxpar.Plan.from_json(text).explain())
+    plan = fxpar.Plan.from_json(text)
+    print(plan.explain())
+    if getattr(args, "measured", None):
+        import math
+
+        from fxpar.profile_report import measure
+
+        load_factory(args.measured)  # checks the name here; the ranks import it again
+        factory = (args.measured, (args.batch,) if args.batch is not None else ())
+        cluster = resolve_cluster(args.cluster, math.prod(plan.mesh_shape))
+        report = measure(factory, nprocs=math.prod(plan.mesh_shape), cluster=cluster, plan=plan, steps=args.steps, by=args.by)
+        print()
+        print(report.table())

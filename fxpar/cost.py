@@ -13,6 +13,11 @@ them. ``peak(d)`` is ``DeviceSpec.peak_flops_for(d)``, where ``d`` is the dtype 
 floating-point inputs (a bfloat16 ``mm`` under autocast computes in bfloat16), and float32 becomes
 ``"tf32"`` for the classes ``tf32_classes()`` names when the cost model is built.
 
+On a device whose ``convolution_algorithms`` is ``"cudnn"`` (the GPU presets) a convolution is
+priced as the cuDNN calls it makes (forward; backward data, filter, bias), each the cheapest of
+implicit GEMM (the roofline above) and the Winograd algorithms cuDNN offers for its shape
+(``CostModel.conv_algorithms``; docs/cost-model.md, "Convolutions on GPUs").
+
 Resharding runs the steps of ``fxpar.reshard``; each collective costs the alpha-beta time below,
 each step (collective or local slice) one kernel overhead, and the copies a step makes on the
 device (a local slice, the transposition of a non-leading dim before and after a collective) are
