@@ -253,9 +253,11 @@ def plan_graph(
     except Infeasible:
         need = min_memory(problem)
         need_recompute = min_memory(simplified, recompute=True)
+        # nan: the solver found no assignment in its time; otherwise the least found (an upper bound).
+        with_recompute = fmt_bytes(need_recompute) if need_recompute == need_recompute else "an amount not found in time"
         raise InfeasiblePlanError(
             f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
-            f"(parameters, gradients, {optimizer} state and live activations), {fmt_bytes(need_recompute)} with "
+            f"(parameters, gradients, {optimizer} state and live activations), {with_recompute} with "
             f"activations recomputed{'' if recompute else ' (recompute=True)'}, but {cluster.device.name} has "
             f"{fmt_bytes(cluster.device.memory_bytes)}; use more devices, a smaller batch or model, "
             "or a cluster with more memory"

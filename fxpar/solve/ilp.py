@@ -84,6 +84,7 @@ difference between plans; every figure reported is in seconds, recomputed from t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import defaultdict
@@ -295,7 +296,9 @@ class _Model:
         for x, c in coefficients.items():
             row.SetCoefficient(x, c * unit)
         if bound_var is not None:
-            row.SetCoefficient(bound_var, -unit)
+            # The peak variable counts units of peak_unit bytes (min_memory): a coefficient of
+            # -1/(1e9 bytes) would fall below the solver's smallest matrix entry and be dropped.
+            row.SetCoefficient(bound_var, -unit * getattr(self, "peak_unit", 1.0))
         self.memory_rows.append(row)
 
     def add_recompute(self) -> None:
@@ -373,10 +376,12 @@ class _Model:
                     row.SetCoefficient(early.get(w, self.r[w]), -1)
 
         def indicator(terms: dict, biggest: float, switch, name: str):
-            """A variable >= terms - biggest (1 - switch), in units of biggest."""
+            """A variable >= (terms - biggest (1 - switch)) / biggest: bytes in units of biggest
+            (a variable in bytes would have a coefficient of 1/M in the scaled memory row, below the
+            solver's smallest matrix entry for a large M)."""
             var = s.NumVar(0, s.infinity(), name)
             row = s.Constraint(-1, s.infinity())
-            row.SetCoefficient(var, 1 / biggest)
+            row.SetCoefficient(var, 1)
             for x, c in terms.items():
                 row.SetCoefficient(x, -c / biggest)
             row.SetCoefficient(switch, -1)
@@ -403,7 +408,7 @@ class _Model:
                         coef[yv] += m
                 elif pos < dec.first_late and pos <= v.copy_end and d in early:
                     w = indicator(dict(zip(ys, ms)), max(ms), early[d], f"W{v.node.name}_{pos}")
-                    coef[w] += 1
+                    coef[w] += max(ms)
             readers = [w for w in v.readers if v.last_use < pos <= decisions[w].latest_host]
             if readers:
                 kept: dict = defaultdict(float)
@@ -414,11 +419,11 @@ class _Model:
                 ext = s.NumVar(0, s.infinity(), f"E{v.node.name}_{pos}")
                 for w in dict.fromkeys(self.r[w] for w in readers):
                     row = s.Constraint(-1, s.infinity())
-                    row.SetCoefficient(ext, 1 / max(ms))
+                    row.SetCoefficient(ext, 1)
                     for x, c in kept.items():
                         row.SetCoefficient(x, -c / max(ms))
                     row.SetCoefficient(w, -1)
-                coef[ext] += 1
+                coef[ext] += max(ms)
         return coef
 
     def add_recompute_memory(self, pos: int, bound, bound_var=None) -> None:
@@ -633,16 +638,25 @@ def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DE
         m.add_recompute()
     m.add_forced()
     peak = m.solver.NumVar(0, m.solver.infinity(), "peak")
+    # The peak in units of a reference plan's memory (every node's first strategy), so it is ~1.
+    m.peak_unit = max(1.0, problem.memory_of({n: 0 for n in problem.nodes}))
     added = _add_rows(m, problem, recompute, 0, peak)
     objective = m.solver.Objective()
     objective.SetCoefficient(peak, 1)
     objective.SetMinimization()
-    m.solver.SetTimeLimit(int(time_limit_s * 1000))
+    deadline = time.perf_counter() + time_limit_s
+    found = math.nan  # the memory of the last assignment found: achievable, so an upper bound
     for _ in range(_MAX_ROUNDS):
-        m.solver.Solve(_exact_params())
-        if not _more_rows(m, problem, recompute, peak.solution_value(), added, 0, peak):
+        m.solver.SetTimeLimit(max(1, int((deadline - time.perf_counter()) * 1000)))
+        status = m.solver.Solve(_exact_params())
+        if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            return found  # out of time before any (further) assignment
+        found = memory_of(problem, m.choice(), m.recomputed() if recompute else None)
+        if status != pywraplp.Solver.OPTIMAL or time.perf_counter() >= deadline:
+            return found
+        if not _more_rows(m, problem, recompute, peak.solution_value() * m.peak_unit, added, 0, peak):
             break
-    return memory_of(problem, m.choice(), m.recomputed() if recompute else None)
+    return found
 
 
 def memory_of(problem: Problem, choice: dict[Node, int], recompute=None) -> float:

@@ -236,3 +236,25 @@ def test_recomputation_never_makes_a_fitting_plan_slower(activation_heavy_mlp):
             kept = math.inf
         both = solve(problem, recompute=True)
         assert both.objective <= kept * (1 + 1e-9)
+
+
+def test_a_gigabyte_model_plans_within_its_budget():
+    """Byte counts of 1e9 in the scaled memory rows: the plan's memory, evaluated directly, fits the
+    device (a row's bytes variables once had coefficients too small for the solver to keep)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=2))
+        inputs = model.example_inputs(32)
+    gm = capture_and_annotate(model, inputs)
+    cluster = fxpar.preset("a100-nvlink-8")
+    problem = build_problem(gm, all_strategies(gm, (8,)), CostModel(cluster, (8,)))
+    low, high = min_memory(problem, recompute=True), min_memory(problem)
+    assert 0 < low < high
+    for memory in (low + 0.2 * (high - low), (low + high) / 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan, planned = plan_graph(gm, cluster=cluster.with_memory(memory), mesh_shape=(8,))
+        assert plan.recompute
+        choice = {n: planned.strategies[n].index(plan.strategies[n.name]) for n in planned.nodes}
+        by_name = {n.name: n for n in planned.nodes}
+        assert recompute_memory(planned, choice, [by_name[r] for r in plan.recompute]) <= memory
+        assert plan.memory_bytes <= memory
