@@ -25,6 +25,7 @@ from ortools.math_opt.python import callback, init_arguments, mathopt
 
 # HiGHS options passed through MathOpt (name -> bool/int/float/str value).
 HIGHS_OPTIONS: dict[str, object] = {}
+SKIP_FEASIBILITY_JUMP_WITH_HINT = True
 
 
 class _Row:
@@ -164,7 +165,12 @@ class HighsSolver:
             random_seed=0,
             enable_output=self.output,
         )
-        for name, value in HIGHS_OPTIONS.items():
+        options = dict(HIGHS_OPTIONS)
+        if self.hint and SKIP_FEASIBILITY_JUMP_WITH_HINT:
+            # With a feasible start, HiGHS's feasibility-jump heuristic (run before the root LP) only
+            # looks for what it already has (docs/solver-scale.md).
+            options.setdefault("mip_heuristic_run_feasibility_jump", False)
+        for name, value in options.items():
             kind = {bool: "bool_options", int: "int_options", float: "double_options", str: "string_options"}[type(value)]
             getattr(params.highs, kind)[name] = value
         model_params = model_parameters_pb2.ModelSolveParametersProto()

@@ -129,7 +129,8 @@ class Problem:
         return transfer + copies + share * fixed
 
     def cost_matrix(self, tensor, a_specs: list[Spec], b_specs: list[Spec]) -> dict[tuple[Spec, Spec], float]:
-        key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs))
+        # A gradient's sync is priced apart from a tensor of its shape (grad_sync_cost), as in reshard_cost.
+        key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs), isinstance(tensor, GradValue))
         if key not in self._matrix_cache:
             self._matrix_cache[key] = {(a, b): self.reshard_cost(tensor, a, b) for a in a_specs for b in b_specs}
         return self._matrix_cache[key]

@@ -101,6 +101,58 @@ def best_family(problem: Problem) -> tuple[str, dict[Node, int], float] | None:
     return best
 
 
+def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] | None:
+    """For a mesh of 3 or more axes: the optimal plan of the mesh with two adjacent axes on the same
+    link merged into one (4x4x4 -> 4x16), solved first (a far smaller problem), written on the
+    full mesh: a spec's placement on the merged axis is placed on both (S(d) over 16 devices is
+    S(d) over 4 and again over 4, in the same rank order). None if the mesh has no such pair, the
+    smaller problem has no plan in time, or a mapped strategy is not in a node's list."""
+    from fxpar.cost import CostModel
+    from fxpar.solve import ilp
+    from fxpar.solve.problem import build_problem
+    from fxpar.solve.strategies import all_strategies
+
+    cm = problem.cost_model
+    mesh = tuple(cm.mesh_shape)
+    pairs = [i for i in range(len(mesh) - 1) if cm.links[i] == cm.links[i + 1]]
+    if len(mesh) < 3 or not pairs:
+        return None
+    i = pairs[-1]
+    merged = mesh[:i] + (mesh[i] * mesh[i + 1],) + mesh[i + 2:]
+    links = tuple(cm.links[:i + 1]) + tuple(cm.links[i + 2:])
+    cluster = replace(cm.cluster, links=links)
+    gm = problem.nodes[0].graph.owning_module
+    keys = ("fxpar_fallback", "fxpar_fallback_reason", "fxpar_rule_source")
+    saved = {n: {k: n.meta[k] for k in keys if k in n.meta} for n in gm.graph.nodes}
+    try:
+        small = build_problem(gm, all_strategies(gm, merged), CostModel(cluster, merged),
+                              simplify=bool(problem.classes or problem.no_reshard))
+    finally:
+        for n, meta in saved.items():
+            for k in keys:
+                n.meta.pop(k, None)
+            n.meta.update(meta)
+    small.memory_budget = problem.memory_budget
+    try:
+        sol = ilp.solve(small, time_limit_s=time_limit_s)
+    except (ilp.Infeasible, ilp.SolverTimeout):
+        return None
+
+    def widen(spec):
+        return tuple(spec[:i + 1]) + (spec[i],) + tuple(spec[i + 1:])
+
+    choice = {}
+    for n in problem.nodes:
+        s = small.strategies[n][sol.choice[n]]
+        want = (tuple(widen(x) for x in s.inputs), tuple(widen(x) for x in s.outputs))
+        index = next((k for k, t in enumerate(problem.strategies[n]) if (t.inputs, t.outputs) == want), None)
+        if index is None:
+            return None
+        choice[n] = index
+    # Tied nodes take their class's strategy (the merged mesh's classes may differ).
+    return {n: choice[problem.rep(n)] for n in problem.nodes}
+
+
 def solve_presolved(problem: Problem, *, time_limit_s: float, solver: str, recompute: bool):
     """``fxpar.solve.ilp.solve`` on the presolved problem, warm-started from the best family plan;
     the solution is in the original problem's indices."""
@@ -112,6 +164,13 @@ def solve_presolved(problem: Problem, *, time_limit_s: float, solver: str, recom
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
     reduced = reduction.problem
     family = best_family(reduced)
+    if len(problem.cost_model.mesh_shape) >= 3:
+        merged = merged_axes_plan(problem, time_limit_s / 3)
+        merged = reduction.reduce_choice(merged) if merged is not None else None
+        if merged is not None and _respects(reduced, merged):
+            cost = reduced.cost_of(merged)
+            if family is None or cost < family[2]:
+                family = ("merged axes", merged, cost)
     hint = family[1] if family is not None else None
     remaining = max(0.001, time_limit_s - (time.perf_counter() - start))
     try:
