@@ -258,3 +258,29 @@ def test_a_gigabyte_model_plans_within_its_budget():
         by_name = {n.name: n for n in planned.nodes}
         assert recompute_memory(planned, choice, [by_name[r] for r in plan.recompute]) <= memory
         assert plan.memory_bytes <= memory
+
+
+def test_plan_json_keeps_recompute_in_graph_order_and_checks_it(activation_heavy_mlp):
+    import json
+
+    from fxpar.errors import PlanFileError
+
+    gm, cluster, low, high = activation_heavy_mlp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan, _ = plan_graph(gm, cluster=cluster.with_memory((low + high) / 2), mesh_shape=(2,))
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    assert plan.recompute == sorted(plan.recompute, key=order.__getitem__)
+    text = plan.to_json()
+    assert json.loads(text)["recompute"] == plan.recompute
+    assert fxpar.Plan.from_json(text).to_json() == text
+    for bad in ([1], "addmm", ["no_such_node"]):
+        d = json.loads(text)
+        d["recompute"] = bad
+        with pytest.raises(PlanFileError, match="recompute"):
+            fxpar.Plan.from_json(json.dumps(d))
+    # A plan that recomputes nothing writes no key, so its text is what it was before recomputation.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        roomy, _ = plan_graph(gm, cluster=cluster, mesh_shape=(2,))
+    assert "recompute" not in json.loads(roomy.to_json())
