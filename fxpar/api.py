@@ -52,7 +52,7 @@ def local_cluster(num_devices: int) -> Cluster:
     return preset("cpu-local", num_devices=num_devices)
 
 
-def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache) -> dict:
+def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute) -> dict:
     """What every rank must agree on before the step is planned (compared by ``check_same``)."""
     tensors = lambda items: {n: [list(t.shape), str(t.dtype), t.requires_grad] for n, t in items}  # noqa: E731
     return {
@@ -61,14 +61,17 @@ def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, p
         "optimizer": optimizer,
         "plan": None if plan is None else hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
         "plan_cache": plan_cache is not None,
+        "recompute": recompute,
         "example_inputs": [[list(x.shape), str(x.dtype)] for x in example_inputs],
         "parameters": tensors(model.named_parameters()),
         "buffers": {n: [list(b.shape), str(b.dtype)] for n, b in model.named_buffers()},
     }
 
 
-def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, world: int) -> tuple[int, ...]:
+def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, world: int) -> tuple[int, ...]:
     check_codegen(codegen)
+    if not isinstance(recompute, bool):
+        raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     if plan is not None and not isinstance(plan, Plan):
         raise PlanOptionError(f"plan is {describe_value(plan)}; give a fxpar.Plan (e.g. fxpar.Plan.from_json(text)) or None")
     if not isinstance(model, nn.Module):
@@ -137,6 +140,7 @@ def compile(
     optimizer: str = "adam",
     codegen: str = "inductor",
     plan_cache: str | os.PathLike | None = None,
+    recompute: bool = True,
 ) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
@@ -153,6 +157,9 @@ def compile(
     planned, the ranks compare their options, example input shapes and parameter shapes, and after
     planning the captured graph and the plan; the first difference is a ``PlanMismatchError``.
 
+    ``recompute`` (as for ``fxpar.plan``): the solver may recompute activations in the backward pass
+    where memory demands it; ``False`` keeps every activation.
+
     ``codegen``: ``"inductor"`` compiles the rank's step with torch Inductor on its first call (a
     ``FallbackWarning`` and eager execution where no C++ compiler is found on CPU); ``"eager"`` runs
     the graph op by op.
@@ -162,14 +169,14 @@ def compile(
     rank = dist.get_rank()
     control = Control.create(range(world))
     mesh = together(control, "checking fxpar.compile's arguments",
-                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, world))
-    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache), "the model and options")
+                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, world))
+    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute), "the model and options")
     gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs))
     if plan is None:
         def solve() -> str | None:
             if rank != 0:
                 return None
-            options = dict(cluster=cluster or local_cluster(world), mesh_shape=mesh, optimizer=optimizer)
+            options = dict(cluster=cluster or local_cluster(world), mesh_shape=mesh, optimizer=optimizer, recompute=recompute)
             if plan_cache is not None:
                 return cached_plan(gm, plan_cache=plan_cache, **options).to_json()
             return plan_graph(gm, **options)[0].to_json()

@@ -2,7 +2,8 @@
 
 The key is a SHA-256 of everything a plan depends on: the captured graph's code and the shape and
 dtype of every value in it, the cluster's JSON, the mesh, the optimizer, ``force``, the solver's
-time limit, ``strict``, ``simplify``, and the versions of fxpar and torch. An entry is the plan's
+time limit, ``strict``, ``simplify``, ``recompute``, the op classes torch's settings let run on TF32
+(``fxpar.cost.tf32_classes``), and the versions of fxpar and torch. An entry is the plan's
 ``to_json()`` text in ``DIR/plan-<key>.json``, written atomically (several ranks or processes may
 share a directory). An entry that cannot be read as a plan is made again and overwritten.
 
@@ -24,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, describe_value
+from fxpar.cost import tf32_classes
 from fxpar.errors import FallbackWarning, PlanFileError, PlanOptionError
 from fxpar.plan import Plan
 
@@ -55,6 +57,7 @@ def cache_key(
     time_limit_s: float,
     strict: bool,
     simplify: bool,
+    recompute: bool = True,
 ) -> str:
     """The hex SHA-256 that names the plan of ``gm`` under these options (``cluster`` and ``mesh``
     as ``resolve_mesh`` returns them)."""
@@ -73,6 +76,8 @@ def cache_key(
         "time_limit_s": time_limit_s,
         "strict": strict,
         "simplify": simplify,
+        "recompute": recompute,
+        "tf32": sorted(tf32_classes()),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -127,6 +132,7 @@ def cached_plan(
     time_limit_s: float = 60.0,
     strict: bool = False,
     simplify: bool = True,
+    recompute: bool = True,
 ) -> Plan:
     """``plan_graph(gm, ...)[0]``, read from ``plan_cache`` if a plan for the same graph and options
     is there, otherwise solved and stored. A plan read from the cache repeats its fallback warnings
@@ -137,7 +143,7 @@ def cached_plan(
     cluster, mesh = resolve_mesh(cluster, mesh_shape)
     directory = _directory(plan_cache)
     key = cache_key(gm, cluster=cluster, mesh=mesh, optimizer=optimizer, force=force, time_limit_s=time_limit_s,
-                    strict=strict, simplify=simplify)
+                    strict=strict, simplify=simplify, recompute=recompute)
     path = directory / f"plan-{key}.json"
     plan = _read(path)
     if plan is not None:
@@ -145,6 +151,6 @@ def cached_plan(
             warnings.warn(note, FallbackWarning, stacklevel=3)
         return plan
     plan, _ = plan_graph(gm, cluster=cluster, mesh_shape=mesh, optimizer=optimizer, force=force,
-                         time_limit_s=time_limit_s, strict=strict, simplify=simplify)
+                         time_limit_s=time_limit_s, strict=strict, simplify=simplify, recompute=recompute)
     _write(path, plan.to_json())
     return plan

@@ -358,12 +358,12 @@ def plan(
     resolve_mesh(cluster, mesh_shape)
     with stage(f"capturing the training step of {type(model).__name__}"):
         gm = capture_and_annotate(model, example_inputs)
-    if plan_cache is not None and recompute:  # the cache's key does not hold recompute=False
+    if plan_cache is not None:
         from fxpar.plan_cache import cached_plan
 
         return cached_plan(
             gm, plan_cache=plan_cache, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force,
-            time_limit_s=time_limit_s, strict=strict,
+            time_limit_s=time_limit_s, strict=strict, recompute=recompute,
         )
     return plan_graph(
         gm, cluster=cluster, mesh_shape=mesh_shape, optimizer=optimizer, force=force, time_limit_s=time_limit_s,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fxpar
 import fxpar.solve.ilp
@@ -129,3 +130,13 @@ def test_cached_plan_for_a_captured_graph(tmp_path):
     gm2 = fxpar.planner.capture_and_annotate(model, inputs)
     assert cache_key(gm2, cluster=cluster, mesh=mesh, optimizer="adam", force=None, time_limit_s=60.0,
                      strict=False, simplify=True) == key
+    # recompute=False is another plan, and so are torch's TF32 settings (they change GPU prices).
+    assert cache_key(gm2, cluster=cluster, mesh=mesh, optimizer="adam", force=None, time_limit_s=60.0,
+                     strict=False, simplify=True, recompute=False) != key
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not old
+        assert cache_key(gm2, cluster=cluster, mesh=mesh, optimizer="adam", force=None, time_limit_s=60.0,
+                         strict=False, simplify=True) != key
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
