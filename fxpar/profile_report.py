@@ -19,8 +19,10 @@ profiler records them; 0-d tensors and non-tensor arguments left out), or with `
 op alone, or with ``by="class"`` by the cost model's op class. A signature the graph has and the
 profiler does not (or the other way round: ops the runtime adds, such as autograd's gradient
 accumulation or the collectives' copies) has a zero on one side. Collectives are one row,
-``communication``: the plan's predicted communication (``Plan.comm_s``) against the measured time of
-the top-level ``c10d::`` / ``gloo:`` events (the time a rank spends issuing and waiting for them).
+``communication``: the plan's predicted time of all its collectives (``Plan.comm_s`` plus the
+gradient sync it predicts hidden under backward compute) against the measured CPU time of the
+top-level ``c10d::`` / ``gloo:`` events (the time a rank spends issuing and waiting for them,
+including waiting for slower ranks).
 
     from fxpar.profile_report import measure
     report = measure(my_module.make_model_and_inputs, nprocs=2)   # an importable factory
@@ -103,10 +105,15 @@ class NodeReport:
             row = rows.setdefault(k, Row(k, klass, 0, 0.0, 0.0, 0.0))
             row.calls += calls
             row.measured_s += seconds
-        rows[COMMUNICATION] = Row(COMMUNICATION, COMMUNICATION, 0, 0.0, self.plan.comm_s, self.raw["comm_s"])
+        hidden = float(self.plan.solver.get("hidden_grad_sync_s", 0.0) or 0.0)
+        rows[COMMUNICATION] = Row(COMMUNICATION, COMMUNICATION, 0, 0.0, self.plan.comm_s + hidden, self.raw["comm_s"])
         ordered = sorted(rows.values(), key=lambda r: -abs(r.error_s))
         unpriced = [r for r in ordered if r.nodes == 0 and r.key != COMMUNICATION]
         notes = []
+        if hidden:
+            notes.append(f"communication: predicted {hidden * 1e3:.3f} ms of the collectives' time hidden under backward "
+                         "compute (gradient sync) and the rest blocking; measured is the CPU time of the c10d/gloo "
+                         "events (issuing, and waiting for the collective and for the other ranks).")
         if unpriced:
             notes.append(f"{len(unpriced)} measured row(s) have no graph node (ops the runtime or autograd adds, or "
                          f"shapes that differ from the graph's): {sum(r.measured_s for r in unpriced) * 1e3:.3f} ms a step.")
