@@ -298,6 +298,11 @@ def reprice(gm, plan: Plan, cluster: fxpar.Cluster) -> Plan:
 def measured_peak_bytes(step: Callable[[], None], resident: list[torch.Tensor]) -> int:
     """Peak bytes of tensor memory during one call of ``step``: the resident tensors (counted by
     storage, once each) plus the peak of the storage the step's ops allocate."""
+    from torch.distributed.tensor import DTensor
+
+    # A DTensor (a parameter of fxpar's module or FSDP2's, its optimizer state) holds its rank's
+    # piece as a local tensor.
+    resident = [t.to_local() if isinstance(t, DTensor) else t for t in resident]
     seen, base = set(), 0
     for t in resident:
         key = t.untyped_storage().data_ptr()
