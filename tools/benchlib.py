@@ -295,6 +295,16 @@ def reprice(gm, plan: Plan, cluster: fxpar.Cluster) -> Plan:
     return plan_graph(gm, cluster=cluster, mesh_shape=plan.mesh_shape, force=force)[0]
 
 
+class _PlainLiveTensorBytes(LiveTensorBytes):
+    """``LiveTensorBytes`` that lets a tensor subclass (DTensor) dispatch first and counts the plain
+    tensors its ops make."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is not torch.Tensor and not issubclass(torch.Tensor, t) for t in types):
+            return NotImplemented
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def measured_peak_bytes(step: Callable[[], None], resident: list[torch.Tensor]) -> int:
     """Peak bytes of tensor memory during one call of ``step``: the resident tensors (counted by
     storage, once each) plus the peak of the storage the step's ops allocate."""
@@ -309,7 +319,7 @@ def measured_peak_bytes(step: Callable[[], None], resident: list[torch.Tensor]) 
         if key not in seen:
             seen.add(key)
             base += t.untyped_storage().nbytes()
-    mode = LiveTensorBytes(resident)
+    mode = _PlainLiveTensorBytes(resident)
     with mode:
         step()
     return base + mode.peak
