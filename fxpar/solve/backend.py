@@ -9,7 +9,8 @@ The model is held in plain Python lists (variables are indices, a row a dict of 
 handed to MathOpt's solver as one ``ModelProto`` built at ``Solve``: building it through
 ``mathopt.Model`` one coefficient at a time took about half of the solve on the toy transformer
 (docs/solver-scale.md). ``SetHint`` passes a starting solution (a plan of a forced family) that
-HiGHS checks and keeps as its first incumbent.
+HiGHS checks and keeps as its first incumbent. HiGHS's feasibility-jump heuristic is off
+(``SKIP_FEASIBILITY_JUMP``); ``HIGHS_OPTIONS`` sets any other HiGHS option.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ortools.math_opt.python import callback, init_arguments, mathopt
 
 # HiGHS options passed through MathOpt (name -> bool/int/float/str value).
 HIGHS_OPTIONS: dict[str, object] = {}
-SKIP_FEASIBILITY_JUMP_WITH_HINT = True
+SKIP_FEASIBILITY_JUMP = True
 
 
 class _Row:
@@ -166,9 +167,10 @@ class HighsSolver:
             enable_output=self.output,
         )
         options = dict(HIGHS_OPTIONS)
-        if self.hint and SKIP_FEASIBILITY_JUMP_WITH_HINT:
-            # With a feasible start, HiGHS's feasibility-jump heuristic (run before the root LP) only
-            # looks for what it already has (docs/solver-scale.md).
+        if SKIP_FEASIBILITY_JUMP:
+            # HiGHS's feasibility-jump heuristic runs before the root LP, which on these models is
+            # mostly integral; with a hint it only looks for what it has (docs/solver-scale.md:
+            # HF T5 2x2 5.0-5.3 s without it against 6.5 s).
             options.setdefault("mip_heuristic_run_feasibility_jump", False)
         for name, value in options.items():
             kind = {bool: "bool_options", int: "int_options", float: "double_options", str: "string_options"}[type(value)]
