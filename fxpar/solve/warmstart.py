@@ -4,8 +4,8 @@ A family fixes every parameter's spec: data parallel (every parameter replicated
 sharded (every parameter split along its first dimension that divides over each mesh axis, as
 FSDP/ZeRO-3 do; replicated where none divides). The rest of the plan is completed greedily in
 graph order: each class takes, at its first member, the strategy of least compute plus resharding
-from the strategies its producers already took, among those its no-reshard edges allow and whose
-parameter spec the family fixes. The completed plan is evaluated directly (``Problem.cost_of``,
+from the strategies its producers already took, among those whose parameter spec the family fixes
+and that leave every class a strategy its no-reshard edges allow. The completed plan is evaluated directly (``Problem.cost_of``,
 ``Problem.memory_of``); the cheapest one that fits the memory is the hint, and ``solve_presolved``
 never returns a plan slower than it: at a time limit the solver's incumbent is at least as good
 (HiGHS keeps the hint as its first incumbent), and the hint itself is returned otherwise.
@@ -41,41 +41,75 @@ def _family_spec(problem: Problem, param: Node, family: str):
 
 def greedy_plan(problem: Problem, family: str) -> dict[Node, int] | None:
     """The family's plan completed greedily (see the module's docstring); None if some class has no
-    allowed strategy."""
+    allowed strategy. Each choice is propagated along the no-reshard edges (a neighbour keeps the
+    strategies whose spec the choice still allows), and a choice that would leave a class with
+    none is passed over for the next cheapest."""
     p = problem
     rep = p.rep
     inputs: dict[Node, list] = {}
     for e in p.edges:
         if e.position >= 0:
             inputs.setdefault(e.consumer, []).append(e)
+    constrained: dict[Node, list] = {}
+    for e in p.no_reshard:
+        u, w = rep(e.producer), rep(e.consumer)
+        if u is not w and len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1:
+            constrained.setdefault(u, []).append(e)
+            constrained.setdefault(w, []).append(e)
+    alive: dict[Node, set[int]] = {}
+    for n in p.nodes:
+        v = rep(n)
+        if v not in alive:
+            alive[v] = {k for k in range(len(p.strategies[v])) if v not in p.forced or k in p.forced[v]}
+
+    def narrow(v: Node, ks: set[int]) -> dict[Node, set[int]] | None:
+        """The alive sets after restricting v to ks (only those that change), or None if one empties."""
+        new = {v: ks}
+        todo = [v]
+        while todo:
+            x = todo.pop()
+            for e in constrained.get(x, ()):
+                u, w = rep(e.producer), rep(e.consumer)
+                au, aw = new.get(u, alive[u]), new.get(w, alive[w])
+                given = {e.out_specs[k] for k in au}
+                wanted = {e.in_specs[k] for k in aw}
+                lw = {k for k in aw if e.in_specs[k] in given}
+                lu = {k for k in au if e.out_specs[k] in wanted}
+                for y, old, left in ((w, aw, lw), (u, au, lu)):
+                    if not left:
+                        return None
+                    if left != old:
+                        new[y] = left
+                        todo.append(y)
+        return new
+
     chosen: dict[Node, int] = {}
     for n in p.nodes:
         v = rep(n)
         if v in chosen:
             continue
-        allowed = [k for k in range(len(p.strategies[v])) if v not in p.forced or k in p.forced[v]]
+        allowed = sorted(alive[v])
         if n in p.param_mem:
             want = _family_spec(p, n, family)
             fixed = [k for k in allowed if p.strategies[v][k].outputs[0] == want]
             allowed = fixed or allowed
-        best, best_cost = None, float("inf")
+        ranked = []
         for k in allowed:
             cost = p.node_cost[n][k]
-            ok = True
             for e in inputs.get(n, ()):
                 u = rep(e.producer)
-                if u not in chosen:
-                    continue
-                a, b = e.out_specs[chosen[u]], e.in_specs[k]
-                if e in p.no_reshard and a != b and len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1:
-                    ok = False
-                    break
-                cost += p.reshard_cost(e.tensor, a, b)
-            if ok and cost < best_cost:
-                best, best_cost = k, cost
-        if best is None:
+                if u in chosen:
+                    cost += p.reshard_cost(e.tensor, e.out_specs[chosen[u]], e.in_specs[k])
+            ranked.append((cost, k))
+        ranked.sort()
+        for _, k in ranked:
+            new = narrow(v, {k})
+            if new is not None:
+                alive.update(new)
+                chosen[v] = k
+                break
+        else:
             return None
-        chosen[v] = best
     return {n: chosen[rep(n)] for n in p.nodes}
 
 
