@@ -44,6 +44,7 @@ def cases(quick: bool) -> list[dict]:
     gpt = GPTConfig(n_layer=2 if quick else 12)
     llama = LlamaConfig(n_layer=2 if quick else 32)
     deep = 2 if quick else 8  # toy transformer blocks
+    llama70 = LlamaConfig(n_layer=2 if quick else 80, d_model=8192, n_head=64, n_kv_head=8, ffn_hidden=28672)
     return [
         {"name": f"GPT-2 small ({gpt.n_layer} layers, seq {gpt.seq_len})", "model": lambda: GPT(gpt), "batch": 8,
          "cluster": "a100-nvlink-8", "mesh": (8,), "target_s": 10.0, "time_limit_s": 60.0},
@@ -59,6 +60,11 @@ def cases(quick: bool) -> list[dict]:
          "cluster": "h100-2node-16", "mesh": (4, 4, 4), "target_s": 20.0, "time_limit_s": 15.0},
         {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
          "cluster": "h100-2node-16", "mesh": (2, 4, 8), "target_s": 20.0, "time_limit_s": 15.0},
+        # Llama-70B-sized (80 layers, d 8192, 64 heads, GQA with 8 KV heads) on 256 devices; the gap
+        # at the limit is reported.
+        {"name": f"Llama-70B ({llama70.n_layer} layers, d {llama70.d_model}, {llama70.n_kv_head} KV heads, seq "
+                 f"{llama70.seq_len})", "model": lambda: Llama(llama70), "batch": 256,
+         "cluster": "h100-2node-16", "mesh": (32, 8), "target_s": 60.0, "time_limit_s": 40.0},
         # Third-party models as users bring them (tools/hf_models.py), built on meta by transformers.
         {"name": f"HF GPT2LMHeadModel, default config ({gpt.n_layer} layers, dropout 0.1)",
          "build": lambda b: hf_models.gpt2_small(b, gpt.n_layer), "batch": 8,
