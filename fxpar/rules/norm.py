@@ -51,6 +51,7 @@ def batch_norm_global_stats(x, weight, bias, running_mean, running_var, momentum
     ``group_names`` (of ``group_sizes`` ranks), with the statistics of the whole batch; returns what
     ``_native_batch_norm_legit_functional`` does (y, mean, rstd, new running mean and variance)."""
     dims, shape = _channel_view(x)
+    in_dtype, x = x.dtype, _opmath(x, running_mean if running_mean is not None else weight)
     local_count = x.numel() // x.shape[1]
     count = local_count * math.prod(group_sizes)
     # Each device's mean and sum of squared deviations, gathered and combined as in Chan et al.'s
@@ -69,7 +70,7 @@ def batch_norm_global_stats(x, weight, bias, running_mean, running_var, momentum
         y = y + bias.reshape(shape)
     new_mean = running_mean * (1 - momentum) + mean * momentum
     new_var = running_var * (1 - momentum) + var * (count / (count - 1)) * momentum
-    return y, mean, rstd, new_mean, new_var
+    return y.to(in_dtype), mean, rstd, new_mean, new_var
 
 
 def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, mask: list[bool],
@@ -77,6 +78,8 @@ def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, ma
     """The backward of ``batch_norm_global_stats`` on this device's slice: grad_x for the slice,
     grad_weight and grad_bias summed over the whole batch."""
     dims, shape = _channel_view(x)
+    in_dtype = x.dtype
+    x, grad = _opmath(x, save_mean), _opmath(grad, save_mean)
     count = x.numel() // x.shape[1] * math.prod(group_sizes)
     invstd = save_invstd.reshape(shape)
     xhat = (x - save_mean.reshape(shape)) * invstd
@@ -87,7 +90,17 @@ def batch_norm_global_stats_backward(grad, x, weight, save_mean, save_invstd, ma
         grad_x = (grad - (grad_bias / count).reshape(shape) - xhat * (grad_weight / count).reshape(shape)) * invstd
         if weight is not None:
             grad_x = grad_x * weight.reshape(shape)
+        grad_x = grad_x.to(in_dtype)
     return grad_x, grad_weight if mask[1] else None, grad_bias if mask[2] else None
+
+
+def _opmath(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``x`` in the dtype its statistics are computed in: that of ``like`` (the running statistics
+    or saved mean, float32 under autocast's bf16/fp16 activations), as torch's batch-norm kernels do;
+    the result is cast back to ``x``'s dtype."""
+    if like is not None and x.dtype != like.dtype and x.element_size() < like.element_size():
+        return x.to(like.dtype)
+    return x
 
 
 def batch_norm_local_stats(x, weight, bias, running_mean, running_var, momentum: float, eps: float, num_devices: int):

@@ -246,9 +246,11 @@ class FxparModule(nn.Module):
             variant = rt.variants[key] = self._build(key, inputs)
         params = [self.get_parameter(n) for n in rt.param_names]
         rest = [self._state(n) for n in rt.state_names]
+        # The variant holds autocast's casts already; the caller's autocast must not apply again.
         if grad:
-            return _Step.apply(self, variant, len(params), *params, *rest, *inputs)
-        with torch.no_grad():
+            with torch.autocast(rt.device.type, enabled=False):
+                return _Step.apply(self, variant, len(params), *params, *rest, *inputs)
+        with torch.no_grad(), torch.autocast(rt.device.type, enabled=False):
             loss, _, updates = variant.run([p._local_tensor for p in params], [*rest, *inputs])
             self._apply_updates(variant, updates)
         return loss

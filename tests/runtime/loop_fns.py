@@ -172,11 +172,12 @@ class NormNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv2d(8, 8, 1)  # a convolution of batch norm's output (a dtype check under autocast)
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x, y):
-        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        h = self.mix(torch.relu(self.bn(self.conv(x)))).mean((2, 3))
         return F.cross_entropy(self.fc(self.drop(h)), y)
 
 
@@ -281,9 +282,24 @@ def failures(rank: int):
     return out
 
 
+def norm_net_amp_reference():
+    """A training step of the batch-norm net (no dropout) under bf16 autocast, in one process."""
+    model = norm_net()
+    model.drop.p = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(*images(0))
+    return float(loss.detach()), model.bn.running_mean.clone()
+
+
 def amp_and_bf16(rank: int, num_steps: int):
+    model = norm_net()
+    model.drop.p = 0.0
+    compiled = fxpar.compile(model, images(0), codegen="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # batch norm over bf16 activations, global statistics
+        bn_loss = float(compiled(*local(images(0), rank, dist.get_world_size())).detach())
     return {"autocast": autocast_loop(rank, num_steps, torch.bfloat16, torch.float32),
-            "bf16": autocast_loop(rank, num_steps, None, torch.bfloat16)}
+            "bf16": autocast_loop(rank, num_steps, None, torch.bfloat16),
+            "bn": (bn_loss, compiled.bn.running_mean.clone())}
 
 
 def bad_step_inputs(rank: int):

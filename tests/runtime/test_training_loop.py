@@ -77,7 +77,11 @@ def test_eval_runs_a_forward_only_graph_in_eval_mode():
 def test_autocast_and_bf16_parameters():
     ref_amp, ref_amp_state = f.reference_loop(NUM_STEPS, amp=torch.bfloat16)
     ref_bf16, ref_bf16_state = f.reference_loop(NUM_STEPS, dtype=torch.bfloat16)
+    ref_bn_loss, ref_bn_stats = f.norm_net_amp_reference()
     for r in fxpar.launch(f.amp_and_bf16, 2, NUM_STEPS):
+        bn_loss, bn_stats = r["bn"]
+        assert bn_loss == pytest.approx(ref_bn_loss, rel=2e-2)
+        torch.testing.assert_close(bn_stats, ref_bn_stats, atol=1e-2, rtol=2e-2)
         amp, bf16 = r["autocast"], r["bf16"]
         assert any(amp["variants"]) and not any(bf16["variants"])
         assert [s[0] for s in amp["steps"]] == pytest.approx([s[0] for s in ref_amp], rel=2e-2)
