@@ -24,7 +24,7 @@ from fxpar.planner import capture_and_annotate, plan_graph, resolve_mesh
 from fxpar.runtime.agree import Control, broadcast_text, check_same, together
 from fxpar.runtime.codegen import check_codegen
 from fxpar.runtime.module import FxparModule, IdleModule, Runtime, build_variant, dtensor_placements
-from fxpar.runtime.steps import RankMesh, reshard
+from fxpar.runtime.steps import BATCH_NORM_STATS, RankMesh, reshard
 
 __all__ = ["FxparModule", "IdleModule", "compile", "init_distributed", "local_cluster"]
 
@@ -52,7 +52,7 @@ def local_cluster(num_devices: int) -> Cluster:
     return preset("cpu-local", num_devices=num_devices)
 
 
-def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute) -> dict:
+def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm) -> dict:
     """What every rank must agree on before the step is planned (compared by ``check_same``)."""
     tensors = lambda items: {n: [list(t.shape), str(t.dtype), t.requires_grad] for n, t in items}  # noqa: E731
     return {
@@ -62,14 +62,20 @@ def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, p
         "plan": None if plan is None else hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
         "plan_cache": plan_cache is not None,
         "recompute": recompute,
+        "batch_norm": batch_norm,
         "example_inputs": [[list(x.shape), str(x.dtype)] for x in example_inputs],
         "parameters": tensors(model.named_parameters()),
         "buffers": {n: [list(b.shape), str(b.dtype)] for n, b in model.named_buffers()},
     }
 
 
-def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, world: int) -> tuple[int, ...]:
+def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, world: int) -> tuple[int, ...]:
     check_codegen(codegen)
+    if batch_norm not in BATCH_NORM_STATS:
+        raise PlanOptionError(
+            f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole batch's statistics, "
+            "as on one device) or 'local' (each device's own, as DDP)"
+        )
     if not isinstance(recompute, bool):
         raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     if plan is not None and not isinstance(plan, Plan):
@@ -141,6 +147,7 @@ def compile(
     codegen: str = "inductor",
     plan_cache: str | os.PathLike | None = None,
     recompute: bool = True,
+    batch_norm: str = "global",
 ) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
@@ -160,6 +167,12 @@ def compile(
     ``recompute`` (as for ``fxpar.plan``): the solver may recompute activations in the backward pass
     where memory demands it; ``False`` keeps every activation.
 
+    ``batch_norm``: how a batch norm over a batch cut between devices computes its statistics:
+    ``"global"`` (the default; the whole batch's, as one device computes them, at one small
+    collective per layer and direction) or ``"local"`` (each device's own slice, DDP's semantics:
+    no collective in the forward, numerics of per-device statistics; the running statistics are the
+    average of the devices' updates).
+
     ``codegen``: ``"inductor"`` compiles the rank's step with torch Inductor on its first call (a
     ``FallbackWarning`` and eager execution where no C++ compiler is found on CPU); ``"eager"`` runs
     the graph op by op.
@@ -169,8 +182,8 @@ def compile(
     rank = dist.get_rank()
     control = Control.create(range(world))
     mesh = together(control, "checking fxpar.compile's arguments",
-                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, world))
-    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute), "the model and options")
+                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, world))
+    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm), "the model and options")
     gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs))
     if plan is None:
         def solve() -> str | None:
@@ -204,7 +217,7 @@ def compile(
     input_shapes = [(x.shape[0] // num_used, *x.shape[1:]) for x in example_inputs]
     main_key = (model.training, True, None, None)
     runtime = Runtime(source, device_mesh, rank_mesh, active_control, codegen, device, trainable, state,
-                      input_shapes, [x.dtype for x in example_inputs], main_key)
+                      input_shapes, [x.dtype for x in example_inputs], main_key, batch_norm=batch_norm)
 
     def build():
         by_name = dict(source.named_parameters())

@@ -222,33 +222,9 @@ def param_summary(plan: Plan) -> str:
 
 
 def compile_with(model: nn.Module, inputs: tuple, plan: Plan, *, batch_norm: str = "global", **kwargs):
-    """``fxpar.compile(model, inputs, plan=plan, **kwargs)`` with batch norm's statistics
-    ``batch_norm`` (``"global"``, fxpar's default, or ``"local"``, DDP's per-device statistics;
-    ``fxpar.passes.rewrite``'s option). Where ``fxpar.compile`` does not take the option itself,
-    the rewrite it calls is given it for the duration of the call."""
-    import functools
-    import importlib
-    import inspect
-
-    if batch_norm == "global":
-        return fxpar.compile(model, inputs, plan=plan, **kwargs)
-    if "batch_norm" in inspect.signature(fxpar.compile).parameters:
-        return fxpar.compile(model, inputs, plan=plan, batch_norm=batch_norm, **kwargs)
-    # The modules whose rewrite() call builds the rank's graph.
-    callers = []
-    for name in ("fxpar.api", "fxpar.runtime.module"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "rewrite"):
-            callers.append((mod, mod.rewrite))
-            mod.rewrite = functools.partial(mod.rewrite, batch_norm=batch_norm)
-    try:
-        return fxpar.compile(model, inputs, plan=plan, **kwargs)
-    finally:
-        for mod, original in callers:
-            mod.rewrite = original
+    """``fxpar.compile(model, inputs, plan=plan, batch_norm=batch_norm, **kwargs)``: batch norm's
+    statistics ``"global"`` (fxpar's default) or ``"local"`` (DDP's per-device statistics)."""
+    return fxpar.compile(model, inputs, plan=plan, batch_norm=batch_norm, **kwargs)
 
 
 # ---- timing on ranks -------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Runtime:
     input_dtypes: list[torch.dtype]
     main_key: tuple
     variants: dict[tuple, Variant] = field(default_factory=dict)
+    batch_norm: str = "global"  # batch norm's statistics over a cut batch: "global" or "local"
     state_dict_timeout_s: float = 60.0
     sharded: bool = False
 
@@ -109,7 +110,8 @@ def build_variant(runtime: Runtime, key: tuple, gm: GraphModule, plan: Plan, loc
     if plan.recompute:
         gm, assignment = apply_recompute(gm, plan, assignment)
     mesh = runtime.rank_mesh
-    local_gm = rewrite(gm, assignment, mesh.shape, coords=mesh.coords, group_names=mesh.group_names, device=runtime.device)
+    local_gm = rewrite(gm, assignment, mesh.shape, coords=mesh.coords, group_names=mesh.group_names, device=runtime.device,
+                       batch_norm=runtime.batch_norm)
     bucket_collectives(local_gm, local_inputs)
     kinds = [kind for kind, _ in gm.meta["fxpar_outputs"]]
     updated = [fqn for kind, fqn in gm.meta["fxpar_outputs"] if kind == "buffer"]

@@ -201,8 +201,21 @@ def eval_reference():
         return {"eval": [float(model(*images(i))) for i in (0, 1)], "eval_bigger": float(model(*images(5, size=12)))}
 
 
+def local_statistics_reference(world: int) -> float:
+    """DDP's semantics in one process: each slice normalized by its own statistics; the loss is
+    the mean of the slices' losses (equal slices)."""
+    model = norm_net()
+    model.drop.p = 0.0
+    with torch.no_grad():
+        return sum(float(model(*[x.chunk(world)[r] for x in images(0)])) for r in range(world)) / world
+
+
 def evaluate(rank: int):
     world = dist.get_world_size()
+    model = norm_net()
+    model.drop.p = 0.0
+    per_device = fxpar.compile(model, images(0), codegen="eager", batch_norm="local")
+    local_stats_loss = float(per_device(*local(images(0), rank, world)).detach())
     compiled = fxpar.compile(norm_net(), images(0), codegen="eager")
     stats = compiled.bn.running_mean.clone()
     compiled.eval()
@@ -220,6 +233,7 @@ def evaluate(rank: int):
         "train_backward_ops": backward_ops(compiled.local_graph),
         "eval_num_grads": compiled.variants[key].num_grads,
         "training_again": compiled.train().training and compiled.bn.training,
+        "local_stats_loss": local_stats_loss,
     }
 
 
@@ -306,6 +320,8 @@ def bad_step_inputs(rank: int):
     """Each wrong call of a compiled step raises its error (checked here, on the ranks)."""
     import pytest
 
+    with pytest.raises(fxpar.PlanOptionError, match=r"batch_norm='per-device' is not one of \['global', 'local'\]"):
+        fxpar.compile(mlp(), batch(0), batch_norm="per-device")
     compiled = fxpar.compile(mlp(), batch(0), codegen="eager")
     x, y = local(batch(1), rank, dist.get_world_size())
     with pytest.raises(fxpar.StepInputError, match=r"takes its inputs by position.*got keyword argument\(s\) \['y'\]"):

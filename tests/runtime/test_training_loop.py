@@ -65,7 +65,9 @@ def test_tied_weights_stay_tied_and_appear_under_both_names():
 
 def test_eval_runs_a_forward_only_graph_in_eval_mode():
     ref = f.eval_reference()
+    local_ref = f.local_statistics_reference(2)
     for r in fxpar.launch(f.evaluate, 2):
+        assert r["local_stats_loss"] == pytest.approx(local_ref, rel=1e-5)  # batch_norm="local": DDP's semantics
         assert r["eval"] == pytest.approx(ref["eval"], rel=1e-5)  # running statistics, no dropout
         assert r["eval_bigger"] == pytest.approx(ref["eval_bigger"], rel=1e-5)  # another batch size
         assert r["stats_unchanged"]
