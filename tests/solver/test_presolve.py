@@ -9,12 +9,9 @@ import itertools
 import math
 
 import pytest
-import torch
 
 import fxpar
 from fxpar.cost import CostModel
-from fxpar.models import GPT, MLP, GPTConfig, Llama, LlamaConfig
-from fxpar.planner import capture_and_annotate
 from fxpar.solve.ilp import solve
 from fxpar.solve.presolve import presolve
 from fxpar.solve.problem import build_problem
@@ -22,18 +19,7 @@ from fxpar.solve.strategies import all_strategies
 from fxpar.solve.warmstart import best_family
 
 from .test_ilp import _brute_force, _problem
-
-
-def _graph(name: str):
-    torch.manual_seed(0)
-    model = {
-        "mlp": lambda: MLP((16, 64, 32, 8)),
-        "small-mlp": lambda: MLP((16, 32, 8)),
-        "gpt": lambda: GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=32, dropout=0.0)),
-        "llama": lambda: Llama(LlamaConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                                           ffn_hidden=64)),
-    }[name]()
-    return capture_and_annotate(model, model.example_inputs(8))
+from .test_solvers import _graph
 
 
 def _shipped(name, mesh, simplify):
