@@ -21,7 +21,7 @@ steps per round; the step time is the median over steps of the slowest rank.
 
     python tools/vs_torch.py [--profile PATH] [--rounds 5] [--steps 3] [--foreach] [--out docs/bench]
 
-``--foreach`` gives every runner's Adam ``foreach=True`` (torch's default on CPU is the per-tensor
+``--fused`` gives every runner's Adam ``fused=True``; ``--foreach`` gives it ``foreach=True`` (torch's default on CPU is the per-tensor
 loop).
 """
 
@@ -94,7 +94,7 @@ def _tp_plan(model: nn.Module, world: int) -> dict:
     return {"fc": ColwiseParallel(output_layouts=Replicate())}
 
 
-def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool):
+def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool | str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -125,7 +125,8 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, f
     params = list(module.parameters())
     # foreach kernels take DTensors or plain tensors, not both in one list (TP leaves some plain).
     groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
-    opt = torch.optim.Adam([{"params": g} for g in groups], lr=1e-4, foreach=True if foreach else None)
+    kernel = {"fused": True} if foreach == "fused" else {"foreach": True if foreach else None}
+    opt = torch.optim.Adam([{"params": g} for g in groups], lr=1e-4, **kernel)
 
     def step() -> None:
         module(*local).backward()
@@ -139,7 +140,7 @@ def _kinds(model_name: str) -> list[str]:
     return [k for k in RUNNERS if k != "fxpar_local_bn" or _has_batch_norm(benchlib.build(model_name)[0])]
 
 
-def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, foreach: bool) -> dict:
+def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, foreach: bool | str) -> dict:
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     times = {}
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--foreach", action="store_true", help="Adam(foreach=True) for every runner")
+    ap.add_argument("--fused", action="store_true", help="Adam(fused=True) for every runner")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -175,7 +177,8 @@ def main() -> None:
     print(f"timing {', '.join(RUNNERS)} on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
           flush=True)
     load_before = _load()
-    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, args.foreach)
+    kernel = "fused" if args.fused else args.foreach
+    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, kernel)
     rows = []
     for name, _ in jobs:
         med = {k: benchlib.slowest_rank_median([r[f"{name}/{k}"] for r in results]) if f"{name}/{k}" in results[0] else None
@@ -187,6 +190,7 @@ def main() -> None:
                      **{f"ratio_{k}": med["fxpar"] / med[k] for k in BASELINES}, "plan": plans[name]})
     report = {"rows": rows, "profile": cluster.name, "nprocs": args.nprocs, "rounds": args.rounds, "steps": args.steps,
               "adam_foreach": args.foreach,
+              "adam_fused": args.fused,
               "load_average_before": load_before, "load_average_after": _load(),
               "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     (out / "vs_torch.json").write_text(json.dumps(report, indent=1))
@@ -218,7 +222,7 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {r['model']} | " + " | ".join(cell(r[f"{k}_s"]) for k in RUNNERS)
                      + f" | {r['ratio_to_best']:.2f} ({NAMES[r['best_torch']]}) | {local} |")
     lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}; "
-                 f"Adam foreach={rep.get('adam_foreach', False)}; plans: "
+                 f"Adam foreach={rep.get('adam_foreach', False)}, fused={rep.get('adam_fused', False)}; plans: "
                  + ", ".join(f"{r['model']} {r['plan']['params']}" for r in rep["rows"] if "plan" in r) + ".")
     return "\n".join(lines)
 
