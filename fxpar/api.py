@@ -220,12 +220,9 @@ def compile(
                       input_shapes, [x.dtype for x in example_inputs], main_key, batch_norm=batch_norm)
 
     def build():
-        by_name = dict(source.named_parameters())
-        local_state = [t.to_local() if isinstance(t, DTensor) else t
-                       for t in [*(by_name[n] for n in state if n in by_name), *(b for _, b in source.named_buffers())]]
-        local_inputs = [*(by_name[n].to_local() for n in trainable), *local_state,
-                        *[torch.empty(s, dtype=x.dtype, device=device) for s, x in zip(input_shapes, example_inputs)]]
-        runtime.variants[main_key] = build_variant(runtime, main_key, gm, plan, local_inputs)
-        return FxparModule(runtime)
+        module = FxparModule(runtime)
+        local_inputs = [torch.empty(s, dtype=x.dtype, device="meta") for s, x in zip(input_shapes, example_inputs)]
+        runtime.variants[main_key] = build_variant(runtime, main_key, gm, plan, module._step_inputs(local_inputs))
+        return module
 
     return together(active_control, "building the step", build)

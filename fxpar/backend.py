@@ -63,7 +63,7 @@ class _DynamoGraph(nn.Module):
 
 class _FullParamStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, compiled, num_rest: int, *args):
+    def forward(ctx, compiled, updated_slots: list[int], num_rest: int, *args):
         runtime = compiled._fxpar
         num_params = len(runtime.param_names)
         full_params, rest = args[:num_params], args[num_params:]
@@ -73,16 +73,15 @@ class _FullParamStep(torch.autograd.Function):
             shards = [reshard(p.detach(), rep, spec, compiled.mesh) for p, spec in zip(full_params, specs)]
             loss, grads, updates = runtime.main.run(shards, [r.detach() for r in rest])
             grads = [reshard(g, spec, rep, compiled.mesh) for g, spec in zip(grads, specs)]
-            slots = {name: i for i, name in enumerate(runtime.state_names)}
-            for name, value in zip(runtime.main.updated_buffers, updates):
-                rest[slots[name]].copy_(value)  # the user's own buffer (batch-norm statistics)
+            for slot, value in zip(updated_slots, updates):
+                rest[slot].copy_(value)  # the user's own buffer (batch-norm statistics)
         ctx.num_rest = num_rest
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (None, None, *[g * grad_loss for g in ctx.saved_tensors], *([None] * ctx.num_rest))
+        return (None, None, None, *[g * grad_loss for g in ctx.saved_tensors], *([None] * ctx.num_rest))
 
 
 def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = None):
@@ -110,6 +109,9 @@ def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = 
     # mode, which torch's passes would otherwise pick up) is left for the duration.
     with torch._guards.tracing(None):
         compiled = fxpar_compile(module, global_inputs, **options)
+    runtime = compiled._fxpar
+    # Where each buffer the step updates sits among the step's state inputs, found once.
+    updated_slots = [runtime.state_names.index(name) for name in runtime.main.updated_buffers]
     param_slots = [i for kind, i in module.kinds if kind == "param"]
     assert param_slots == list(range(len(param_slots)))
 
@@ -117,6 +119,6 @@ def fxpar_backend(gm: GraphModule, example_inputs: list, options: dict | None = 
         params = [a for (kind, _), a in zip(module.kinds, args) if kind == "param"]
         buffers = [a for (kind, _), a in zip(module.kinds, args) if kind == "buffer"]
         inputs = [a for (kind, _), a in zip(module.kinds, args) if kind == "input"]
-        return (_FullParamStep.apply(compiled, len(buffers) + len(inputs), *params, *buffers, *inputs),)
+        return (_FullParamStep.apply(compiled, updated_slots, len(buffers) + len(inputs), *params, *buffers, *inputs),)
 
     return run

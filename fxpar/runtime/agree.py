@@ -79,7 +79,7 @@ def broadcast_text(control: Control, text: str | None, src: int) -> str:
 def raise_if_any_failed(control: Control, exc: BaseException | None, what: str) -> None:
     """Collective: returns if no rank of ``control`` passed an exception; otherwise raises on
     every rank (see the module docstring)."""
-    none = len(control.ranks) + max(control.ranks) + 1
+    none = dist.get_world_size()  # above every rank: "no rank failed"
     flag = torch.tensor([control.rank if exc is not None else none], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control.group)
     src = int(flag.item())

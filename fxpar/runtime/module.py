@@ -18,7 +18,6 @@ make the same calls in the same modes (as for any step of a parallel training lo
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,7 +91,6 @@ class Runtime:
     variants: dict[tuple, Variant] = field(default_factory=dict)
     batch_norm: str = "global"  # batch norm's statistics over a cut batch: "global" or "local"
     state_dict_timeout_s: float = 60.0
-    sharded: bool = False
 
     @property
     def main(self) -> Variant:
@@ -117,6 +115,20 @@ def build_variant(runtime: Runtime, key: tuple, gm: GraphModule, plan: Plan, loc
     updated = [fqn for kind, fqn in gm.meta["fxpar_outputs"] if kind == "buffer"]
     step_fn = compile_step(local_gm, runtime.codegen, runtime.device)
     return Variant(key, plan, gm, local_gm, step_fn, kinds.count("grad"), updated)
+
+
+def _slot(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the submodule that holds parameter or buffer ``name``, its attribute name)."""
+    module_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(module_name) if module_name else root), attr
+
+
+def _read(module: nn.Module, attr: str) -> torch.Tensor:
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _Step(torch.autograd.Function):
@@ -176,6 +188,9 @@ class FxparModule(nn.Module):
             self.register_buffer(name, b, persistent=name not in source._non_persistent_buffers_set)
         self.training = source.training
         self._fxpar = runtime
+        # Where each graph input lives, found once (a call reads the current tensor from its slot).
+        self._param_slots = [_slot(self, n) for n in runtime.param_names]
+        self._state_slots = {n: _slot(self, n) for n in runtime.state_names}
         self._register_load_state_dict_pre_hook(self._to_dtensors)
 
     # -- what fxpar planned ------------------------------------------------------------------
@@ -246,8 +261,8 @@ class FxparModule(nn.Module):
         variant = rt.variants.get(key)
         if variant is None:
             variant = rt.variants[key] = self._build(key, inputs)
-        params = [self.get_parameter(n) for n in rt.param_names]
-        rest = [self._state(n) for n in rt.state_names]
+        params = self._params()
+        rest = self._states()
         # The variant holds autocast's casts already; the caller's autocast must not apply again.
         if grad:
             with torch.autocast(rt.device.type, enabled=False):
@@ -257,15 +272,23 @@ class FxparModule(nn.Module):
             self._apply_updates(variant, updates)
         return loss
 
-    def _state(self, name: str) -> torch.Tensor:
-        module_name, _, attr = name.rpartition(".")
-        module = self.get_submodule(module_name) if module_name else self
-        t = module._parameters[attr] if attr in module._parameters else module._buffers[attr]
-        return t.to_local() if isinstance(t, DTensor) else t
+    def _params(self) -> list[torch.Tensor]:
+        """The trainable parameters (DTensors), in the graph's order."""
+        return [module._parameters[attr] for module, attr in self._param_slots]
+
+    def _states(self) -> list[torch.Tensor]:
+        """This rank's frozen parameters and buffers, in the graph's order."""
+        return [_local(_read(*slot)) for slot in self._state_slots.values()]
+
+    def _step_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors of the shapes and dtypes of this rank's step inputs (parameters, state, and
+        ``inputs``' shapes), for the passes that read them before the first call."""
+        return [*(p._local_tensor for p in self._params()), *self._states(),
+                *[torch.empty(tuple(x.shape), dtype=x.dtype, device=self._fxpar.device) for x in inputs]]
 
     def _apply_updates(self, variant: Variant, updates: Sequence[torch.Tensor]) -> None:
         for name, value in zip(variant.updated_buffers, updates):
-            self.get_buffer(name).copy_(value)
+            _read(*self._state_slots[name]).copy_(value)
 
     def _check_inputs(self, inputs: tuple, kwargs: dict) -> None:
         rt = self._fxpar
@@ -324,9 +347,7 @@ class FxparModule(nn.Module):
 
         text = together(rt.control, what, solve)
         plan = Plan.from_json(broadcast_text(rt.control, text, leader))
-        local_inputs = [*[self.get_parameter(p).to_local() for p in rt.param_names], *[self._state(s) for s in rt.state_names],
-                        *[torch.empty(tuple(x.shape), dtype=x.dtype, device=rt.device) for x in inputs]]
-        variant = together(rt.control, what, lambda: build_variant(rt, key, gm, plan, local_inputs))
+        variant = together(rt.control, what, lambda: build_variant(rt, key, gm, plan, self._step_inputs(inputs)))
         assert all(variant.plan.param_specs[k] == v for k, v in main.param_specs.items()), "parameters moved"
         return variant
 
@@ -337,7 +358,7 @@ class FxparModule(nn.Module):
         alone fails after ``state_dict_timeout_s`` (60 s) naming the ranks that did not join."""
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         rt = self._fxpar
-        if keep_vars or rt.sharded:
+        if keep_vars:
             return out
         keys = [k for k, v in out.items() if k.startswith(prefix) and isinstance(v, DTensor)]
         if not keys:
@@ -357,17 +378,7 @@ class FxparModule(nn.Module):
         """The state dict with parameters as this rank's DTensors (no communication), for
         ``torch.distributed.checkpoint``: ``dcp.save(compiled.sharded_state_dict(), checkpoint_id=d)``;
         ``dcp.load(sd := compiled.sharded_state_dict(), checkpoint_id=d)`` loads in place."""
-        with self._sharded():
-            return self.state_dict()
-
-    @contextlib.contextmanager
-    def _sharded(self):
-        rt = self._fxpar
-        old, rt.sharded = rt.sharded, True
-        try:
-            yield
-        finally:
-            rt.sharded = old
+        return nn.Module.state_dict(self)
 
     def _to_dtensors(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
         """Load-state-dict pre-hook: a full tensor (or a DTensor of another layout) for a DTensor
