@@ -446,6 +446,36 @@ def _presets() -> dict[str, Cluster]:
 
 PRESETS = _presets()
 
+# One NVLink1 link, 20 GB/s per direction (a P100 has four; NVIDIA Tesla P100 datasheet).
+NVLINK1_ONE_LINK = LinkSpec(20 * GB * 0.75, 3 * _US)
+# A DGX-1's hybrid cube mesh: GPUs 0-3 and 4-7 each fully connected, and GPU i to GPU i + 4.
+DGX1_NVLINK_PAIRS = frozenset(
+    {frozenset((a, b)) for quad in ((0, 1, 2, 3), (4, 5, 6, 7)) for a in quad for b in quad if a < b}
+    | {frozenset((i, i + 4)) for i in range(4)}
+)
+
+
+def dgx1_tf2017(num_devices: int) -> Cluster:
+    """The first ``num_devices`` P100s of a DGX-1 as TensorFlow 1.x with NCCL 1.x drove them in the
+    published 2017 benchmarks (docs/study.md): replicated variables, one ``nccl.all_sum`` per
+    gradient. NCCL 1.x runs one ring over the devices in their order, in a kernel on a single SM, so
+    each hop of the ring uses one link: an NVLink (20 GB/s per direction) where the cube mesh joins
+    the two GPUs, PCIe Gen3 through the host otherwise (GPU 3 to 4 and 7 to 0 in the 8-GPU ring); the
+    slowest hop sets the ring's bus bandwidth. TensorFlow's NCCL stream waits for everything the
+    compute stream has queued when a collective is launched, and the graph's executor queues the
+    whole backward pass long before its kernels finish, so the gradient all-reduces run after the
+    backward pass: ``overlap_efficiency`` 0. Sources in docs/hardware.md."""
+    if not (isinstance(num_devices, int) and not isinstance(num_devices, bool) and 1 <= num_devices <= 8):
+        raise ClusterSpecError(f"a DGX-1 has 1 to 8 GPUs; num_devices is {num_devices!r}, give one of 1..8")
+    ring = [(i, (i + 1) % num_devices) for i in range(num_devices)] if num_devices > 1 else []
+    hops = [NVLINK1_ONE_LINK if frozenset(h) in DGX1_NVLINK_PAIRS else PCIE3 for h in ring]
+    link = min(hops, key=lambda h: h.bandwidth) if hops else NVLINK1_ONE_LINK
+    link = LinkSpec(link.bandwidth, max(h.latency for h in hops) if hops else link.latency)
+    return Cluster(
+        f"dgx1-tf2017-{num_devices}", replace(P100, overlap_efficiency=0.0), num_devices, (link,),
+        source="docs/hardware.md: DGX-1 under TensorFlow 1.x / NCCL 1.x (one ring in device order, after the backward)",
+    )
+
 
 def preset(name: str, *, num_devices: int | None = None) -> Cluster:
     if name not in PRESETS:

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from fxpar.cluster import Cluster
+from fxpar.cluster import Cluster, dgx1_tf2017
 from fxpar.energy import PowerModel, step_energy
 from fxpar.launch import RankError
 from fxpar.plan import matmul_kind
 from fxpar.planner import capture_and_annotate, plan_graph
+from fxpar.solve.strategies import node_strategies
 from fxpar.sweep import Objective, SweepPoint, SweepResult, choose, fastest, least_energy, sweep_graph, within_energy, within_slowdown
 
 aten = torch.ops.aten
@@ -234,10 +235,52 @@ def layer_table(cases: list[Case], name: str) -> list[str]:
     return lines
 
 
+def _from_param(node) -> bool:
+    """Whether ``node`` is a parameter, or a view of one (t, permute, view: one tensor input)."""
+    while node.op == "call_function":
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return node.op == "placeholder" and node.meta.get("fxpar_role") == "param"
+
+
+def data_parallel(name: str, gm) -> dict[str, str]:
+    """TensorFlow's replicated variables, forced: every parameter replicated, and every matmul and
+    convolution (forward and backward) on this GPU's slice of the batch, so every weight gradient
+    is a partial sum that the all-reduce completes (the solver may not replace a weight's all-reduce
+    by gathering the activations and computing the whole layer on every GPU, as it would on its own)."""
+    force = {fqn: "R" for fqn, _ in model_on_meta(name).named_parameters()}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default,
+                                                              aten.convolution.default, aten.convolution_backward.default):
+            continue
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        from_param = [_from_param(a) for a in operands]
+        labels = sorted({st.label() for st in node_strategies(node, (8,))})
+        fits = [lab for lab in labels
+                if all((spec == "R") == param for spec, param in zip(lab.split("->")[0].split(","), from_param))
+                and "P" not in lab.split("->")[0].split(",")]
+        if len(fits) != 1:
+            raise RuntimeError(f"no single data-parallel strategy for %{node.name}: {labels}")
+        force[node.name] = fits[0]
+    return force
+
+
+def published_system_rate(name: str, per_gpu: int, k: int) -> float:
+    """Images/s of the published setup on k GPUs: the data-parallel plan on ``dgx1_tf2017(k)``."""
+    gm = graph_for(name, per_gpu * k)
+    force = data_parallel(name, gm) if k > 1 else None
+    plan, _ = plan_graph(gm, cluster=dgx1_tf2017(k), mesh_shape=(k,), optimizer=OPTIMIZER, force=force)
+    return per_gpu * k / plan.predicted_step_s
+
+
 def published_table(cases: list[Case]) -> list[str]:
     cluster = fxpar.preset("p100-nvlink-8")
-    lines = ["| model | per-GPU batch | GPUs | predicted img/s | published img/s | error |", "|---|---|---|---|---|---|"]
+    lines = ["| model | per-GPU batch | GPUs | ring bus bandwidth | predicted img/s, the published setup | error | "
+             "fxpar's plan on p100-nvlink-8 | error | published img/s |", "|---|---|---|---|---|---|---|---|---|"]
     predicted: dict[tuple[str, int], float] = {}
+    own: dict[tuple[str, int], float] = {}
     flops = {}  # counted training FLOPs per image (forward + backward), from the captured step
     for name, (per_gpu, rates) in PUBLISHED.items():
         gm = next(c.gm for c in cases if (c.model, c.batch) == (name, per_gpu))
@@ -251,11 +294,18 @@ def published_table(cases: list[Case]) -> list[str]:
             else:
                 plan, _ = plan_graph(graph_for(name, batch), cluster=cluster, mesh_shape=(k,), optimizer=OPTIMIZER)
                 rate = batch / plan.predicted_step_s
-            predicted[name, k] = rate
-            lines.append(f"| {name} | {per_gpu} | {k} | {rate:,.0f} | {published:,.0f} | {rate / published - 1:+.0%} |")
+            own[name, k] = rate
+            predicted[name, k] = published_system_rate(name, per_gpu, k)
+            ring = f"{dgx1_tf2017(k).links[0].bandwidth / 1e9:.0f} GB/s" if k > 1 else "-"
+            lines.append(f"| {name} | {per_gpu} | {k} | {ring} | {predicted[name, k]:,.0f} | "
+                         f"{predicted[name, k] / published - 1:+.0%} | {rate:,.0f} | {rate / published - 1:+.0%} | "
+                         f"{published:,.0f} |")
     for name, (per_gpu, rates) in PUBLISHED.items():
-        lines.append(f"| {name} | {per_gpu} | scaling 8 vs 1 | {predicted[name, 8] / predicted[name, 1] / 8:.1%} | "
-                     f"{rates[8] / rates[1] / 8:.1%} | |")
+        lines.append(f"| {name} | {per_gpu} | scaling 8 vs 1 | | {predicted[name, 8] / predicted[name, 1] / 8:.1%} | "
+                     f"{(predicted[name, 8] / predicted[name, 1] - rates[8] / rates[1]) / 8 * 100:+.1f} points | "
+                     f"{own[name, 8] / own[name, 1] / 8:.1%} | "
+                     f"{(own[name, 8] / own[name, 1] - rates[8] / rates[1]) / 8 * 100:+.1f} points | "
+                     f"{rates[8] / rates[1] / 8:.1%} |")
     peak = cluster.device.peak_flops
     lines += ["", "| model | counted training GFLOP / image | TFLOP/s per GPU the published 1-GPU rate implies | P100 FP32 peak |",
               "|---|---|---|---|"]

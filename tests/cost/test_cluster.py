@@ -215,3 +215,25 @@ def test_counts_and_efficiencies_checked_without_json():
     d = _preset_dict()
     d["num_devices"] = 4.0
     assert Cluster.from_json(json.dumps(d)).num_devices == 4
+
+
+def test_dgx1_tf2017_ring_follows_the_cube_mesh():
+    from collections import Counter
+
+    from fxpar.cluster import DGX1_NVLINK_PAIRS, NVLINK1_ONE_LINK, PCIE3, dgx1_tf2017
+
+    # A P100 has four NVLinks (datasheet): each GPU of the cube mesh has four neighbours, three in
+    # its quad and GPU i +/- 4 (nvidia-smi topo -m of a DGX-1: GPU0 NV1 to GPU1-4, PHB to GPU5-7).
+    degree = Counter(g for pair in DGX1_NVLINK_PAIRS for g in pair)
+    assert dict(degree) == {g: 4 for g in range(8)}
+    assert frozenset((0, 4)) in DGX1_NVLINK_PAIRS and frozenset((3, 4)) not in DGX1_NVLINK_PAIRS
+    # Rings in device order: 0-1 and 0-1-2-3 stay on NVLink, 0-..-7 crosses PCIe at 3-4 and 7-0.
+    for k, link in ((2, NVLINK1_ONE_LINK), (4, NVLINK1_ONE_LINK), (8, PCIE3)):
+        c = dgx1_tf2017(k)
+        assert c.num_devices == k and c.links[0].bandwidth == link.bandwidth
+        assert c.device.overlap_efficiency == 0.0
+        assert Cluster.from_json(c.to_json()) == c
+    assert NVLINK1_ONE_LINK.bandwidth == pytest.approx(PRESETS["p100-nvlink-8"].links[0].bandwidth / 4)
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(fxpar.ClusterSpecError, match=rf"num_devices is {bad!r}, give one of 1..8"):
+            dgx1_tf2017(bad)
