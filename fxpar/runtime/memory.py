@@ -9,16 +9,32 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds ``t``'s storage on this rank: a DTensor's local piece, else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Bytes of tensor storage that ops make while the mode is active, and their peak. A storage
-    counts from the op that makes it until the last tensor object viewing it is gone; storages of
-    the ``resident`` tensors (updated in place) are not counted."""
+    counts once, from the op that makes it until the last tensor object viewing it is gone (views
+    and aliases share it); storages of the ``resident`` tensors (held across steps, updated in place:
+    parameters, optimizer state, inputs; a DTensor by its local piece) are counted apart, once
+    each, in ``resident_bytes``. A tensor subclass (DTensor) dispatches first and the plain tensors
+    its ops make are counted. ``peak_op`` names the op at which the peak was reached."""
 
     def __init__(self, resident: list[torch.Tensor] = ()):
         super().__init__()
         self.live = self.peak = 0
+        self.peak_op = ""
         self._refs: dict[int, list[int]] = {}  # storage address -> [live tensor objects, bytes]
-        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+        storages = {}
+        for t in resident:
+            s = _plain(t).untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        self._resident = set(storages)
+        self.resident_bytes = sum(storages.values())
 
     def _release(self, key: int) -> None:
         entry = self._refs[key]
@@ -28,6 +44,8 @@ class LiveTensorBytes(TorchDispatchMode):
             del self._refs[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is not torch.Tensor and not issubclass(torch.Tensor, t) for t in types):
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
@@ -41,6 +59,7 @@ class LiveTensorBytes(TorchDispatchMode):
             else:
                 self._refs[key] = [1, storage.nbytes()]
                 self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
+                if self.live > self.peak:
+                    self.peak, self.peak_op = self.live, str(func)
             weakref.finalize(t, self._release, key)
         return out

@@ -22,15 +22,28 @@ Constraints
   add_one_strategy:  sum_s x[v,s] = 1                                         for every class v
   add_edge_links:    sum_b e[k,a,b] = sum_{s: out_k(s)=a} x[u,s],
                      sum_a e[k,a,b] = sum_{s: in_k(s)=b} x[v,s]               for every edge group k
-  add_memory:        sum_{p params} sum_s w_p(s) x[p,s] + sum_{k from a param} n_k sum_{a!=b} g_k(b) e[k,a,b]
-                     + sum_{v in L} sum_s m_v(s) x[v,s] <= M
-                     for the maximal sets L of simultaneously live activations; w_p counts the
-                     parameter, its gradient and optimizer state on one device, g_k(b) a resharded
-                     copy of a parameter (kept for the step), m_v the bytes of v's outputs on one
-                     device, M the device memory. Sets are added lazily: the solve starts with
-                     those of largest possible and largest unavoidable size, and any set the
-                     solution overflows is added before solving again, so the final plan satisfies
-                     every set.
+  add_memory:        sum_{p params} sum_s w_p(s) x[p,s] + sum_{v in L} sum_s m_v(s) x[v,s]
+                     + sum_{k copied in L} B_k c_k + F_L <= M
+                     for the sets L of values live at once (fxpar.solve.problem._liveness: at every
+                     position where one dies, and after the graph); w_p counts the parameter and
+                     its optimizer state on one device, m_v the bytes of v's outputs on one device
+                     (for a parameter p in L: its gradient in p's spec; a node listed twice counts
+                     twice), M the device memory. A gradient is live from the node that makes it
+                     to the end of the graph; after the graph L holds every gradient twice (the
+                     runtime hands a copy, scaled by the loss's gradient, to the parameter) and the
+                     inputs and buffers, which live through the step. The copies in L: a parameter's resharded copy on edge
+                     k (p -> consumer), live from the consumer to its last use, and a gradient's
+                     copy into its bucket (at the output node, where the runtime synchronizes
+                     gradients), each by its own c_k (add_memory_copies):
+                       c_k >= (b_k(t) / B_k) (sum_{s: counted spec t} x - sum_{s: other side's spec t} x)
+                     for every spec t of the counted side (the consumer's for a parameter copy, the
+                     producer's for a bucket copy), so c_k = b_k(t)/B_k where edge k reshards from or
+                     into t and 0 where it does not (B_k its largest copy; c_k has positive
+                     coefficients in rows bounded above only, so it takes that least value). F_L:
+                     bytes no choice changes (one full bucket where the gradients exceed one).
+                     Sets are added lazily: the solve starts with those of largest possible and
+                     largest unavoidable size, and any set the solution overflows is added before
+                     solving again, so the final plan satisfies every set.
   add_overlap:       z >= G - e B,  z >= (1 - e) G,  z >= G_last,  z >= 0; the objective pays z for G
                      G: the gradient synchronization the runtime runs asynchronously (an edge from
                      a gradient to its parameter resharded by one all-reduce or reduce-scatter),
@@ -54,8 +67,10 @@ lu, q and U as defined in ``fxpar.solve.recompute``)
   add_recompute_comm:  q_e >= T_e - C_e (2 - r[u] - r[w]) for an edge from a copy of u's into a copy
                        of w's (T_e its resharding-time expression, C_e its largest; inside one
                        decision, q_e >= T_e - C_e (1 - r[d])); objective += q_e
-  add_recompute_memory (replaces add_memory; one row per position P, added lazily as above):
-                       params + sum_v [m_v x_v on [o, lf]] + [m_v (x_v - y_v) on (lf, lu]]
+  add_recompute_memory (replaces add_memory; one row per position P and the one after the graph,
+                       added lazily as above; params: the w_p terms, C_P: add_memory's copy and
+                       fixed terms of position P, fxpar.solve.recompute.extras_at):
+                       params + C_P + sum_v [m_v x_v on [o, lf]] + [m_v (x_v - y_v) on (lf, lu]]
                        + [m_v y_v on [fb(d), q(v)]] + W[v,P] + E[v,P] <= M, with
                        A[d,P] >= A[w,P] + r[d] - 1 for each decision w reading d (A[w,P] = r[w]
                        where fb(w) <= P), W[v,P] >= m_v y_v - max m_v (1 - A[d,P]) for P < fb(d),
@@ -96,7 +111,7 @@ from torch.fx import Node
 from fxpar.cost import spec_bytes
 from fxpar.solve.backend import HighsSolver
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem  # noqa: F401  (re-exported)
-from fxpar.solve.recompute import analysis_of, memory_profile, param_memory, recompute_edges, recompute_time
+from fxpar.solve.recompute import analysis_of, extras_at, memory_profile, param_memory, recompute_edges, recompute_time
 
 # Mixed-integer solvers OR-Tools ships that solve this model exactly (docs/solver-scale.md
 # compares them): HiGHS is the default, SCIP the solver fxpar used before.
@@ -283,12 +298,71 @@ class _Model:
         return coef
 
     def add_memory(self, live: list[Node], bound, bound_var=None) -> None:
-        """``bound`` bytes, or ``bound_var`` (a variable, in bytes) when minimizing the peak. Byte
-        counts of a large model (1e11) beside the objective's coefficients (~1) make a matrix range
-        that the solver handles badly, so the row is divided by the bound
-        (or, minimizing, by its largest coefficient), so the solver's feasibility tolerance is
-        relative to the device's memory."""
-        self._add_row(self.live_coefficients(live), bound, bound_var)
+        """The memory row of live set ``live`` (a ``LiveSet``): ``bound`` bytes, or ``bound_var`` (a
+        variable, in bytes) when minimizing the peak. Byte counts of a large model (1e11) beside the
+        objective's coefficients (~1) make a matrix range that the solver handles badly, so the row
+        is divided by the bound (or, minimizing, by its largest coefficient), so the solver's
+        feasibility tolerance is relative to the device's memory."""
+        coef: dict = defaultdict(float, self.add_memory_resident())
+        for v in live:
+            for x, m in zip(self.xs(v), self.p.act_mem[v]):
+                if m:
+                    coef[x] += m
+        self.add_memory_copies(coef, getattr(live, "copies", ()))
+        self._add_row(coef, bound - getattr(live, "fixed", 0.0), bound_var)
+
+    def add_memory_resident(self) -> dict:
+        """{variable: bytes} every memory row holds: each parameter with its optimizer state,
+        ``Problem.resident_param_bytes`` (made once)."""
+        if getattr(self, "_resident", None) is None:
+            p = self.p
+            self._resident = defaultdict(float)
+            for param in p.param_mem:
+                for k, x in enumerate(self.xs(param)):
+                    self._resident[x] += p.resident_param_bytes(param, k)
+        return self._resident
+
+    def add_memory_copies(self, coef: dict, items) -> None:
+        """Adds to ``coef`` the bytes of ``LiveSet`` copy items (``Problem.copy_bytes``). Each edge
+        gets one variable c >= 0, in units of its largest copy B, made once with one row per spec
+        t: c >= (bytes(t) / B) (sum of x on the side whose spec t is counted - sum of x on the other
+        side with spec t), which is bytes(t)/B exactly where the edge reshards into (a parameter's
+        copy) or out of (a gradient's bucket copy) spec t and at most 0 elsewhere; c appears only in
+        rows bounded above, so it takes its least value."""
+        p, s = self.p, self.solver
+        mesh = p.cost_model.mesh_shape
+        if getattr(self, "_copy_vars", None) is None:
+            self._copy_vars = {}
+        for item in items:
+            grad = item[2] == "grad"
+            for e in p.copy_edges(item):
+                key = (p.rep(e.producer), e.out_index, p.rep(e.consumer), e.position)
+                if key not in self._copy_vars:
+                    counted, other = (e.out_specs, e.in_specs) if grad else (e.in_specs, e.out_specs)
+                    x_counted, x_other = (self.xs(e.producer), self.xs(e.consumer)) if grad else (self.xs(e.consumer), self.xs(e.producer))
+                    sizes = {t: float(spec_bytes(e.tensor, t, mesh)) for t in set(counted)}
+                    biggest = max(sizes.values(), default=0.0)
+                    if biggest <= 0 or len(set(counted) | set(other)) == 1:
+                        self._copy_vars[key] = None
+                        continue
+                    c = s.NumVar(0, s.infinity(), f"c{len(self._copy_vars)}")
+                    for t, size in sizes.items():
+                        terms: dict = defaultdict(float)
+                        for x, spec in zip(x_counted, counted):
+                            if spec == t:
+                                terms[x] += size / biggest
+                        for x, spec in zip(x_other, other):
+                            if spec == t:
+                                terms[x] -= size / biggest
+                        row = s.Constraint(0, s.infinity())
+                        row.SetCoefficient(c, 1)
+                        for x, v in terms.items():
+                            if v:
+                                row.SetCoefficient(x, -v)
+                    self._copy_vars[key] = (c, biggest)
+                made = self._copy_vars[key]
+                if made is not None:
+                    coef[made[0]] += made[1]
 
     def _add_row(self, coefficients: dict, bound, bound_var=None) -> None:
         unit = 1.0 / max(float(bound), max(coefficients.values(), default=0.0), 1.0)
@@ -427,8 +501,21 @@ class _Model:
         return coef
 
     def add_recompute_memory(self, pos: int, bound, bound_var=None) -> None:
-        """The memory row of position ``pos`` with recomputation (scaled as in add_memory)."""
-        self._add_row(self.recompute_coefficients(pos), bound, bound_var)
+        """The memory row of position ``pos`` with recomputation (scaled as in add_memory): the
+        parameters with their optimizer state, the activations (recompute_coefficients, less its
+        parameter terms), and what the step holds there besides (``fxpar.solve.recompute.extras_at``)."""
+        coef = self.recompute_coefficients(pos)
+        for var, c in self.param_terms.items():
+            coef[var] -= c
+        for var, c in self.add_memory_resident().items():
+            coef[var] += c
+        nodes, copies, fixed = extras_at(analysis_of(self.p), pos)
+        for v in nodes:
+            for x, m in zip(self.xs(v), self.p.act_mem[v]):
+                if m:
+                    coef[x] += m
+        self.add_memory_copies(coef, copies)
+        self._add_row({var: c for var, c in coef.items() if c}, bound - fixed, bound_var)
 
     def add_overlap(self) -> None:
         """z >= G - e B, z >= (1 - e) G, z >= G_last, z >= 0; the objective pays z instead of G."""

@@ -142,7 +142,45 @@ class Problem:
         return self.classes.get(node, node)
 
     def live_set_memory(self, live: list[Node], choice: dict[Node, int]) -> float:
-        return sum(self.act_mem[v][choice[v]] for v in live)
+        """Bytes live in ``live`` (a ``LiveSet``) under ``choice``: its nodes' outputs (a parameter:
+        its gradient), the parameters' resharded copies and gradients' bucket copies it holds, and
+        its fixed bytes."""
+        total = sum(self.act_mem[v][choice[v]] for v in live)
+        for item in getattr(live, "copies", ()):
+            total += self.copy_bytes(item, choice)
+        return total + getattr(live, "fixed", 0.0)
+
+    def copy_edges(self, item: tuple) -> list[Edge]:
+        """The edges of a ``LiveSet`` copy item: ``(parameter, consumer, "param")`` -> the edges from
+        the parameter into that consumer; ``(gradient, parameter, "grad")`` -> the gradient's edge."""
+        index = self.__dict__.get("_copy_index")
+        if index is None or index[0] is not self.edges:
+            table: dict = {}
+            for e in self.edges:
+                if e.position == -1:
+                    table.setdefault((e.producer, e.consumer, "grad"), []).append(e)
+                elif e.producer in self.param_mem:
+                    table.setdefault((e.producer, e.consumer, "param"), []).append(e)
+            index = self.__dict__["_copy_index"] = (self.edges, table)
+        return index[1].get(item, [])
+
+    def copy_bytes(self, item: tuple, choice: dict[Node, int]) -> float:
+        """Bytes of a copy item under ``choice``: where the edge reshards, a parameter's copy in the
+        spec its consumer wants, or a gradient's concatenation into its bucket (its producer's spec)."""
+        mesh = self.cost_model.mesh_shape
+        total = 0.0
+        for e in self.copy_edges(item):
+            a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
+            if a != b:
+                total += spec_bytes(e.tensor, a if item[2] == "grad" else b, mesh)
+        return float(total)
+
+    def resident_param_bytes(self, p: Node, k: int) -> float:
+        """Bytes parameter ``p`` under its strategy ``k`` holds for the whole step: the parameter and
+        its optimizer state (``param_mem`` less the gradient, which the live sets count from the
+        node that produces it)."""
+        grad = spec_bytes(p.meta["val"], self.strategies[p][k].outputs[0], self.cost_model.mesh_shape)
+        return self.param_mem[p][k] - grad
 
     def overlappable(self, edge: Edge, src: Spec, dst: Spec) -> bool:
         if not self.overlap or edge.position != -1 or src == dst:
@@ -173,19 +211,88 @@ class Problem:
         return self.breakdown(choice)["step"]
 
     def memory_of(self, choice: dict[Node, int]) -> float:
-        params = sum(self.param_mem[p][choice[p]] for p in self.param_mem)
-        mesh = self.cost_model.mesh_shape
-        params += sum(
-            spec_bytes(e.tensor, e.in_specs[choice[e.consumer]], mesh)
-            for e in self.edges
-            if e.producer in self.param_mem and e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]
-        )
+        """Peak bytes per device: the parameters and their optimizer state, plus the largest live set
+        (``_liveness``)."""
+        params = sum(self.resident_param_bytes(p, choice[p]) for p in self.param_mem)
         peak = max((self.live_set_memory(live, choice) for live in self.live_sets), default=0.0)
         return params + peak
 
 
-def _liveness(gm: GraphModule) -> list[list[Node]]:
-    """Maximal sets of activations live at once, in graph order; views share their base's storage."""
+class LiveSet(list):
+    """The nodes whose storage is live at one point of the step (a node listed twice: two copies of
+    it; a parameter: its gradient in the parameter's spec), with ``copies``: items whose bytes
+    depend on an edge's resharding (``Problem.copy_bytes``), and ``fixed`` bytes no choice changes.
+    ``position`` is the graph position (``len(graph)``: after the graph)."""
+
+    def __init__(self, nodes=(), copies=(), fixed: float = 0.0, position: int = 0):
+        super().__init__(nodes)
+        self.copies = list(copies)
+        self.fixed = fixed
+        self.position = position
+
+
+@dataclass
+class StepMemory:
+    """What ``_liveness`` counts besides activations, by graph position: ``end`` the output node's
+    position (the step's outputs live to it; the runtime synchronizes gradients in buckets there),
+    ``after`` = len(graph) (the gradients handed to the parameters), ``param_copies``
+    (parameter, consumer, first, last position) of each resharded copy a parameter may need,
+    ``grads`` (gradient, parameter) pairs, ``bucket_items``: gradient items whose bucket copy is
+    counted at ``end``, or ``bucket_fixed`` bytes of one full bucket instead."""
+
+    end: int
+    after: int
+    param_copies: list[tuple[Node, Node, int, int]]
+    grads: list[tuple[Node, Node]]
+    bucket_items: list[tuple[Node, Node, str]]
+    bucket_fixed: float
+
+
+def step_memory(gm: GraphModule) -> StepMemory:
+    """The parts of a step's memory that are not activations (see ``StepMemory``)."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    params = {n for n in nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "param"}
+    # A parameter's copy for consumer c is made before c and read by c, or, when c is a view of it,
+    # by the users of that view (and of views of it) too.
+    first_view: dict[Node, Node] = {}
+    last: dict[tuple[Node, Node], int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in params and n.op != "output":
+                last[(a, n)] = max(last.get((a, n), order[n]), order[n])
+                if n.op == "call_function" and n.meta.get("fxpar_is_view"):
+                    first_view[n] = n
+            elif a in first_view:
+                top = first_view[a]
+                key = (top.args[0], top)
+                last[key] = max(last[key], order[n])
+                if n.op == "call_function" and n.meta.get("fxpar_is_view") and n.args and n.args[0] is a:
+                    first_view[n] = top
+    copies = [(p, c, order[c], hi) for (p, c), hi in last.items()]
+    _, grads, _ = step_outputs(gm)
+    total = sum(g.meta["val"].numel() * g.meta["val"].element_size() for g, _ in grads)
+    # Gradients synchronized by an all-reduce or reduce-scatter are concatenated into buckets of
+    # GRAD_BUCKET_BYTES: one bucket holds every gradient that fits it (its copy is counted per
+    # gradient that reshards), else one full bucket is counted.
+    fits = total <= GRAD_BUCKET_BYTES
+    items = [(g, p, "grad") for g, p in grads] if fits else []
+    out = gm.graph.output_node()
+    return StepMemory(order[out], len(nodes), copies, list(grads), items, 0.0 if fits or not grads else float(GRAD_BUCKET_BYTES))
+
+
+def _liveness(gm: GraphModule) -> list[LiveSet]:
+    """The sets of values live at once, in graph order, at every position where one dies (views
+    share their base's storage), and after the graph.
+
+    Activations live from the node that makes them to their last use; the step's outputs
+    (gradients, loss, buffer updates) to the output node, where the runtime synchronizes the
+    gradients in buckets (a bucket's concatenation beside its sources, ``step_memory``); inputs and
+    buffers, which the caller holds, through the whole step. A parameter's resharded copy lives
+    from its consumer to its last use (``step_memory``). After the graph, the gradients, in their
+    parameters' specs, are handed to the parameters as a second copy (scaled by the loss's
+    gradient) beside the inputs."""
+    sm = step_memory(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     base: dict[Node, Node] = {}
     end: dict[Node, int] = {}
@@ -193,24 +300,39 @@ def _liveness(gm: GraphModule) -> list[list[Node]]:
         if n.op == "call_function" and n.meta.get("fxpar_is_view"):
             base[n] = base.get(n.args[0], n.args[0])
         elif n.op in ("placeholder", "call_function") and n.meta.get("fxpar_role") != "param":
-            end[n] = order[n]
+            end[n] = sm.after if n.op == "placeholder" else order[n]
     for n in gm.graph.nodes:
         for arg in n.all_input_nodes:
             root = base.get(arg, arg)
-            if root in end and n.op != "output":
+            if root in end:
                 end[root] = max(end[root], order[n])
     dying: dict[int, list[Node]] = {}
     for n, t in end.items():
         dying.setdefault(t, []).append(n)
+    copies_at: dict[int, list] = {}
+    copy_end: set[int] = set()
+    for p, c, lo, hi in sm.param_copies:
+        for t in range(lo, hi + 1):
+            copies_at.setdefault(t, []).append((p, c, "param"))
+        copy_end.add(hi)
     live: list[Node] = []
-    sets: list[list[Node]] = []
+    sets: list[LiveSet] = []
     for n in gm.graph.nodes:
+        t = order[n]
         if n in end:
             live.append(n)
-        dead = dying.get(order[n], [])
-        if dead:
-            sets.append(list(live))
-            live = [v for v in live if v not in set(dead)]
+        dead = dying.get(t, [])
+        if dead or t in copy_end or t == sm.end:
+            extra = LiveSet(live, copies_at.get(t, []), position=t)
+            if t == sm.end:
+                extra.copies += sm.bucket_items
+                extra.fixed += sm.bucket_fixed
+            sets.append(extra)
+            if dead:
+                gone = set(dead)
+                live = [v for v in live if v not in gone]
+    grads = [p for _, p in sm.grads]
+    sets.append(LiveSet([v for v in live if end.get(v) == sm.after] + grads + grads, position=sm.after))
     return sets
 
 

@@ -45,6 +45,7 @@ from torch.fx import GraphModule, Node
 
 from fxpar.passes.capture import step_outputs
 from fxpar.rules.registry import tensor_arg_nodes
+from fxpar.solve.problem import step_memory
 
 INF = float("inf")
 
@@ -98,6 +99,7 @@ class Analysis:
     decisions: dict[Node, Decision]
     owner: dict[Node, Node]  # cloned node (op, getitem, view) -> its decision
     root: dict[Node, Node]  # view -> its storage base
+    step: object = None  # fxpar.solve.problem.StepMemory: what the step holds besides activations
 
     def members(self, d: Node) -> list[Node]:
         dec = self.decisions[d]
@@ -116,7 +118,7 @@ class Analysis:
         """Bytes live at every position under the model (``nbytes(value)``: its bytes)."""
         chosen = set(recompute)
         host = self.hosts(chosen)
-        n = len(self.order)
+        n = len(self.order) + 1  # the graph's positions and the one after it
         diff = [0.0] * (n + 2)
 
         def add(lo, hi, m):
@@ -165,13 +167,22 @@ def analyze(gm: GraphModule) -> Analysis:
             r = root.get(a, a)
             if r in uses:
                 uses[r].append(order[n])
+    step = step_memory(gm)
+    output_roots = {root.get(a, a) for a in gm.graph.output_node().all_input_nodes}
     values = {}
     for v in storage:
         o = order[v]
         early = [p for p in uses[v] if p <= loss_pos]
         late = [p for p in uses[v] if p > loss_pos]
         lf = max(early + [o])
-        values[v] = Value(v, o, lf, min(late) if late else INF, max(late) if late else lf)
+        lu = max(late) if late else lf
+        # The step's outputs live to the output node, inputs and buffers past the graph (as
+        # fxpar.solve.problem._liveness counts them).
+        if v.op == "placeholder":
+            lu = step.after
+        elif v in output_roots:
+            lu = max(lu, step.end)
+        values[v] = Value(v, o, lf, min(late) if late else INF, lu)
 
     def eligible(n: Node) -> bool:
         if n.op != "call_function" or n.meta.get("fxpar_is_view") or n.target is operator.getitem:
@@ -238,7 +249,20 @@ def analyze(gm: GraphModule) -> Analysis:
     for v in values.values():
         ends = [decisions[w].latest_host for w in v.readers]
         v.copy_end = max([v.last_use if v.first_late < INF else -INF] + ends)
-    return Analysis(order, loss_pos, values, decisions, owner, root)
+    return Analysis(order, loss_pos, values, decisions, owner, root, step)
+
+
+def extras_at(a: Analysis, pos: int) -> tuple[list[Node], list[tuple], float]:
+    """What the step holds at position ``pos`` besides the analysis' values, as ``_liveness`` counts
+    it: (nodes counted once more each, ``LiveSet`` copy items, fixed bytes)."""
+    sm = a.step
+    copies = [(p, c, "param") for p, c, lo, hi in sm.param_copies if lo <= pos <= hi]
+    if pos == sm.end:
+        return [], copies + sm.bucket_items, sm.bucket_fixed
+    if pos == sm.after:
+        grads = [p for _, p in sm.grads]
+        return grads + grads, copies, 0.0
+    return [], copies, 0.0
 
 
 def analysis_of(problem) -> Analysis:
@@ -249,17 +273,31 @@ def analysis_of(problem) -> Analysis:
 
 
 def param_memory(problem, choice: dict[Node, int]) -> float:
-    """Bytes of parameters, gradients, optimizer state and resharded parameter copies."""
-    return problem.memory_of(choice) - max(
-        (problem.live_set_memory(live, choice) for live in problem.live_sets), default=0.0
-    )
+    """Bytes of the parameters and their optimizer state (held for the whole step)."""
+    return sum(problem.resident_param_bytes(p, choice[p]) for p in problem.param_mem)
 
 
 def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float]:
-    """Activation bytes live at every position when the decisions ``recompute`` are recomputed."""
+    """Bytes live at every position (and after the graph) besides the parameters and their state
+    when the decisions ``recompute`` are recomputed: activations, gradients, inputs, resharded
+    parameter copies and bucket copies."""
     a = analysis_of(problem)
     act = problem.act_mem
-    return a.profile(recompute, lambda v: act[v][choice[v]] if v in act else 0.0)
+    prof = a.profile(recompute, lambda v: act[v][choice[v]] if v in act else 0.0)
+    sm = a.step
+    diff = [0.0] * (len(prof) + 1)
+    for p, c, lo, hi in sm.param_copies:
+        m = problem.copy_bytes((p, c, "param"), choice)
+        if m:
+            diff[lo] += m
+            diff[hi + 1] -= m
+    running = 0.0
+    for i in range(len(prof)):
+        running += diff[i]
+        prof[i] += running
+    prof[sm.end] += sm.bucket_fixed + sum(problem.copy_bytes(item, choice) for item in sm.bucket_items)
+    prof[sm.after] += 2 * sum(act[p][choice[p]] for _, p in sm.grads)
+    return prof
 
 
 def recompute_memory(problem, choice: dict[Node, int], recompute=()) -> float:
@@ -309,7 +347,11 @@ def memory_may_bind(problem) -> bool:
     from fxpar.cost import spec_bytes
 
     mesh = problem.cost_model.mesh_shape
+
+    def most(item) -> float:
+        return sum(max(spec_bytes(e.tensor, t, mesh) for t in [*e.in_specs, *e.out_specs]) for e in problem.copy_edges(item))
+
     bound = sum(max(ms) for ms in problem.param_mem.values())
-    bound += sum(max(spec_bytes(e.tensor, b, mesh) for b in e.in_specs) for e in problem.edges if e.producer in problem.param_mem)
-    bound += max((sum(max(problem.act_mem[v]) for v in live) for live in problem.live_sets), default=0.0)
+    bound += max((sum(max(problem.act_mem[v]) for v in live) + sum(most(i) for i in getattr(live, "copies", ()))
+                  + getattr(live, "fixed", 0.0) for live in problem.live_sets), default=0.0)
     return bound > problem.memory_budget
