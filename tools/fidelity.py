@@ -116,7 +116,7 @@ def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, s
             ts.append(benchlib.timed_step(update))
         opt_times[key] = ts
     return {"times": times, "opt_times": opt_times, "memory": memory, "plans": plans, "profile": before.to_json(),
-            "raw_during": merge_measurements(during)}
+            "raw_before": raw_before, "raw_during": merge_measurements(during)}
 
 
 def optimizer_prediction(plan: Plan, model_name: str, cluster: fxpar.Cluster) -> float:
@@ -133,8 +133,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
+    ap.add_argument("--reprice", metavar="RUN_DIR",
+                    help="run nothing: price the plans a run saved in RUN_DIR (fidelity-raw.json) with the current "
+                         "cost model under that run's profile before the runs, against its measured times")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.reprice:
+        print(reprice_run(Path(args.reprice)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -147,6 +153,11 @@ def main() -> None:
     during = build_profile(first["raw_during"], name="during the runs", wall_s=0)
     before.save(out / "fidelity-profile-before.json")
     during.save(out / "fidelity-profile-during.json")
+    # What re-pricing the same plans under another cost model or profile needs (no reruns): the
+    # plans, the raw calibration measurements, and every rank's step times.
+    (out / "fidelity-raw.json").write_text(json.dumps({
+        "plans": first["plans"], "raw_before": first["raw_before"], "raw_during": first["raw_during"],
+        "times": [r["times"] for r in results]}, default=str))
     graphs: dict = {}
     rows = []
     for key, plan in plans.items():
@@ -173,6 +184,30 @@ def main() -> None:
     table = markdown(report)
     (out / "fidelity.md").write_text(table + "\n")
     print(table)
+
+
+def reprice_run(run: Path) -> str:
+    """The summary table of an earlier run's plans priced again by the current cost model (under
+    the profile that run calibrated before its runs), against the step times it measured."""
+    raw = json.loads((run / "fidelity-raw.json").read_text())
+    before = fxpar.Cluster.load(run / "fidelity-profile-before.json")
+    graphs: dict = {}
+    rows = []
+    for key, plan_json in raw["plans"].items():
+        model_name, kind = key.split("/")
+        if model_name not in graphs:
+            graphs[model_name] = capture_and_annotate(*benchlib.build(model_name))
+        plan = benchlib.reprice(graphs[model_name], Plan.from_json(plan_json), before)
+        measured = benchlib.slowest_rank_median([times[key] for times in raw["times"]])
+        rows.append({"model": model_name, "plan": kind, "predicted_s": plan.predicted_step_s, "measured_s": measured})
+        print(f"{key}: measured {measured * 1e3:.2f} ms, predicted {plan.predicted_step_s * 1e3:.2f} ms "
+              f"({plan.compute_s * 1e3:.2f} + {plan.comm_s * 1e3:.2f}), {plan.predicted_step_s / measured - 1:+.0%}")
+    stats = _stats(rows, "predicted_s")
+    lines = ["| model | median abs. error | Spearman | fxpar's plan fastest: predicted / measured |", "|---|---|---|---|"]
+    for m, st in [*stats["per_model"].items(), ("all plans", stats["all"])]:
+        lines.append(f"| {m} | {st['median_abs_error']:.0%} | {st['spearman']:.2f} | "
+                     f"{'yes' if st['fxpar_fastest_predicted'] else 'no'} / {'yes' if st['fxpar_fastest_measured'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def drift(before: fxpar.Cluster, during: fxpar.Cluster) -> dict[str, float]:
