@@ -36,7 +36,7 @@ import fidelity  # noqa: E402
 
 import fxpar  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
-from fxpar.runtime.memory import LiveTensorBytes  # noqa: E402
+from fxpar.runtime.memory import measure_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.10
@@ -58,11 +58,7 @@ def measure_plan(model: torch.nn.Module, inputs: tuple, plan: Plan, *, optimizer
 
     step()  # makes the optimizer state
     state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    resident = params + list(compiled.buffers()) + state + local
-    mode = LiveTensorBytes(resident)
-    with mode:
-        step()
-    return {"peak": mode.resident_bytes + mode.peak, "resident": mode.resident_bytes, "at": mode.peak_op}
+    return measure_step(step, params + list(compiled.buffers()) + state + local)
 
 
 def _rank(rank: int, plans: dict[str, str]) -> dict:

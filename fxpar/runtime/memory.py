@@ -63,3 +63,13 @@ class LiveTensorBytes(TorchDispatchMode):
                     self.peak, self.peak_op = self.live, str(func)
             weakref.finalize(t, self._release, key)
         return out
+
+
+def measure_step(step, resident: list[torch.Tensor]) -> dict:
+    """One call of ``step`` under ``LiveTensorBytes(resident)``: ``{"peak": bytes, "resident":
+    bytes, "at": op name}``, the peak counting the resident tensors' storage once and the storage
+    the step's ops make at its largest."""
+    mode = LiveTensorBytes(resident)
+    with mode:
+        step()
+    return {"peak": mode.resident_bytes + mode.peak, "resident": mode.resident_bytes, "at": mode.peak_op}

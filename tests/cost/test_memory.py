@@ -1,65 +1,101 @@
-"""The memory model against a measured peak: a single-process training step on CPU.
+"""The memory model against the measured peak of real training steps on 2 gloo ranks.
 
-The prediction is the per-device memory of a 1-device plan (parameters, gradients, Adam state and
-the largest set of live activations, in graph order). The measurement runs the same joint graph
-(as the runtime does, without autograd recording) and an Adam update, and takes the resident
-tensors (parameters, buffers, Adam state, inputs) plus the peak of the tensor storage that ops
-allocate during the step (a dispatch mode that follows every op's outputs until they are freed;
-kernel-internal scratch is not seen). Measured on these models the prediction is 3% under to
-11% over the peak (it errs high where each gradient is counted both with its parameter and as an
-activation where it is produced); the bounds below allow 15% under and 30% over.
+Each plan is compiled with ``codegen="eager"`` (the tracker, ``fxpar.runtime.memory.LiveTensorBytes``,
+follows the ops that run one by one) and one training step (the call, the backward that hands the
+gradients to the parameters, an Adam update, ``zero_grad``) is measured after a first step has
+made the optimizer state: the rank's parameters, buffers, Adam state and batch slice (each storage
+once), plus the peak of the storage the step's ops make. The plan's predicted peak per device must
+lie within 10% of the larger rank's measurement (``tools/memory_fidelity.py`` runs the benchmark's
+fifteen plans the same way).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import fxpar
 from fxpar.models import MLP, GPT, GPTConfig
+from fxpar.plan import Plan
 from fxpar.planner import capture_and_annotate, plan_graph
-from fxpar.runtime.memory import LiveTensorBytes
+from fxpar.runtime.memory import measure_step
+
+TOLERANCE = 0.10
 
 
-def _measured_peak(gm, model: torch.nn.Module, inputs: tuple) -> int:
-    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    buffers = [b.clone() for b in model.buffers()]
-    opt = torch.optim.Adam(params, lr=1e-3)
-
-    def step() -> None:
-        with torch.no_grad():
-            outs = gm(params, buffers, list(inputs))
-        for p, g in zip(params, outs[1 : 1 + len(params)]):
-            p.grad = g
-        del outs
-        opt.step()
-        opt.zero_grad()
-
-    step()  # creates the Adam state
-    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    resident = params + buffers + state + list(inputs)
-    mode = LiveTensorBytes(resident)
-    with mode:
-        step()
-    assert mode.live == 0, "every tensor the step made is freed by its end"
-    return sum(t.nbytes for t in resident) + mode.peak
+def _mlp():
+    return MLP((256, 512, 512, 10)), 128
 
 
-@pytest.mark.parametrize(
-    "make, batch",
-    [
-        (lambda: MLP((256, 1024, 1024, 10)), 512),
-        (lambda: MLP((512, 512, 10)), 4096),
-        (lambda: GPT(GPTConfig(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=128)), 8),
-    ],
-    ids=["mlp-wide", "mlp-big-batch", "gpt-tiny"],
-)
-def test_predicted_memory_brackets_measured_peak(make, batch):
+def _gpt():
+    return GPT(GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, d_model=64)), 8
+
+
+MODELS = {"mlp": _mlp, "gpt": _gpt}
+WEIGHTS = ("layers.0.weight", "layers.1.weight", "layers.2.weight")
+CASES = [
+    ("mlp", "data parallel", {w: "R" for w in WEIGHTS}),
+    ("mlp", "zero-3", {**{w: "S(0)" for w in WEIGHTS}, "layers.0.bias": "S(0)", "layers.1.bias": "S(0)"}),
+    ("mlp", "megatron", {"layers.0.weight": "S(0)", "layers.0.bias": "S(0)", "layers.1.weight": "S(1)"}),
+    ("gpt", "fxpar", None),
+]
+
+
+def _build(name: str):
     torch.manual_seed(0)
-    model = make()
-    inputs = tuple(model.example_inputs(batch))
-    gm = capture_and_annotate(model, inputs)
-    plan, _ = plan_graph(gm, cluster=fxpar.preset("cpu-local", num_devices=1), mesh_shape=(1,))
-    measured = _measured_peak(gm, model, inputs)
-    ratio = plan.memory_bytes / measured
-    assert 0.85 <= ratio <= 1.3, f"predicted {plan.memory_bytes / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
+    model, batch = MODELS[name]()
+    return model, tuple(model.example_inputs(batch))
+
+
+def _measure(rank: int, plans: list[str]) -> list[int]:
+    warnings.simplefilter("ignore")
+    world = dist.get_world_size()
+    out = []
+    for (name, _, _), text in zip(CASES, plans):
+        model, inputs = _build(name)
+        compiled = fxpar.compile(model, inputs, plan=Plan.from_json(text), codegen="eager")
+        params = list(compiled.parameters())
+        opt = torch.optim.Adam(params, lr=1e-4)
+        local = [t.chunk(world)[rank].contiguous() for t in inputs]
+
+        def step(c=compiled, o=opt, x=local):
+            c(*x).backward()
+            o.step()
+            o.zero_grad()
+
+        step()
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        out.append(measure_step(step, params + list(compiled.buffers()) + state + local)["peak"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured():
+    plans = []
+    for name, _, force in CASES:
+        model, inputs = _build(name)
+        gm = capture_and_annotate(model, inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plans.append(plan_graph(gm, cluster=fxpar.preset("cpu-local", num_devices=2), mesh_shape=(2,), force=force)[0])
+    per_rank = fxpar.launch(_measure, 2, [p.to_json() for p in plans])
+    return [(plan, max(ranks)) for plan, ranks in zip(plans, zip(*per_rank))]
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{m}-{k}" for m, k, _ in CASES])
+def test_predicted_peak_within_10_percent_of_measured(measured, index):
+    plan, peak = measured[index]
+    ratio = plan.memory_bytes / peak
+    assert abs(ratio - 1) <= TOLERANCE, (
+        f"{CASES[index][:2]}: predicted {plan.memory_bytes / 2**20:.3f} MiB, measured {peak / 2**20:.3f} MiB ({ratio - 1:+.1%})")
+
+
+def test_zero3_plan_gathers_and_the_model_counts_it(measured):
+    """The ZeRO-3 case shards every weight (so its gathered copies are what the model must place in
+    time), and it needs less memory than data parallelism, as measured."""
+    (dp, dp_peak), (zero, zero_peak) = measured[0], measured[1]
+    assert all(spec_text != "R" for spec_text in (str(zero.param_specs[w][0]) for w in WEIGHTS))
+    assert zero_peak < dp_peak and zero.memory_bytes < dp.memory_bytes
