@@ -11,7 +11,10 @@ Two passes and one code generator, all torch's own:
   C++/OpenMP kernels on CPU, Triton on GPU) or runs it as it is (``codegen="eager"``). Inductor keeps
   its compiled artifacts in its on-disk FX graph cache, so a restart with the same graph loads them
   instead of compiling again. Where no C++ compiler is found on a CPU run, the step runs eagerly
-  with a ``FallbackWarning``.
+  with a ``FallbackWarning``. Where Inductor's vectorized C++ code generation fails on a graph
+  (torch 2.13's CPU backend asserts on some int64 ``where`` kernels, such as the ones a split
+  vocabulary's target masking makes), the graph is compiled again without vectorization
+  (``cpp.simdlen=1``), with a ``FallbackWarning`` naming the error.
 """
 
 from __future__ import annotations
@@ -95,12 +98,29 @@ class CompiledStep:
 
     def __call__(self, *args: torch.Tensor) -> Sequence[torch.Tensor]:
         if self._fn is None:
-            from torch._inductor.compile_fx import compile_fx
-
             start = time.perf_counter()
-            self._fn = compile_fx(self.gm, list(args))
+            self._fn = _inductor(self.gm, list(args))
             self.compile_s = time.perf_counter() - start
         return self._fn(*args)
+
+
+def _inductor(gm: GraphModule, args: list[torch.Tensor]) -> Callable:
+    """``compile_fx(gm, args)``; on CPU, where the vectorized C++ code generation fails, again
+    without vectorization (with a ``FallbackWarning``)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.exc import InductorError
+
+    try:
+        return compile_fx(gm, args)
+    except InductorError as exc:
+        if any(a.device.type != "cpu" for a in args if isinstance(a, torch.Tensor)) or config.cpp.simdlen == 1:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"Inductor's vectorized C++ code generation failed on this rank's step ({first[:200]}); "
+                      "compiled again without vectorization (cpp.simdlen=1)", FallbackWarning, stacklevel=4)
+        with config.patch({"cpp.simdlen": 1}):
+            return compile_fx(gm, args)
 
 
 def compile_step(gm: GraphModule, codegen: str, device: torch.device) -> CompiledStep:

@@ -11,6 +11,11 @@ over the ranks of each axis group. Ops whose constants differ between ranks (a r
 offset, the 1 or 0 of ``keep_one``) run once per rank on that rank's tensors. No collective is
 implemented here. Used by the property tests to check any plan, and every rule strategy, against
 the single-device graph.
+
+``run_plan_rank`` is the counterpart on real ranks: the same rewrite for this process's rank of a
+``torch.distributed`` group, bucketed and run by a code generator (Inductor or eager), so that the
+checks above can also be made of the code that Inductor generates (C++ kernels cannot run on
+``LocalTensor``s).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch.utils import _pytree as pytree
 from fxpar.placement import Spec, replicated
 from fxpar.runtime.steps import RankMesh, reshard
 
-__all__ = ["fake_world", "shard_for_ranks", "simulate", "simulate_plan"]
+__all__ = ["fake_world", "run_plan_rank", "shard_for_ranks", "simulate", "simulate_plan"]
 
 
 def _coords(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -144,3 +149,29 @@ def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...]
         graphs = [rewrite(gm, assignment, mesh_shape, coords=c, group_names=names, output_specs=output_specs,
                           batch_norm=batch_norm) for c in coords]
         return simulate(graphs, rank_inputs)
+
+
+def run_plan_rank(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
+                  output_specs=None, batch_norm: str = "global", codegen: str = "inductor") -> list[torch.Tensor]:
+    """This process's outputs of ``gm`` under ``assignment``, run on the real ranks of the current
+    ``torch.distributed`` group (``prod(mesh_shape)`` ranks, as ``fxpar.launch`` makes): the graph
+    rewritten for this rank's coordinates in a ``DeviceMesh`` of ``mesh_shape``, its collectives
+    bucketed, compiled by ``codegen`` (``fxpar.runtime.codegen.compile_step``) and called on this
+    rank's slice of ``full_inputs``. Every rank must call it with the same arguments."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fxpar.passes.rewrite import rewrite
+    from fxpar.runtime.codegen import bucket_collectives, compile_step
+
+    mesh_shape = tuple(mesh_shape)
+    rank_mesh = RankMesh.from_device_mesh(init_device_mesh("cpu", mesh_shape))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [shard_for_ranks(v, assignment[n].outputs[0], mesh_shape)[rank_mesh.rank] for n, v in zip(placeholders, full_inputs)]
+    local = rewrite(gm, assignment, mesh_shape, coords=rank_mesh.coords, group_names=rank_mesh.group_names,
+                    output_specs=output_specs, batch_norm=batch_norm)
+    bucket_collectives(local, inputs)
+    step = compile_step(local, codegen, torch.device("cpu"))
+    outputs = list(step(*inputs))
+    if step.codegen != codegen:
+        raise RuntimeError(f"asked for codegen={codegen!r}, ran {step.codegen!r}")
+    return outputs
