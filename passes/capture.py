@@ -130,8 +130,12 @@ def capture(
     decompositions = get_decompositions(_DECOMPOSE)
     tracing_mode = "symbolic" if dynamic_batch else "fake"
     with torch.device("cpu"), torch.autocast(device_type, enabled=False), torch.set_grad_enabled(grad):
-        joint = make_fx(step, tracing_mode=tracing_mode)(params, bufs, inputs)
-        gm = _functionalize(joint, decompositions, tracing_mode)
+        # The decompositions apply below autograd, so the backward is the original ops' backward.
+        joint = make_fx(step, decomposition_table=decompositions, tracing_mode=tracing_mode)(params, bufs, inputs)
+        _prims_to_aten(joint)
+        # A step without in-place ops is already functional; functionalization would re-trace
+        # every node to the same graph (half of capture's time on a Llama-7B-sized model).
+        gm = _functionalize(joint, tracing_mode) if _mutates(joint) else joint
     _drop_identities(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(params) + len(bufs) + len(inputs)
@@ -183,27 +187,37 @@ def _loss_of(out):
     return loss if isinstance(loss, torch.Tensor) else out
 
 
-def _functionalize(joint: GraphModule, decompositions: dict, tracing_mode: str) -> GraphModule:
+def _mutates(gm: GraphModule) -> bool:
+    """Whether the graph writes into a tensor: an op whose schema says so (``bernoulli_``,
+    ``add_``, ``copy_``), or batch norm in training mode with running statistics, which updates
+    them in place without its schema declaring it."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target._schema.is_mutable or (target == aten.native_batch_norm.default and node.args[5]):
+            return True
+    return False
+
+
+def _functionalize(joint: GraphModule, tracing_mode: str) -> GraphModule:
     """Re-trace the joint graph through torch's functionalization (``torch.func.functionalize``):
     in-place ops on intermediates and on views of them become out-of-place ops (dropout's
     ``bernoulli_`` becomes ``bernoulli``, ``x += y`` an ``add``, a write into a view a
     ``*_scatter``), and a mutated graph input becomes one ``copy_`` into it at the end, which
     ``_functionalize_buffer_updates`` turns into a new value. The joint graph is traced first,
     under autograd, and functionalized second, because torch's functionalization cannot wrap
-    tensors that autograd is asked to differentiate inside it. ``decompositions`` apply in this
-    second trace, below functionalization, so the prims they produce need no functionalizing.
+    tensors that autograd is asked to differentiate inside it.
     Placeholders keep their names, and the graph its calling convention."""
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     values = [n.meta["val"] for n in placeholders]
     interpreter = torch.fx.Interpreter(joint)
     gm = make_fx(
         torch.func.functionalize(lambda *flat: interpreter.run(*flat), remove="mutations"),
-        decomposition_table=decompositions,
         tracing_mode=tracing_mode,
     )(*values)
     for old, new in zip(placeholders, [n for n in gm.graph.nodes if n.op == "placeholder"]):
         new._rename(old.name)
-    _prims_to_aten(gm)
     # Called as the joint step is: step(params, buffers, inputs) -> (loss, *grads).
     gm.graph._codegen = joint.graph._codegen
     gm.recompile()

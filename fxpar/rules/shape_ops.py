@@ -43,10 +43,16 @@ def _cut_rule(info: OpInfo, x: torch.Tensor, dim: int, out_dim_of=lambda d: d) -
 def cat_rule(info: OpInfo) -> list[AxisStrategy]:
     tensors = [t for t in info.tensor_args]
     dim = (info.args[1] if len(info.args) > 1 else info.kwargs.get("dim", 0)) % info.out.dim()
-    # Legacy 1-D empty tensors may be mixed in; every input must share the kept sizes to be cut.
-    strategies = _cut_rule(info, info.out, dim)
-    return [s for s in strategies if not isinstance(s.inputs[0], Shard) or all(
-        t.dim() == info.out.dim() and t.shape[s.inputs[0].dim] == info.out.shape[s.inputs[0].dim] for t in tensors)]
+    # A legacy 1-D empty tensor (shape (0,)) beside tensors of more dims is skipped by torch.cat
+    # (an empty KV cache, as Hugging Face's DynamicCache starts): it holds nothing, so it stays
+    # replicated whatever the others do, and does not keep them from being cut.
+    legacy = [t.dim() == 1 and t.shape[0] == 0 and info.out.dim() != 1 for t in tensors]
+    strategies = [AxisStrategy(tuple(R if skip else p for skip, p in zip(legacy, s.inputs)), s.outputs)
+                  for s in _cut_rule(info, info.out, dim)]
+    # Every other input must share the kept sizes to be cut.
+    return [s for s in strategies if not isinstance(s.outputs[0], Shard) or all(
+        skip or (t.dim() == info.out.dim() and t.shape[s.outputs[0].dim] == info.out.shape[s.outputs[0].dim])
+        for skip, t in zip(legacy, tensors))]
 
 
 @register_rule(aten.stack.default, cheap=True)

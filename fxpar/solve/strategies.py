@@ -53,6 +53,31 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
         return [OpStrategy((), ((R,) * len(mesh_shape),))]
     assert node.op == "call_function", node.op
     rule = get_rule(node.target)
+    from fxpar.solve.repeat import node_signature
+
+    # Rules see only an op's shapes and constant arguments, so a node with the signature of one
+    # seen before (a copy of a repeated layer, or the same node checked again when a plan is
+    # applied) gets the strategies, and the notes in node.meta, computed for it.
+    flat = tensor_arg_nodes(node)
+    key = (node_signature(node), tuple(flat.index(a) for a in flat), tuple(mesh_shape), strict, rule)
+    hit = _MEMO.get(key)
+    if hit is not None:
+        node.meta.update(hit[1])
+        return hit[0]
+    strategies = _rule_strategies(node, rule, mesh_shape, strict=strict)
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[key] = (strategies, {k: node.meta[k] for k in _NOTES if k in node.meta})
+    return strategies
+
+
+# (signature, mesh, strict, rule) -> (strategies, node.meta notes); bounded, cleared when full.
+_MEMO: dict[tuple, tuple[list[OpStrategy], dict]] = {}
+_MEMO_SIZE = 20000
+_NOTES = ("fxpar_fallback", "fxpar_fallback_reason", "fxpar_rule_source")
+
+
+def _rule_strategies(node: Node, rule, mesh_shape: tuple[int, ...], *, strict: bool) -> list[OpStrategy]:
     if rule is None:
         if strict:
             raise UnsupportedOpError(
