@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import linecache
 import math
@@ -33,7 +34,7 @@ from fxpar.placement import spec_str
 from fxpar.plan import Plan, fmt_bytes, layer_rows
 from fxpar.progress import stage
 from fxpar.solve.ilp import Infeasible, SolverTimeout, memory_of, min_memory, solve
-from fxpar.solve.recompute import memory_may_bind, recompute_split
+from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies, node_strategies
 
@@ -189,13 +190,21 @@ def _check_force(gm: GraphModule, force: Mapping[str, str], mesh: tuple[int, ...
 def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool):
     """The best plan keeping every activation and, with ``recompute`` where memory can bind, the
     best with the ILP also choosing what to recompute; the second only if it is faster (so a plan
-    that fits without recomputation is never replaced by one as fast). Infeasible if neither fits."""
+    that fits without recomputation is never replaced by one as fast). Infeasible if neither fits.
+    With ``recompute``, the optimum without a memory limit is solved first: if it fits, it is the
+    answer to both (``_unbounded_optimum``)."""
     start = time.perf_counter()
+    if recompute:
+        # Infeasible here (no assignment at all, whatever the memory) is final.
+        free = _unbounded_optimum(problem, time_limit_s=time_limit_s / 3)
+        if free is not None:
+            return free
     try:
-        kept = solve(problem, time_limit_s=time_limit_s)
+        kept = solve(problem, time_limit_s=max(1.0, time_limit_s - (time.perf_counter() - start)))
     except Infeasible:
         kept = None
-    if recompute and memory_may_bind(problem):
+    # The optimum without a memory limit does not fit (or was not found in time): memory may bind.
+    if recompute:
         remaining = max(1.0, time_limit_s - (time.perf_counter() - start))
         try:
             sol = solve(problem, time_limit_s=remaining, recompute=True)
@@ -209,6 +218,23 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     if kept is None:
         raise Infeasible()
     return kept
+
+
+def _unbounded_optimum(problem: Problem, *, time_limit_s: float):
+    """The optimum of ``problem`` with no memory limit, if the solver proves it in time and it fits
+    the real limit; else None. Recomputation only adds time, so no plan that recomputes is faster
+    than this one: the solve that chooses what to recompute, the slowest of the planner's, is then
+    not needed. The limit is lifted by a budget no assignment reaches (1e30 bytes): the memory rows
+    are built as for the real budget and never bind."""
+    free = dataclasses.replace(problem, memory_budget=1e30)
+    try:
+        sol = solve(free, time_limit_s=time_limit_s)
+    except SolverTimeout:
+        return None
+    budget = problem.memory_budget
+    if sol.status != "optimal" or problem.memory_of(sol.choice) > budget + 1e-6 * max(1.0, budget):
+        return None
+    return sol
 
 
 def plan_graph(
@@ -284,7 +310,8 @@ def plan_graph(
         optimizer=optimizer,
         solver={
             "status": sol.status,
-            "gap": sol.gap,
+            # A relative gap under 1e-12 is the rounding of the solver's bound and objective sums.
+            "gap": sol.gap if sol.gap > 1e-12 else 0.0,
             "num_variables": sol.num_variables,
             "num_constraints": sol.num_constraints,
             "num_nodes": len(problem.nodes),

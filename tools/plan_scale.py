@@ -53,7 +53,7 @@ def cases(quick: bool) -> list[dict]:
         {"name": f"Toy transformer ({deep} blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(deep),
          "batch": 64, "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 4.7, "time_limit_s": 60.0},
         {"name": f"Llama-7B ({llama.n_layer} layers, seq {llama.seq_len})", "model": lambda: Llama(llama), "batch": 64,
-         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 30.0, "time_limit_s": 12.0},
+         "cluster": "h100-2node-16", "mesh": (8, 8), "target_s": 10.0, "time_limit_s": 12.0},
         # 3-D meshes: the limit leaves room for capture and the warm start within the target; the
         # gap at the limit is reported.
         {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
@@ -100,9 +100,14 @@ def run_case(case: dict, solver: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _solver(solver):
+            t = time.perf_counter()
             plan, problem = plan_graph(gm, cluster=cluster, mesh_shape=mesh, time_limit_s=case["time_limit_s"])
+            planning = time.perf_counter() - t
     times["build"] = plan.solver["build_s"]
-    times["solve"] = plan.solver["solve_s"]
+    # Everything plan_graph does after building: every solve it runs (without a memory limit, keeping
+    # every activation, choosing recomputation, the full problem after an infeasible simplified one)
+    # and the plan's report, not only the solve whose plan it returns (plan.solver["solve_s"]).
+    times["solve"] = planning - plan.solver["build_s"]
     t = time.perf_counter()
     rewrite(gm, plan.assignment(gm), mesh)
     times["rewrite"] = time.perf_counter() - t
