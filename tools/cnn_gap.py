@@ -1,6 +1,8 @@
 """Where the CNN's step time goes under fxpar on 2 gloo ranks: the compiled and the eager step of
-fxpar's plan, DDP, and the batch-norm statistics collectives alone (as many, and as large, as the
-plan's rank graph issues), interleaved as in ``vs_torch.py``.
+fxpar's plan, the compiled step with per-device statistics, DDP, DDP over batch norm with global
+statistics (``vs_torch.CpuSyncBatchNorm``), the batch-norm statistics collectives alone (as many,
+and as large, as the plan's rank graph issues) and as many one-element collectives (gloo's
+latency), interleaved as in ``vs_torch.py``; Adam ``fused=True`` everywhere.
 
     python tools/cnn_gap.py [--profile PATH] [--rounds 5] [--steps 3]
 """
@@ -30,13 +32,19 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     runners, compiled = {}, {}
-    for codegen in ("inductor", "eager"):
+    import vs_torch
+
+    for codegen, batch_norm in (("inductor", "global"), ("eager", "global"), ("inductor", "local")):
         model, inputs = benchlib.build("cnn")
-        module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json), codegen=codegen)
-        compiled[codegen] = module
-        runners[f"fxpar_{codegen}"] = _step(module, [t.chunk(world)[rank] for t in inputs])
+        module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json), codegen=codegen, batch_norm=batch_norm)
+        compiled[codegen] = compiled.get(codegen, module)
+        key = f"fxpar_{codegen}" + ("_local_bn" if batch_norm == "local" else "")
+        runners[key] = _step(module, [t.chunk(world)[rank] for t in inputs])
     model, inputs = benchlib.build("cnn")
     runners["ddp"] = _step(DistributedDataParallel(model), [t.chunk(world)[rank] for t in inputs])
+    model, inputs = benchlib.build("cnn")
+    runners["ddp_syncbn"] = _step(DistributedDataParallel(vs_torch.CpuSyncBatchNorm.convert(model)),
+                                  [t.chunk(world)[rank] for t in inputs])
     # The statistics collectives of the plan's batch norms: an all-gather of 2C values per forward,
     # an all-reduce of 2C per backward, each waited for at once.
     local = compiled["eager"].local_graph
@@ -51,7 +59,13 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
             funcol.wait_tensor(funcol.all_gather_into_tensor(torch.ones(2 * c), world, group))  # forward
             funcol.wait_tensor(funcol.all_reduce(torch.ones(2 * c), "sum", group))  # backward
 
+    def latency_only() -> None:
+        for _ in num_channels:
+            funcol.wait_tensor(funcol.all_gather_into_tensor(torch.ones(1), world, group))
+            funcol.wait_tensor(funcol.all_reduce(torch.ones(1), "sum", group))
+
     runners["bn_collectives"] = stats_only
+    runners["one_element_collectives"] = latency_only
     times = benchlib.interleave(runners, rounds=rounds, steps=steps)
     times["num_bn"] = [float(len(bn))]
     times["compile_s"] = [compiled["inductor"].compile_s]
@@ -59,7 +73,7 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
 
 
 def _step(module, local):
-    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         module(*local).backward()
@@ -80,9 +94,14 @@ def main() -> None:
     model, inputs = benchlib.build("cnn")
     plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(2,))
     results = fxpar.launch(_rank, 2, plan.to_json(), args.rounds, args.steps)
-    for key in ("fxpar_inductor", "fxpar_eager", "ddp", "bn_collectives"):
+    import os
+
+    print(f"load average before {os.getloadavg()[0]:.2f}")
+    for key in ("fxpar_inductor", "fxpar_eager", "fxpar_inductor_local_bn", "ddp", "ddp_syncbn", "bn_collectives",
+                "one_element_collectives"):
         print(f"{key}: {benchlib.slowest_rank_median([r[key] for r in results]) * 1e3:.1f} ms")
-    print(f"batch norms {int(results[0]['num_bn'][0])}, compile {max(r['compile_s'][0] for r in results):.1f} s")
+    print(f"batch norms {int(results[0]['num_bn'][0])}, compile {max(r['compile_s'][0] for r in results):.1f} s; "
+          f"load average after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

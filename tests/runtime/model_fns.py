@@ -74,20 +74,22 @@ def reference_training(name: str) -> tuple[list[float], dict[str, torch.Tensor]]
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_all(rank: int, jobs: dict[str, list[str]]) -> dict[str, list[tuple | None]]:
+def train_all(rank: int, jobs: dict[str, list[str]], codegen: str = "eager") -> dict[str, list[tuple | None]]:
     """``train_runs`` for every model of ``jobs`` (name -> plans as JSON), in one process group."""
-    return {name: train_runs(rank, name, plans) for name, plans in jobs.items()}
+    return {name: train_runs(rank, name, plans, codegen) for name, plans in jobs.items()}
 
 
-def train_runs(rank: int, name: str, plans: list[str]) -> list[tuple | None]:
-    """Train ``name`` for NUM_STEPS under each plan (JSON) in turn, from the same initial model;
-    per plan, (losses, full state) on the ranks the plan uses, None on the idle ones."""
+def train_runs(rank: int, name: str, plans: list[str], codegen: str = "eager") -> list[tuple | None]:
+    """Train ``name`` for NUM_STEPS under each plan (JSON) in turn, from the same initial model,
+    its step run by ``codegen``; per plan, (losses, full state) on the ranks the plan uses, None on
+    the idle ones."""
     results = []
     for text in plans:
         plan = fxpar.Plan.from_json(text)
         torch.manual_seed(0)
         model = make_model(name)
-        compiled = fxpar.compile(model, batch(name, 0, model), plan=plan, codegen="eager")
+        compiled = fxpar.compile(model, batch(name, 0, model), plan=plan, codegen=codegen)
+        assert compiled.codegen == codegen, compiled.codegen
         if not compiled.is_active:
             results.append(None)
             dist.barrier()
