@@ -233,6 +233,46 @@ def _overlap(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
     return out
 
 
+IN_STEP_COLLECTIVES = 8  # small all-reduces per repeat of the in-step measurement
+IN_STEP_BYTES = 1024
+
+
+def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per repeat of ``IN_STEP_COLLECTIVES`` matmuls run back to back, and of the same
+    matmuls each followed by a blocking all-reduce of ``IN_STEP_BYTES`` bytes (through
+    ``DistComm``, as a rewritten step calls it), with no barrier between them: as a step's
+    collectives run, where the ranks arrive at each at different moments. One barrier per repeat."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from fxpar.runtime.collectives import DistComm
+
+    m, k, n = sizes.matmuls[0]
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    x = torch.randn(IN_STEP_BYTES // 4, device=device)
+    comm = DistComm(DeviceMesh(device.type, list(range(dist.get_world_size()))))
+    _say(rank, f"in-step collectives: {IN_STEP_COLLECTIVES} all-reduces of {IN_STEP_BYTES} bytes between {m}x{k} @ {k}x{n} matmuls")
+
+    def compute() -> None:
+        for _ in range(IN_STEP_COLLECTIVES):
+            torch.mm(a, b)
+
+    def both() -> None:
+        for _ in range(IN_STEP_COLLECTIVES):
+            torch.mm(a, b)
+            comm.all_reduce(x, 0)
+
+    out: dict[str, list[float]] = {"compute": [], "both": []}
+    for fn, key in ((compute, "compute"), (both, "both")):
+        fn()
+        for _ in range(sizes.repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out[key].append(time.perf_counter() - start)
+    return out
+
+
 def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     """One rank's raw measurements (call inside a process group; every rank must call it)."""
     _VERBOSE[0] = verbose
@@ -244,8 +284,9 @@ def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     dist.barrier()
     comms = _collectives(rank, world, sizes, device)
     overlap = _overlap(rank, sizes, device)
-    return {"compute": compute, "collectives": comms, "overlap": overlap, "threads": torch.get_num_threads(), "device": device.type,
-            "backend": str(dist.get_backend())}
+    in_step = _in_step(rank, sizes, device)
+    return {"compute": compute, "collectives": comms, "overlap": overlap, "in_step": in_step,
+            "threads": torch.get_num_threads(), "device": device.type, "backend": str(dist.get_backend())}
 
 
 def merge_measurements(runs: list[list[dict]]) -> list[dict]:
@@ -254,14 +295,15 @@ def merge_measurements(runs: list[list[dict]]) -> list[dict]:
     merged = []
     for per_run in zip(*runs):
         first = per_run[0]
-        rank = {**first, "compute": {}, "collectives": {}, "overlap": {}}
+        rank = {**first, "compute": {}, "collectives": {}, "overlap": {}, "in_step": {}}
         for kind, entries in first["compute"].items():
             rank["compute"][kind] = [(e[0], [t for r in per_run for t in r["compute"][kind][i][1]]) for i, e in enumerate(entries)]
         for kind, entries in first["collectives"].items():
             rank["collectives"][kind] = [(e[0], e[1], [t for r in per_run for t in r["collectives"][kind][i][2]])
                                          for i, e in enumerate(entries)]
-        for key in first.get("overlap", {}):
-            rank["overlap"][key] = [t for r in per_run for t in r["overlap"][key]]
+        for part in ("overlap", "in_step"):
+            for key in first.get(part, {}):
+                rank[part][key] = [t for r in per_run for t in r[part][key]]
         merged.append(rank)
     return merged
 
@@ -344,6 +386,14 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     else:
         overlap = 1.0
         t = {}
+    # A blocking collective inside a step: what each of the in-step all-reduces added to the
+    # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier.
+    if all("in_step" in r for r in results):
+        in_step_t = {k: _slowest([r["in_step"][k] for r in results], quantile) for k in ("compute", "both")}
+        per_collective = (in_step_t["both"] - in_step_t["compute"]) / IN_STEP_COLLECTIVES
+        in_step = max(0.0, per_collective - collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) - overhead)
+    else:
+        in_step, in_step_t = 0.0, {}
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -363,13 +413,13 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         overlap_efficiency=overlap,
         peak_flops_by_dtype=peak_by_dtype,
     )
-    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
+    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()}, in_step)
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
            for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {
         "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
-        "compute": raw, "collectives": links_raw, "overlap": t,
+        "compute": raw, "collectives": links_raw, "overlap": t, "in_step": in_step_t,
     }}
     source = f"python -m fxpar calibrate on {platform.node()} ({world} ranks, {first['backend']}) {extra['calibration']['date']}"
     return Cluster(name, device, world, (link,), source=source, extra=extra)
@@ -434,3 +484,71 @@ def run(args) -> None:
         wall = profile.extra["calibration"]["wall_s"]
         print(f"wrote {args.out} after {wall:.0f} s; use it with fxpar.plan(..., cluster=fxpar.Cluster.load({args.out!r}))")
 
+
+
+def kernel_calls(gm: torch.fx.GraphModule, mesh_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """Every matmul and convolution kernel (``fxpar.cost.MEASURED_CLASSES``) the captured and
+    annotated step ``gm`` can run on one device of a mesh of ``mesh_shape``, over every strategy
+    the planner may choose for each node: ``fxpar.cost.kernel_key`` -> (op, args), with each
+    tensor argument as (per-device shape, dtype). What ``measure_kernels`` times."""
+    from fxpar.cost import MEASURED_CLASSES, kernel_key, op_class
+    from fxpar.placement import local_shape
+    from fxpar.rules.registry import input_source, output_values, tensor_arg_nodes
+    from fxpar.solve.strategies import node_strategies
+
+    calls: dict[str, tuple] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.meta.get("fxpar_is_view") or op_class(node) not in MEASURED_CLASSES:
+            continue
+        sources = [input_source(node, j) for j in range(len(tensor_arg_nodes(node)))]
+        for strategy in node_strategies(node, tuple(mesh_shape)):
+            key = kernel_key(node, strategy, tuple(mesh_shape))
+            if key in calls:
+                continue
+            tensors = iter(range(len(sources)))
+
+            def arg(a, strategy=strategy, tensors=tensors, sources=sources):
+                if isinstance(a, torch.fx.Node):
+                    j = next(tensors)
+                    u, i = sources[j]
+                    t = output_values(u)[i]
+                    return ("tensor", tuple(local_shape(tuple(t.shape), strategy.inputs[j], tuple(mesh_shape))), t.dtype)
+                if isinstance(a, (list, tuple)):
+                    return type(a)(arg(b) for b in a)
+                return a
+
+            calls[key] = (node.target, tuple(arg(a) for a in node.args))
+    return calls
+
+
+def measure_kernels(calls: dict[str, tuple], *, repeats: int = 5, device: torch.device | None = None) -> dict[str, list[float]]:
+    """Seconds per repeat of every kernel in ``calls`` (``kernel_calls``), on random inputs of its
+    per-device shapes, after one warm-up call. Call it on every rank at once (as in training, so
+    that the ranks' contention for the machine is in the figures) and pass the results of all ranks
+    to ``with_measured_kernels``."""
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+
+    def build(a):
+        if isinstance(a, tuple) and len(a) == 3 and a[0] == "tensor":
+            return torch.randn(a[1], dtype=a[2], device=device) if a[2].is_floating_point else torch.zeros(a[1], dtype=a[2], device=device)
+        if isinstance(a, (list, tuple)):
+            return type(a)(build(b) for b in a)
+        return a
+
+    out = {}
+    for key, (target, args) in calls.items():
+        real = tuple(build(a) for a in args)
+        out[key] = _time(lambda target=target, real=real: target(*real), device, repeats)
+    return out
+
+
+def with_measured_kernels(cluster: Cluster, per_rank: list[dict[str, list[float]]], quantile: float = 0.5) -> Cluster:
+    """``cluster`` with its device's ``measured_kernel_s`` extended by the kernels every rank timed
+    (``measure_kernels``): each the ``quantile`` over repeats of the slowest rank, as every other
+    timing of a profile."""
+    from dataclasses import replace
+
+    table = dict(cluster.device.measured_kernel_s)
+    for key in per_rank[0]:
+        table[key] = max(_slowest([r[key] for r in per_rank], quantile), 1e-9)
+    return replace(cluster, device=replace(cluster.device, measured_kernel_s=table))

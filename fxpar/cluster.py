@@ -77,6 +77,11 @@ class DeviceSpec:
     # whose efficiency is measured against those FLOPs); "cudnn", the fastest of the algorithms cuDNN
     # offers for the shape (implicit GEMM, fused and non-fused Winograd), each priced on its own.
     convolution_algorithms: str = "direct"
+    # Seconds of single matmul and convolution kernels timed on this device by
+    # ``fxpar.calibrate.measure_kernels``, keyed by ``fxpar.cost.kernel_key`` (the op, its per-device
+    # input shapes, dtype and other arguments); the cost model prices a kernel found here by its
+    # measured time and any other by the roofline.
+    measured_kernel_s: dict[str, float] = field(default_factory=dict)
 
     def peak_flops_for(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s of a kernel computing in ``dtype`` (a torch dtype, or a name: ``"tf32"``,
@@ -103,6 +108,9 @@ class LinkSpec:
     latency: float
     bandwidth_by_collective: dict[str, float] = field(default_factory=dict)
     latency_by_collective: dict[str, float] = field(default_factory=dict)
+    # Seconds a blocking collective inside a step costs beyond its alpha-beta time: the ranks reach
+    # it at different moments, and the first waits for the last (calibrate measures it; 0 in presets).
+    in_step_latency: float = 0.0
 
     def figures(self, kind: str) -> tuple[float, float]:
         """(bus bandwidth, per-hop latency) for collective ``kind``."""
@@ -212,6 +220,7 @@ class Cluster:
             (d.board_power_w, "device.board_power_w"),
             (d.idle_power_w, "device.idle_power_w"),
             *[(link.latency, f"links[{i}].latency") for i, link in enumerate(self.links)],
+            *[(link.in_step_latency, f"links[{i}].in_step_latency") for i, link in enumerate(self.links)],
             *[(v, f"links[{i}].latency_by_collective[{k!r}]") for i, link in enumerate(self.links)
               for k, v in link.latency_by_collective.items()],
         ], allow_zero=True)
@@ -220,6 +229,7 @@ class Cluster:
                 f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"
             )
         _check_dtype_peaks(self.name, d.peak_flops_by_dtype)
+        _check_positive(self.name, [(v, f"device.measured_kernel_s[{k!r}]") for k, v in d.measured_kernel_s.items()])
         if d.convolution_algorithms not in CONVOLUTION_ALGORITHMS:
             raise ClusterSpecError(
                 f"cluster {self.name!r}: device.convolution_algorithms is {d.convolution_algorithms!r}; it must be one "

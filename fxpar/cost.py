@@ -5,7 +5,7 @@ elementwise, reduction) computing in dtype ``d`` (``compute_dtype``)::
 
     max(flops / (peak(d) * compute_eff(c)), bytes / (mem_bw * memory_eff(c))) + kernel_overhead
 
-Views cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``); the
+Views and getitems (one output of a multi-output op) cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``); the
 per-device share shrinks by every mesh axis on which the strategy shards some tensor of the op;
 ``bytes`` are the per-device sizes of the op's inputs and outputs, each at its own element size.
 The efficiencies are the device's (``DeviceSpec.efficiencies``), per class where a profile gives
@@ -37,6 +37,7 @@ calibrated profile gives them):
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.fx import Node
@@ -47,6 +48,30 @@ from fxpar.reshard import reshard_steps, step_bytes
 from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
 
 aten = torch.ops.aten
+
+# The op classes whose kernels ``fxpar.calibrate.measure_kernels`` times one by one: library calls
+# (BLAS, oneDNN, cuBLAS, cuDNN) that the compiled runtime calls as they are, not fused kernels.
+MEASURED_CLASSES = ("matmul", "convolution")
+
+
+def kernel_key(node: Node, strategy: OpStrategy, mesh_shape: tuple[int, ...]) -> str:
+    """How ``DeviceSpec.measured_kernel_s`` names the kernel ``node`` runs under ``strategy``: the
+    aten op, each argument in order (a tensor as its per-device shape and dtype, anything else as
+    itself), e.g. ``"aten.mm.default((256, 1024):float32, (1024, 1024):float32)"``."""
+    tensors = iter(range(len(tensor_arg_nodes(node))))
+
+    def arg(a) -> str:
+        if isinstance(a, Node):
+            j = next(tensors)
+            u, i = input_source(node, j)
+            t = output_values(u)[i]
+            return f"{tuple(local_shape(tuple(t.shape), strategy.inputs[j], mesh_shape))}:{dtype_name(t.dtype)}"
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(arg(b) for b in a) + "]"
+        return repr(a)
+
+    return f"{node.target}({', '.join(arg(a) for a in node.args)})"
+
 
 def op_class(node: Node) -> str:
     """The class whose efficiencies price ``node``: matmul, convolution, reduction or elementwise,
@@ -174,7 +199,8 @@ class CostModel:
 
     def compute_time(self, node: Node, strategy: OpStrategy) -> float:
         meta = node.meta
-        if node.op != "call_function" or meta.get("fxpar_is_view"):
+        if node.op != "call_function" or meta.get("fxpar_is_view") or node.target is operator.getitem:
+            # A getitem picks one output of a multi-output op out of the tuple it returned: no kernel.
             return 0.0
         split = 1
         for axis, size in enumerate(self.mesh_shape):
@@ -188,11 +214,42 @@ class CostModel:
         nbytes = sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(ins, strategy.inputs) if t is not None)
         nbytes += sum(spec_bytes(t, s, self.mesh_shape) for t, s in zip(outs, strategy.outputs) if t is not None)
         klass = op_class(node)
+        measured = self.cluster.device.measured_kernel_s
+        if measured and klass in MEASURED_CLASSES:
+            seconds = measured.get(kernel_key(node, strategy, self.mesh_shape))
+            if seconds is not None:
+                return seconds
         if klass == "convolution" and self.cluster.device.convolution_algorithms == "cudnn":
             choices = self.conv_algorithms(node, strategy)
             if choices is not None:
                 return sum(seconds for _, _, seconds in choices)
-        return self.roofline(flops, nbytes, klass, peak_flops=self.peak_flops(compute_dtype(ins, outs), klass))
+        own = self.roofline(flops, nbytes, klass, peak_flops=self.peak_flops(compute_dtype(ins, outs), klass))
+        return own + self.batch_norm_stats_time(node, strategy)
+
+    def batch_norm_stats_time(self, node: Node, strategy: OpStrategy) -> float:
+        """Seconds of the collectives a training-mode batch norm (or its backward) runs inside itself
+        when ``strategy`` cuts its batch, for statistics of the whole batch (``fxpar.rules.norm``):
+        forward, one all-gather per cutting axis of every device's per-channel mean and sum of
+        squared deviations (2 x channels values); backward, one all-reduce per axis of 2 x channels
+        sums. Zero for any other node, or an uncut batch. The rewrite's opt-in
+        ``batch_norm="local"`` runs none of them; this prices the default, global statistics."""
+        if node.target is aten._native_batch_norm_legit_functional.default and node.args[5]:
+            x_pos, kind, stats = 0, "all_gather", output_values(node)[1]
+        elif node.target is aten.native_batch_norm_backward.default:
+            x_pos, kind, stats = 1, "all_reduce", tensor_arg_nodes(node)[1].meta["val"]
+        else:
+            return 0.0
+        x = tensor_arg_nodes(node)[x_pos].meta["val"]
+        spec = strategy.inputs[x_pos]
+        channels = local_shape(tuple(x.shape), spec, self.mesh_shape)[1]
+        nbytes = 2 * channels * (stats.element_size() if kind == "all_reduce" else output_values(node)[1].element_size())
+        total, pieces = 0.0, 1
+        for axis, placement in enumerate(spec):
+            if isinstance(placement, Shard) and placement.dim == 0 and self.mesh_shape[axis] > 1:
+                pieces *= self.mesh_shape[axis]
+                total += self.collective_time(kind, nbytes * (pieces if kind == "all_gather" else 1), axis)
+                total += self.links[axis].in_step_latency
+        return total
 
     def conv_algorithms(self, node: Node, strategy: OpStrategy) -> list[tuple[str, str, float]] | None:
         """How cuDNN runs convolution node ``node`` under ``strategy`` on one device: one
@@ -272,7 +329,7 @@ class CostModel:
             copied = 0
             if step.kind not in ("chunk", "keep_one"):
                 nbytes = after if step.kind == "all_gather" else before
-                total += self.collective_time(step.kind, nbytes, step.axis)
+                total += self.collective_time(step.kind, nbytes, step.axis) + self.links[step.axis].in_step_latency
                 # The runtime moves a non-leading dim to the front before the collective and back
                 # after it (fxpar.runtime.collectives.DistComm): two copies, each read and write.
                 if step.kind in ("all_gather", "reduce_scatter") and step.dim != 0:

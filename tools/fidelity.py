@@ -26,6 +26,7 @@ with ``CostModel.optimizer_time`` (under the profile measured during the runs). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,7 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 import fxpar  # noqa: E402
-from fxpar.calibrate import Sizes, build_profile, measure, merge_measurements  # noqa: E402
+from fxpar.calibrate import (  # noqa: E402
+    Sizes,
+    build_profile,
+    kernel_calls,
+    measure,
+    measure_kernels,
+    merge_measurements,
+    with_measured_kernels,
+)
 from fxpar.cost import CostModel  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 from fxpar.planner import capture_and_annotate  # noqa: E402
@@ -74,6 +83,17 @@ def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, s
     world = dist.get_world_size()
     raw_before = None if profile_json else _measure_here(rank, Sizes(), True)
     before = fxpar.Cluster.from_json(profile_json) if profile_json else build_profile(raw_before, name="calibrated", wall_s=0)
+    if not profile_json:
+        # The step's own matmul and convolution kernels, every per-device shape any plan may give
+        # them, timed on all ranks at once: planning prices those by their measured times.
+        calls = {}
+        for name in models:
+            calls.update(kernel_calls(capture_and_annotate(*benchlib.build(name)), (world,)))
+        if rank == 0:
+            print(f"timing {len(calls)} matmul and convolution kernels of the models' steps", flush=True)
+        every: list = [None] * world
+        dist.all_gather_object(every, measure_kernels(calls))
+        before = with_measured_kernels(before, every)
     box = [_plan_all(models, before, world) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     plans: dict[str, str] = box[0]
@@ -146,11 +166,15 @@ def main() -> None:
     start = time.perf_counter()
     profile_json = fxpar.Cluster.load(args.profile).to_json() if args.profile else None
     load_before = _load()
-    results = fxpar.launch(_rank, args.nprocs, args.models.split(","), profile_json, args.rounds, args.steps)
+    results = fxpar.launch(_rank, args.nprocs, args.models.split(","), profile_json, args.rounds, args.steps,
+                           timeout_s=3600.0)
     first = results[0]
     plans = {k: Plan.from_json(v) for k, v in first["plans"].items()}
     before = fxpar.Cluster.from_json(first["profile"])
     during = build_profile(first["raw_during"], name="during the runs", wall_s=0)
+    # The kernels timed before the runs price the same kernels under the profile during them.
+    during = dataclasses.replace(during, device=dataclasses.replace(
+        during.device, measured_kernel_s=before.device.measured_kernel_s))
     before.save(out / "fidelity-profile-before.json")
     during.save(out / "fidelity-profile-during.json")
     # What re-pricing the same plans under another cost model or profile needs (no reruns): the

@@ -1,0 +1,144 @@
+"""Kernels timed by signature (``fxpar.calibrate.kernel_calls`` / ``measure_kernels``), the
+in-step collective latency, and the collectives of batch norm with global statistics."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.calibrate import IN_STEP_BYTES, IN_STEP_COLLECTIVES, build_profile, kernel_calls, measure_kernels, with_measured_kernels
+from fxpar.cluster import Cluster, LinkSpec
+from fxpar.cost import MEASURED_CLASSES, CostModel, collective_time, kernel_key, op_class
+from fxpar.models import MLP
+from fxpar.placement import local_shape
+from fxpar.planner import capture_and_annotate
+from fxpar.rules.registry import output_values
+from fxpar.solve.strategies import node_strategies
+
+aten = torch.ops.aten
+
+
+class _Loss(torch.nn.Module):
+    """``body`` followed by the mean of its output: a scalar loss to capture."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x).mean()
+
+
+def _mlp_graph():
+    torch.manual_seed(0)
+    model = MLP((16, 32, 8))
+    return capture_and_annotate(model, model.example_inputs(8))
+
+
+def _kernel_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and not n.meta.get("fxpar_is_view")
+            and op_class(n) in MEASURED_CLASSES]
+
+
+def test_kernel_calls_run_each_strategy_at_its_local_shapes():
+    gm = _mlp_graph()
+    mesh = (2,)
+    calls = kernel_calls(gm, mesh)
+    timed = measure_kernels(calls, repeats=1)
+    assert set(timed) == set(calls) and all(len(ts) == 1 and ts[0] > 0 for ts in timed.values())
+    for node in _kernel_nodes(gm):
+        for strategy in node_strategies(node, mesh):
+            target, args = calls[kernel_key(node, strategy, mesh)]
+            real = [torch.randn(a[1], dtype=a[2]) if isinstance(a, tuple) and a[:1] == ("tensor",) else a for a in args]
+            out = target(*real)
+            # The kernel run on those inputs makes the output the strategy gives this device.
+            want = local_shape(tuple(output_values(node)[0].shape), strategy.outputs[0], mesh)
+            assert tuple(out.shape) == tuple(want), (node.name, strategy.label())
+
+
+def test_measured_kernels_price_their_nodes_and_only_those():
+    gm = _mlp_graph()
+    mesh = (2,)
+    base = fxpar.preset("cpu-local")
+    nodes = _kernel_nodes(gm)
+    first = nodes[0]
+    strategy = node_strategies(first, mesh)[0]
+    key = kernel_key(first, strategy, mesh)
+    measured = with_measured_kernels(base, [{key: [0.25, 0.125, 0.5]}, {key: [0.0625, 0.75, 0.25]}])
+    # The slowest rank per repeat (0.25, 0.75, 0.5), their median.
+    assert measured.device.measured_kernel_s == {key: 0.5}
+    assert CostModel(measured, mesh).compute_time(first, strategy) == 0.5
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for s in node_strategies(node, mesh):
+            if (node, s) != (first, strategy) and kernel_key(node, s, mesh) != key:
+                assert CostModel(measured, mesh).compute_time(node, s) == CostModel(base, mesh).compute_time(node, s)
+    assert Cluster.from_json(measured.to_json()) == measured
+    bad = dataclasses.replace(measured.device, measured_kernel_s={key: -1.0})
+    with pytest.raises(fxpar.ClusterSpecError, match=r"measured_kernel_s\[.*\] is -1.0; it must be positive"):
+        dataclasses.replace(measured, device=bad)
+
+
+def test_getitem_costs_nothing():
+    torch.manual_seed(0)
+    model = _Loss(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2))
+    gm = capture_and_annotate(model, (torch.randn(4, 3, 8, 8),))
+    cm = CostModel(fxpar.preset("cpu-local"), (1,))
+    items = [n for n in gm.graph.nodes if n.target is operator.getitem]
+    assert items
+    for node in items:
+        for s in node_strategies(node, (1,)):
+            assert cm.compute_time(node, s) == 0.0
+
+
+def test_in_step_latency_adds_to_each_blocking_collective_and_batch_norm():
+    torch.manual_seed(0)
+    model = _Loss(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6))
+    gm = capture_and_annotate(model, (torch.randn(4, 3, 8, 8),))
+    mesh = (2,)
+    base = fxpar.preset("cpu-local")
+    link = base.links[0]
+    late = dataclasses.replace(base, links=(dataclasses.replace(link, in_step_latency=1e-3),))
+    assert Cluster.from_json(late.to_json()) == late
+    cm0, cm1 = CostModel(base, mesh), CostModel(late, mesh)
+    bn = {n.target: n for n in gm.graph.nodes
+          if n.target in (aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default)}
+    assert len(bn) == 2
+    fwd, bwd = bn[aten._native_batch_norm_legit_functional.default], bn[aten.native_batch_norm_backward.default]
+    # Batch cut on the axis: forward all-gathers 2 x 6 float32 statistics from 2 devices; backward
+    # all-reduces 2 x 6 sums (fxpar.rules.norm), each once, plus the in-step latency.
+    for node, x_pos, kind, nbytes in ((fwd, 0, "all_gather", 2 * 6 * 4 * 2), (bwd, 1, "all_reduce", 2 * 6 * 4)):
+        cut = [s for s in node_strategies(node, mesh) if s.inputs[x_pos][0] == fxpar.placement.Shard(0)]
+        whole = [s for s in node_strategies(node, mesh) if s.inputs[x_pos][0] == fxpar.placement.R]
+        assert cut and whole
+        want = collective_time(kind, nbytes, 2, *link.figures(kind))
+        assert cm0.batch_norm_stats_time(node, cut[0]) == pytest.approx(want)
+        assert cm1.batch_norm_stats_time(node, cut[0]) == pytest.approx(want + 1e-3)
+        assert cm1.batch_norm_stats_time(node, whole[0]) == 0.0
+    x = torch.empty(4, 8)
+    R, S0 = (fxpar.placement.R,), (fxpar.placement.Shard(0),)
+    assert cm1.reshard_time(x, S0, R) == pytest.approx(cm0.reshard_time(x, S0, R) + 1e-3)  # one all-gather
+    assert cm1.reshard_time(x, R, S0) == cm0.reshard_time(x, R, S0)  # a local slice: no collective
+    with pytest.raises(fxpar.ClusterSpecError, match=r"in_step_latency is -1.0; it must be >= 0"):
+        dataclasses.replace(base, links=(dataclasses.replace(link, in_step_latency=-1.0),))
+
+
+def test_profile_in_step_latency_from_measurements():
+    from .test_cluster import _synthetic_results
+
+    alpha, bw, overhead = 30e-6, 1e9, 4e-6
+    results = copy.deepcopy(_synthetic_results(alpha, bw, overhead))
+    # Each in-step all-reduce adds its alpha-beta time, the op overhead and 2 ms of waiting.
+    extra = collective_time("all_reduce", IN_STEP_BYTES, 2, bw, alpha) + overhead + 2e-3
+    for r in results:
+        r["in_step"] = {"compute": [0.040] * 3, "both": [0.040 + IN_STEP_COLLECTIVES * extra] * 3}
+    c = build_profile(results, name="synthetic", wall_s=1.0)
+    assert c.links[0].in_step_latency == pytest.approx(2e-3, rel=1e-6)
+    assert build_profile(_synthetic_results(alpha, bw, overhead), name="old", wall_s=1.0).links[0].in_step_latency == 0.0
+    assert isinstance(c.links[0], LinkSpec)
