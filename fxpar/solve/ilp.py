@@ -302,7 +302,10 @@ class _Model:
         variable, in bytes) when minimizing the peak. Byte counts of a large model (1e11) beside the
         objective's coefficients (~1) make a matrix range that the solver handles badly, so the row
         is divided by the bound (or, minimizing, by its largest coefficient), so the solver's
-        feasibility tolerance is relative to the device's memory."""
+        feasibility tolerance is relative to the device's memory. With no bound (an infinite
+        memory) the row holds always and is not added."""
+        if bound_var is None and math.isinf(bound):
+            return
         coef: dict = defaultdict(float, self.add_memory_resident())
         for v in live:
             for x, m in zip(self.xs(v), self.p.act_mem[v]):
@@ -323,46 +326,61 @@ class _Model:
         return self._resident
 
     def add_memory_copies(self, coef: dict, items) -> None:
-        """Adds to ``coef`` the bytes of ``LiveSet`` copy items (``Problem.copy_bytes``). Each edge
-        gets one variable c >= 0, in units of its largest copy B, made once with one row per spec
-        t: c >= (bytes(t) / B) (sum of x on the side whose spec t is counted - sum of x on the other
-        side with spec t), which is bytes(t)/B exactly where the edge reshards into (a parameter's
-        copy) or out of (a gradient's bucket copy) spec t and at most 0 elsewhere; c appears only in
-        rows bounded above, so it takes its least value."""
-        p, s = self.p, self.solver
-        mesh = p.cost_model.mesh_shape
+        """Adds to ``coef`` the bytes of ``LiveSet`` copy items (``Problem.copy_bytes``). Each item
+        gets one variable c >= 0, in units of its largest copy B, made once with one row per edge
+        of the item and spec t: c >= (bytes(t) / B) (sum of x on the side whose spec t is counted -
+        sum of x on the other side with spec t), which is bytes(t)/B exactly where that edge
+        reshards into (a value's copy) or out of (a gradient's bucket copy) spec t and at most 0
+        elsewhere, so c is at least the item's largest copy; c appears only in rows bounded above,
+        so it takes that least value."""
+        p = self.p
         if getattr(self, "_copy_vars", None) is None:
             self._copy_vars = {}
         for item in items:
             grad = item[2] == "grad"
-            for e in p.copy_edges(item):
-                key = (p.rep(e.producer), e.out_index, p.rep(e.consumer), e.position)
-                if key not in self._copy_vars:
-                    counted, other = (e.out_specs, e.in_specs) if grad else (e.in_specs, e.out_specs)
-                    x_counted, x_other = (self.xs(e.producer), self.xs(e.consumer)) if grad else (self.xs(e.consumer), self.xs(e.producer))
-                    sizes = {t: float(spec_bytes(e.tensor, t, mesh)) for t in set(counted)}
-                    biggest = max(sizes.values(), default=0.0)
-                    if biggest <= 0 or len(set(counted) | set(other)) == 1:
-                        self._copy_vars[key] = None
-                        continue
-                    c = s.NumVar(0, s.infinity(), f"c{len(self._copy_vars)}")
-                    for t, size in sizes.items():
-                        terms: dict = defaultdict(float)
-                        for x, spec in zip(x_counted, counted):
-                            if spec == t:
-                                terms[x] += size / biggest
-                        for x, spec in zip(x_other, other):
-                            if spec == t:
-                                terms[x] -= size / biggest
-                        row = s.Constraint(0, s.infinity())
-                        row.SetCoefficient(c, 1)
-                        for x, v in terms.items():
-                            if v:
-                                row.SetCoefficient(x, -v)
-                    self._copy_vars[key] = (c, biggest)
-                made = self._copy_vars[key]
-                if made is not None:
-                    coef[made[0]] += made[1]
+            # A parameter's copy is the largest of its consumers' (one variable); a consumer's
+            # copies add up (a variable per edge). Members of one class may feed different
+            # consumers: variables are per item, not per class.
+            groups = [(item, p.copy_edges(item))] if item[2] == "param" else [((item, i), [e]) for i, e in enumerate(p.copy_edges(item))]
+            for key, edges in groups:
+                self.add_memory_copy_var(coef, key, edges, grad)
+
+    def add_memory_copy_var(self, coef: dict, key, edges, grad: bool) -> None:
+        """One copy variable (see add_memory_copies) over ``edges``, made once per ``key``."""
+        p, s = self.p, self.solver
+        mesh = p.cost_model.mesh_shape
+        if key not in self._copy_vars:
+            # (bytes of spec t, x with the counted spec t, x of the other side with spec t) per edge
+            parts = []
+            for e in edges:
+                counted, other = (e.out_specs, e.in_specs) if grad else (e.in_specs, e.out_specs)
+                x_counted, x_other = (self.xs(e.producer), self.xs(e.consumer)) if grad else (self.xs(e.consumer), self.xs(e.producer))
+                if len(set(counted) | set(other)) == 1:
+                    continue  # one spec on both sides: never resharded
+                for t in set(counted):
+                    parts.append((float(spec_bytes(e.tensor, t, mesh)),
+                                  [x for x, spec in zip(x_counted, counted) if spec == t],
+                                  [x for x, spec in zip(x_other, other) if spec == t]))
+            biggest = max((size for size, _, _ in parts), default=0.0)
+            if biggest <= 0:
+                self._copy_vars[key] = None
+            else:
+                c = s.NumVar(0, s.infinity(), f"c{len(self._copy_vars)}")
+                for size, pos, neg in parts:
+                    terms: dict = defaultdict(float)
+                    for x in pos:
+                        terms[x] += size / biggest
+                    for x in neg:
+                        terms[x] -= size / biggest
+                    row = s.Constraint(0, s.infinity())
+                    row.SetCoefficient(c, 1)
+                    for x, v in terms.items():
+                        if v:
+                            row.SetCoefficient(x, -v)
+                self._copy_vars[key] = (c, biggest)
+        made = self._copy_vars[key]
+        if made is not None:
+            coef[made[0]] += made[1]
 
     def _add_row(self, coefficients: dict, bound, bound_var=None) -> None:
         unit = 1.0 / max(float(bound), max(coefficients.values(), default=0.0), 1.0)
@@ -503,7 +521,10 @@ class _Model:
     def add_recompute_memory(self, pos: int, bound, bound_var=None) -> None:
         """The memory row of position ``pos`` with recomputation (scaled as in add_memory): the
         parameters with their optimizer state, the activations (recompute_coefficients, less its
-        parameter terms), and what the step holds there besides (``fxpar.solve.recompute.extras_at``)."""
+        parameter terms), and what the step holds there besides (``fxpar.solve.recompute.extras_at``).
+        With no bound (an infinite memory) the row holds always and is not added."""
+        if bound_var is None and math.isinf(bound):
+            return
         coef = self.recompute_coefficients(pos)
         for var, c in self.param_terms.items():
             coef[var] -= c

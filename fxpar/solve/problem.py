@@ -9,6 +9,7 @@ take the same strategy, see ``fxpar.solve.repeat``) and edges between cheap ops 
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -151,8 +152,9 @@ class Problem:
         return total + getattr(live, "fixed", 0.0)
 
     def copy_edges(self, item: tuple) -> list[Edge]:
-        """The edges of a ``LiveSet`` copy item: ``(parameter, consumer, "param")`` -> the edges from
-        the parameter into that consumer; ``(gradient, parameter, "grad")`` -> the gradient's edge."""
+        """The edges of a ``LiveSet`` copy item: ``(parameter, None, "param")`` -> the edges out of
+        a parameter; ``(None, consumer, "act")`` -> the edges into a consumer from other values
+        that may reshard; ``(gradient, parameter, "grad")`` -> the gradient's edge."""
         index = self.__dict__.get("_copy_index")
         if index is None or index[0] is not self.edges:
             table: dict = {}
@@ -160,20 +162,24 @@ class Problem:
                 if e.position == -1:
                     table.setdefault((e.producer, e.consumer, "grad"), []).append(e)
                 elif e.producer in self.param_mem:
-                    table.setdefault((e.producer, e.consumer, "param"), []).append(e)
+                    table.setdefault((e.producer, None, "param"), []).append(e)
+                elif e not in self.no_reshard:
+                    table.setdefault((None, e.consumer, "act"), []).append(e)
             index = self.__dict__["_copy_index"] = (self.edges, table)
         return index[1].get(item, [])
 
     def copy_bytes(self, item: tuple, choice: dict[Node, int]) -> float:
-        """Bytes of a copy item under ``choice``: where the edge reshards, a parameter's copy in the
-        spec its consumer wants, or a gradient's concatenation into its bucket (its producer's spec)."""
+        """Bytes of a copy item under ``choice``: for a parameter, the largest copy any of its
+        consumers has resharded for it (in the spec that consumer wants); for a consumer, the
+        copies resharded for it; for a gradient, its concatenation into its bucket (in its
+        producer's spec) where its edge reshards."""
         mesh = self.cost_model.mesh_shape
-        total = 0.0
+        sizes = [0.0]
         for e in self.copy_edges(item):
             a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
             if a != b:
-                total += spec_bytes(e.tensor, a if item[2] == "grad" else b, mesh)
-        return float(total)
+                sizes.append(float(spec_bytes(e.tensor, a if item[2] == "grad" else b, mesh)))
+        return max(sizes) if item[2] == "param" else sum(sizes)
 
     def resident_param_bytes(self, p: Node, k: int) -> float:
         """Bytes parameter ``p`` under its strategy ``k`` holds for the whole step: the parameter and
@@ -236,13 +242,16 @@ class StepMemory:
     """What ``_liveness`` counts besides activations, by graph position: ``end`` the output node's
     position (the step's outputs live to it; the runtime synchronizes gradients in buckets there),
     ``after`` = len(graph) (the gradients handed to the parameters), ``param_copies``
-    (parameter, consumer, first, last position) of each resharded copy a parameter may need,
+    (parameter, None, first, last position): where a parameter's resharded copy may live (from
+    its first reader to its last use), ``act_copies`` (consumer, first, last position): where the
+    copies resharded for a consumer from other values live,
     ``grads`` (gradient, parameter) pairs, ``bucket_items``: gradient items whose bucket copy is
     counted at ``end``, or ``bucket_fixed`` bytes of one full bucket instead."""
 
     end: int
     after: int
-    param_copies: list[tuple[Node, Node, int, int]]
+    param_copies: list[tuple[Node, None, int, int]]
+    act_copies: list[tuple[Node, int, int]]
     grads: list[tuple[Node, Node]]
     bucket_items: list[tuple[Node, Node, str]]
     bucket_fixed: float
@@ -253,23 +262,26 @@ def step_memory(gm: GraphModule) -> StepMemory:
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     params = {n for n in nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "param"}
-    # A parameter's copy for consumer c is made before c and read by c, or, when c is a view of it,
-    # by the users of that view (and of views of it) too.
-    first_view: dict[Node, Node] = {}
-    last: dict[tuple[Node, Node], int] = {}
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a in params and n.op != "output":
-                last[(a, n)] = max(last.get((a, n), order[n]), order[n])
-                if n.op == "call_function" and n.meta.get("fxpar_is_view"):
-                    first_view[n] = n
-            elif a in first_view:
-                top = first_view[a]
-                key = (top.args[0], top)
-                last[key] = max(last[key], order[n])
-                if n.op == "call_function" and n.meta.get("fxpar_is_view") and n.args and n.args[0] is a:
-                    first_view[n] = top
-    copies = [(p, c, order[c], hi) for (p, c), hi in last.items()]
+    # A resharded copy of a value is made before the first consumer that wants its spec and kept by
+    # the rewrite for every later consumer that wants it, so it may live from the value's first
+    # reader to its last use: reach(n), the latest position that reads n, or, through views and
+    # getitems of n (which share its storage), reads them.
+    reach: dict[Node, int] = {}
+    for n in reversed(nodes):
+        hi = -1
+        for r in n.users:
+            if r.op == "output":
+                continue
+            through = r.op == "call_function" and (r.meta.get("fxpar_is_view") or r.target is operator.getitem)
+            hi = max(hi, reach.get(r, order[r]) if through else order[r])
+        reach[n] = hi
+    copies = [(n, None, min(order[r] for r in n.users if r.op != "output"), reach[n]) for n in nodes
+              if n in params and reach[n] >= 0]
+    # Another value's copy is counted at the consumer c that reads it (beside its source, which
+    # lives at least that long), or, where c is a view, to c's last use: the rewrite shares one
+    # copy between consumers that want the same spec, which the model does not follow.
+    act = [(n, order[n], max(order[n], reach[n]) if n.meta.get("fxpar_is_view") else order[n]) for n in nodes
+           if n.op == "call_function" and any(a not in params for a in n.all_input_nodes)]
     _, grads, _ = step_outputs(gm)
     total = sum(g.meta["val"].numel() * g.meta["val"].element_size() for g, _ in grads)
     # Gradients synchronized by an all-reduce or reduce-scatter are concatenated into buckets of
@@ -278,7 +290,14 @@ def step_memory(gm: GraphModule) -> StepMemory:
     fits = total <= GRAD_BUCKET_BYTES
     items = [(g, p, "grad") for g, p in grads] if fits else []
     out = gm.graph.output_node()
-    return StepMemory(order[out], len(nodes), copies, list(grads), items, 0.0 if fits or not grads else float(GRAD_BUCKET_BYTES))
+    return StepMemory(order[out], len(nodes), copies, act, list(grads), items,
+                      0.0 if fits or not grads else float(GRAD_BUCKET_BYTES))
+
+
+def copy_spans(sm: StepMemory) -> list[tuple[tuple, int, int]]:
+    """(copy item, first, last position) of every value's resharded copy."""
+    return [((p, None, "param"), lo, hi) for p, _, lo, hi in sm.param_copies] + [
+        ((None, c, "act"), lo, hi) for c, lo, hi in sm.act_copies]
 
 
 def _liveness(gm: GraphModule) -> list[LiveSet]:
@@ -288,8 +307,9 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
     Activations live from the node that makes them to their last use; the step's outputs
     (gradients, loss, buffer updates) to the output node, where the runtime synchronizes the
     gradients in buckets (a bucket's concatenation beside its sources, ``step_memory``); inputs and
-    buffers, which the caller holds, through the whole step. A parameter's resharded copy lives
-    from its consumer to its last use (``step_memory``). After the graph, the gradients, in their
+    buffers, which the caller holds, through the whole step. A parameter's resharded copy (the
+    largest its consumers want) lives from its first reader to its last use; a copy of another
+    value at the consumer it is made for (``step_memory``). After the graph, the gradients, in their
     parameters' specs, are handed to the parameters as a second copy (scaled by the loss's
     gradient) beside the inputs."""
     sm = step_memory(gm)
@@ -311,9 +331,9 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
         dying.setdefault(t, []).append(n)
     copies_at: dict[int, list] = {}
     copy_end: set[int] = set()
-    for p, c, lo, hi in sm.param_copies:
+    for item, lo, hi in copy_spans(sm):
         for t in range(lo, hi + 1):
-            copies_at.setdefault(t, []).append((p, c, "param"))
+            copies_at.setdefault(t, []).append(item)
         copy_end.add(hi)
     live: list[Node] = []
     sets: list[LiveSet] = []

@@ -45,7 +45,7 @@ from torch.fx import GraphModule, Node
 
 from fxpar.passes.capture import step_outputs
 from fxpar.rules.registry import tensor_arg_nodes
-from fxpar.solve.problem import step_memory
+from fxpar.solve.problem import copy_spans, step_memory
 
 INF = float("inf")
 
@@ -256,7 +256,7 @@ def extras_at(a: Analysis, pos: int) -> tuple[list[Node], list[tuple], float]:
     """What the step holds at position ``pos`` besides the analysis' values, as ``_liveness`` counts
     it: (nodes counted once more each, ``LiveSet`` copy items, fixed bytes)."""
     sm = a.step
-    copies = [(p, c, "param") for p, c, lo, hi in sm.param_copies if lo <= pos <= hi]
+    copies = [item for item, lo, hi in copy_spans(sm) if lo <= pos <= hi]
     if pos == sm.end:
         return [], copies + sm.bucket_items, sm.bucket_fixed
     if pos == sm.after:
@@ -286,8 +286,8 @@ def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float
     prof = a.profile(recompute, lambda v: act[v][choice[v]] if v in act else 0.0)
     sm = a.step
     diff = [0.0] * (len(prof) + 1)
-    for p, c, lo, hi in sm.param_copies:
-        m = problem.copy_bytes((p, c, "param"), choice)
+    for item, lo, hi in copy_spans(sm):
+        m = problem.copy_bytes(item, choice)
         if m:
             diff[lo] += m
             diff[hi + 1] -= m

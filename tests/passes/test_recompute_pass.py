@@ -75,7 +75,7 @@ def test_copies_sit_at_the_first_backward_use_and_forward_values_die_early():
 def test_a_plan_that_recomputes_gives_the_same_step_on_simulated_ranks():
     torch.manual_seed(0)
     model = MLP((32, 64, 64, 64, 10))
-    inputs = list(model.example_inputs(256))
+    inputs = list(model.example_inputs(1024))
     gm = capture_and_annotate(model, inputs)
     cluster = fxpar.preset("cpu-local")
     problem = build_problem(gm, all_strategies(gm, (2,)), CostModel(cluster, (2,)))
