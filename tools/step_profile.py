@@ -3,6 +3,11 @@ same gloo ranks, interleaved, each phase timed on its own (forward, backward, op
 fxpar's compiled per-rank graph called alone, and a torch.profiler table of one fxpar step.
 
     python tools/step_profile.py [--models transformer,mlp] [--profile PATH] [--rounds 5] [--steps 3]
+        [--families "tensor parallel"] [--trace]
+
+``--families`` adds, per model, fxpar running the best plan of each named family
+(``benchlib.forced_plans``) and torch's tensor parallelism (``vs_torch``'s ``tp`` runner), to tell
+the plan's share of a gap from the runtime's.
 """
 
 from __future__ import annotations
@@ -45,14 +50,23 @@ def _phased(module, local, opt):
     return step, record
 
 
-def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, trace: bool) -> dict:
+def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int, trace: bool) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     out = {}
-    for name, plan_json in jobs:
+    for name, plan_json, family_plans in jobs:
         runners, records = {}, {}
+        for family, text in family_plans.items():
+            model, inputs = benchlib.build(name)
+            module = fxpar.compile(model, inputs, plan=Plan.from_json(text))
+            opt = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True)
+            runners[f"fxpar[{family}]"], records[f"fxpar[{family}]"] = _phased(module, [t.chunk(world)[rank] for t in inputs], opt)
+        if family_plans:
+            import vs_torch
+
+            runners["torch_tp"] = vs_torch._runner("tp", name, plan_json, rank, world, "fused")
         for kind in ("fxpar", "ddp", "ddp_compile"):
             model, inputs = benchlib.build(name)
             local = [t.chunk(world)[rank] for t in inputs]
@@ -95,6 +109,7 @@ def main() -> None:
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--families", default="", help="comma-separated plan families of benchlib.family_force")
     ap.add_argument("--trace", action="store_true", help="also print torch.profiler's table of 3 fxpar steps (rank 0)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -104,12 +119,20 @@ def main() -> None:
         model, inputs = benchlib.build(name)
         plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,))
         print(f"{name}: {benchlib.param_summary(plan)}", flush=True)
-        jobs.append((name, plan.to_json()))
+        families = [f for f in args.families.split(",") if f]
+        forced = {}
+        if families:
+            from fxpar.planner import capture_and_annotate
+
+            gm = capture_and_annotate(model, inputs)
+            forced = {f: p.to_json() for f, p in benchlib.forced_plans(gm, model, cluster, (args.nprocs,), families).items()
+                      if f != "fxpar"}
+        jobs.append((name, plan.to_json(), forced))
     import os
 
     load = os.getloadavg()[0]
     results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, args.trace, timeout_s=300)
-    for name, _ in jobs:
+    for name, _, _ in jobs:
         print(f"\n{name} (ms; median over steps; per rank)")
         keys = [k for k in results[0][name] if not k.startswith("fxpar_graph")] + ["fxpar_graph"]
         for k in keys:
