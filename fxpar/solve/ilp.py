@@ -530,12 +530,31 @@ class _Model:
             coef[var] -= c
         for var, c in self.add_memory_resident().items():
             coef[var] += c
-        nodes, copies, fixed = extras_at(analysis_of(self.p), pos)
+        a = analysis_of(self.p)
+        nodes, copies, fixed = extras_at(a, pos)
         for v in nodes:
             for x, m in zip(self.xs(v), self.p.act_mem[v]):
                 if m:
                     coef[x] += m
         self.add_memory_copies(coef, copies)
+        # The copies resharded for a recomputed w's forward use live on to U(w): an indicator
+        # E >= (their bytes) / B - (1 - r[w]), in units of B, their largest total.
+        s = self.solver
+        for w, dec in a.decisions.items():
+            if not a.order[w] < pos <= dec.latest_host:
+                continue
+            terms: dict = defaultdict(float)
+            self.add_memory_copies(terms, [(None, w, "act")])
+            biggest = sum(terms.values())
+            if biggest <= 0:
+                continue
+            ext = s.NumVar(0, s.infinity(), f"Ec{w.name}_{pos}")
+            row = s.Constraint(-1, s.infinity())
+            row.SetCoefficient(ext, 1)
+            for var, c in terms.items():
+                row.SetCoefficient(var, -c / biggest)
+            row.SetCoefficient(self.r[w], -1)
+            coef[ext] += biggest
         self._add_row({var: c for var, c in coef.items() if c}, bound - fixed, bound_var)
 
     def add_overlap(self) -> None:

@@ -286,7 +286,14 @@ def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float
     prof = a.profile(recompute, lambda v: act[v][choice[v]] if v in act else 0.0)
     sm = a.step
     diff = [0.0] * (len(prof) + 1)
-    for item, lo, hi in copy_spans(sm):
+    spans = copy_spans(sm)
+    # A kept input's resharded copy that a recomputed op reads was made for its forward use and is
+    # shared with the recomputation: it lives up to U(w), the latest the copy of w can be made.
+    for w in set(recompute):
+        hi = a.decisions[w].latest_host
+        if hi > a.order[w]:
+            spans.append(((None, w, "act"), a.order[w] + 1, int(hi)))
+    for item, lo, hi in spans:
         m = problem.copy_bytes(item, choice)
         if m:
             diff[lo] += m
