@@ -191,19 +191,25 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     """The best plan keeping every activation and, with ``recompute`` where memory can bind, the
     best with the ILP also choosing what to recompute; the second only if it is faster (so a plan
     that fits without recomputation is never replaced by one as fast). Infeasible if neither fits.
-    With ``recompute``, the optimum without a memory limit is solved first: if it fits, it is the
-    answer to both (``_unbounded_optimum``)."""
+    The optimum without a memory limit is solved first: if it is proven and fits, it is the answer
+    to both (``_unbounded_optimum``); a plan of that solve that fits but is not proven optimal is
+    kept in case the solve that keeps every activation finds none in its time."""
     start = time.perf_counter()
-    if recompute:
-        # Infeasible here (no assignment at all, whatever the memory) is final.
-        free = _unbounded_optimum(problem, time_limit_s=time_limit_s / 3)
-        if free is not None:
-            return free
+    # Infeasible here (no assignment at all, whatever the memory) is final.
+    free = _unbounded_optimum(problem, time_limit_s=time_limit_s / 3)
+    if free is not None and free.status == "optimal":
+        return free
     try:
         kept = solve(problem, time_limit_s=max(1.0, time_limit_s - (time.perf_counter() - start)))
     except Infeasible:
         kept = None
-    # The optimum without a memory limit does not fit (or was not found in time): memory may bind.
+    except SolverTimeout:
+        if free is None:
+            raise
+        kept = None
+    if free is not None and (kept is None or free.objective < kept.objective):
+        kept = free
+    # The optimum without a memory limit does not fit (or was not proven in time): memory may bind.
     if recompute:
         remaining = max(1.0, time_limit_s - (time.perf_counter() - start))
         try:
@@ -221,18 +227,20 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
 
 
 def _unbounded_optimum(problem: Problem, *, time_limit_s: float):
-    """The optimum of ``problem`` with no memory limit, if the solver proves it in time and it fits
-    the real limit; else None. Recomputation only adds time, so no plan that recomputes is faster
-    than this one: the solve that chooses what to recompute, the slowest of the planner's, is then
-    not needed. The limit is lifted by a budget no assignment reaches (1e30 bytes): the memory rows
-    are built as for the real budget and never bind."""
-    free = dataclasses.replace(problem, memory_budget=1e30)
+    """The best plan of ``problem`` with no memory limit that the solver finds in time, if it fits
+    the real limit; else None. Recomputation only adds time, so when it is proven optimal no plan
+    that recomputes is faster: the solve that chooses what to recompute, the slowest of the
+    planner's, is then not needed, nor the lazy memory rows of the solve that keeps every
+    activation (for which it is the optimum too). The problem is solved with an infinite budget and
+    no live sets, so neither the ILP nor the warm start evaluates memory; the plan found is then
+    checked against the real budget once."""
+    free = dataclasses.replace(problem, memory_budget=math.inf, live_sets=[])
     try:
         sol = solve(free, time_limit_s=time_limit_s)
     except SolverTimeout:
         return None
     budget = problem.memory_budget
-    if sol.status != "optimal" or problem.memory_of(sol.choice) > budget + 1e-6 * max(1.0, budget):
+    if problem.memory_of(sol.choice) > budget + 1e-6 * max(1.0, budget):
         return None
     return sol
 

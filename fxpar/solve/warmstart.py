@@ -13,6 +13,7 @@ never returns a plan slower than it: at a time limit the solver's incumbent is a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -119,7 +120,7 @@ def _respects(problem: Problem, choice: dict[Node, int]) -> bool:
         if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1 and problem.rep(e.producer) is not problem.rep(e.consumer):
             if e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]:
                 return False
-    return problem.memory_of(choice) <= problem.memory_budget
+    return math.isinf(problem.memory_budget) or problem.memory_of(choice) <= problem.memory_budget
 
 
 def best_family(problem: Problem) -> tuple[str, dict[Node, int], float] | None:
