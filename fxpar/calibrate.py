@@ -387,13 +387,15 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         overlap = 1.0
         t = {}
     # A blocking collective inside a step: what each of the in-step all-reduces added to the
-    # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier.
+    # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier. Recorded
+    # under extra["calibration"]["in_step"], not used: as LinkSpec.in_step_latency it priced the
+    # plans of tools/fidelity.py 2-5x too slow (docs/benchmarks.md), so the profile's is 0.
+    in_step_t: dict = {}
     if all("in_step" in r for r in results):
         in_step_t = {k: _slowest([r["in_step"][k] for r in results], quantile) for k in ("compute", "both")}
         per_collective = (in_step_t["both"] - in_step_t["compute"]) / IN_STEP_COLLECTIVES
-        in_step = max(0.0, per_collective - collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) - overhead)
-    else:
-        in_step, in_step_t = 0.0, {}
+        in_step_t["extra_per_collective"] = max(
+            0.0, per_collective - collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) - overhead)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -413,7 +415,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         overlap_efficiency=overlap,
         peak_flops_by_dtype=peak_by_dtype,
     )
-    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()}, in_step)
+    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
            for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {

@@ -78,12 +78,12 @@ def _measure_here(rank: int, sizes: Sizes, verbose: bool) -> list[dict]:
     return every
 
 
-def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, steps: int) -> dict:
+def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, steps: int, kernels: bool) -> dict:
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     raw_before = None if profile_json else _measure_here(rank, Sizes(), True)
     before = fxpar.Cluster.from_json(profile_json) if profile_json else build_profile(raw_before, name="calibrated", wall_s=0)
-    if not profile_json:
+    if kernels and not profile_json:
         # The step's own matmul and convolution kernels, every per-device shape any plan may give
         # them, timed on all ranks at once: planning prices those by their measured times.
         calls = {}
@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
+    ap.add_argument("--kernels", action="store_true",
+                    help="also time the models' matmul and convolution kernels by signature before planning "
+                         "(DeviceSpec.measured_kernel_s; lost against the class rates in the run of docs/benchmarks.md)")
     ap.add_argument("--reprice", metavar="RUN_DIR",
                     help="run nothing: price the plans a run saved in RUN_DIR (fidelity-raw.json) with the current "
                          "cost model under that run's profile before the runs, against its measured times")
@@ -167,7 +170,7 @@ def main() -> None:
     profile_json = fxpar.Cluster.load(args.profile).to_json() if args.profile else None
     load_before = _load()
     results = fxpar.launch(_rank, args.nprocs, args.models.split(","), profile_json, args.rounds, args.steps,
-                           timeout_s=3600.0)
+                           args.kernels, timeout_s=3600.0)
     first = results[0]
     plans = {k: Plan.from_json(v) for k, v in first["plans"].items()}
     before = fxpar.Cluster.from_json(first["profile"])
