@@ -31,14 +31,17 @@ Constraints
                      twice), M the device memory. A gradient is live from the node that makes it
                      to the end of the graph; after the graph L holds every gradient twice (the
                      runtime hands a copy, scaled by the loss's gradient, to the parameter) and the
-                     inputs and buffers, which live through the step. The copies in L: a parameter's resharded copy on edge
-                     k (p -> consumer), live from the consumer to its last use, and a gradient's
-                     copy into its bucket (at the output node, where the runtime synchronizes
-                     gradients), each by its own c_k (add_memory_copies):
-                       c_k >= (b_k(t) / B_k) (sum_{s: counted spec t} x - sum_{s: other side's spec t} x)
-                     for every spec t of the counted side (the consumer's for a parameter copy, the
-                     producer's for a bucket copy), so c_k = b_k(t)/B_k where edge k reshards from or
-                     into t and 0 where it does not (B_k its largest copy; c_k has positive
+                     inputs and buffers, which live through the step. The copies in L
+                     (add_memory_copies), each by its own c_k: a parameter's resharded copy, the
+                     largest any of its consumers wants, from its first reader to its last use; the
+                     copies resharded for a consumer from other values, at that consumer (one c_k
+                     per edge); a gradient's copy into its bucket (at the output node, where the
+                     runtime synchronizes gradients):
+                       c_k >= (b_e(t) / B_k) (sum_{s: counted spec t} x - sum_{s: other side's spec t} x)
+                     for every edge e of the copy and spec t of its counted side (the consumer's for
+                     a copy, the producer's for a bucket copy), so c_k is the largest b_e(t)/B_k
+                     over the edges that reshard into or out of t, and 0 where none does (B_k its
+                     largest copy; c_k has positive
                      coefficients in rows bounded above only, so it takes that least value). F_L:
                      bytes no choice changes (one full bucket where the gradients exceed one).
                      Sets are added lazily: the solve starts with those of largest possible and
@@ -69,7 +72,10 @@ lu, q and U as defined in ``fxpar.solve.recompute``)
                        decision, q_e >= T_e - C_e (1 - r[d])); objective += q_e
   add_recompute_memory (replaces add_memory; one row per position P and the one after the graph,
                        added lazily as above; params: the w_p terms, C_P: add_memory's copy and
-                       fixed terms of position P, fxpar.solve.recompute.extras_at):
+                       fixed terms of position P, fxpar.solve.recompute.extras_at, and for each
+                       decision w with o(w) < P <= U(w) an indicator Ec >= (its copies' bytes) / B
+                       - (1 - r[w]) counted B times: the copies resharded for w's forward use,
+                       which its recomputation shares):
                        params + C_P + sum_v [m_v x_v on [o, lf]] + [m_v (x_v - y_v) on (lf, lu]]
                        + [m_v y_v on [fb(d), q(v)]] + W[v,P] + E[v,P] <= M, with
                        A[d,P] >= A[w,P] + r[d] - 1 for each decision w reading d (A[w,P] = r[w]

@@ -25,7 +25,12 @@ from its start when its last op is first needed. Then, for a value ``v`` of ``d`
   decisions reading it).
 
 Values that are not a decision's (placeholders, random ops' outputs) are live on
-``[o(v), lu(v)]`` and extended the same way. The model's memory is therefore an upper bound of
+``[o(v), lu(v)]`` and extended the same way; placeholders (inputs, buffers) live past the graph
+and the step's outputs to the output node, and positions run to one after the graph. What the
+step holds besides these values (parameters' and activations' resharded copies, gradients' bucket
+copies and their handoff copy: ``fxpar.solve.problem.step_memory``) is counted as the live sets
+count it (``extras_at``), and the copies resharded for a recomputed ``w``'s forward use live on to
+``U(w)``. The model's memory is therefore an upper bound of
 the recomputed graph's own liveness (``passes.recompute``): the copy of a value and the extension
 of a kept input may end earlier than ``q`` and ``U``.
 
