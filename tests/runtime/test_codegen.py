@@ -50,8 +50,19 @@ def test_rank_graphs_differ_only_in_their_slice_offsets():
 
 
 def _data_parallel(model, batch: int):
+    """The model's graph and a data-parallel plan on 2 devices: every parameter replicated and every
+    batch norm cut over the batch (forced, so that the test does not hang on the cost model's
+    preference between that and replicating a model this small)."""
+    from fxpar.solve.strategies import node_strategies
+
     gm = capture_and_annotate(model, model.example_inputs(batch))
-    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,))
+    force = {fqn: "R" for fqn, _ in model.named_parameters()}
+    for n in gm.graph.nodes:
+        if n.target is aten._native_batch_norm_legit_functional.default:
+            cut = [s for s in node_strategies(n, (2,)) if repr(s.inputs[0][0]) == "S(0)"]
+            assert cut, f"{n.name} has no strategy that cuts the batch"
+            force[n.name] = cut[0].label()
+    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,), force=force)
     assert all(all(repr(p) == "R" for p in spec) for spec in plan.param_specs.values()), "expected data parallelism"
     return gm, plan
 
