@@ -120,3 +120,23 @@ def test_inductor_without_a_cpp_compiler_falls_back_to_eager(monkeypatch):
     with pytest.warns(fxpar.FallbackWarning, match="needs a C\\+\\+ compiler on CPU and none was found"):
         step = codegen.compile_step(gm, "inductor", torch.device("cpu"))
     assert step.codegen == "eager" and step.compile_s == 0.0
+
+
+def test_failed_vectorized_inductor_compile_is_retried_unvectorized_with_a_warning(monkeypatch):
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor import config
+    from torch._inductor.exc import InductorError
+
+    seen = []
+
+    def fake_compile_fx(gm, args):
+        seen.append(config.cpp.simdlen)
+        if len(seen) == 1:
+            raise InductorError(AssertionError("CppCSEVariable(name: tmp0, is_vec: True, dtype: torch.int64)"), None)
+        return gm
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm, _ = _mlp_plan()
+    with pytest.warns(fxpar.FallbackWarning, match=r"vectorized C\+\+ code generation failed .*CppCSEVariable.*cpp.simdlen=1"):
+        fn = codegen._inductor(gm, [torch.zeros(2)])
+    assert fn is gm and seen == [config.cpp.simdlen, 1]
