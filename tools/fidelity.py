@@ -20,7 +20,13 @@ The step timed is what a plan predicts: the compiled call (forward, backward and
 collectives, as one graph) and ``loss.backward()``. The Adam update is timed apart and compared
 with ``CostModel.optimizer_time`` (under the profile measured during the runs). Each time is the median over steps of the slowest rank.
 
-    python tools/fidelity.py [--profile PATH] [--rounds 10] [--steps 2] [--out docs/bench]
+    python tools/fidelity.py [--profile PATH] [--rounds 10] [--steps 2] [--out docs/bench] [--kernels]
+    python tools/fidelity.py --reprice RUN_DIR    # an earlier run's plans, priced by the current model
+
+A run writes, besides the tables, ``fidelity-raw.json`` (the plans, the raw calibration
+measurements and every rank's step times), which ``--reprice`` reads. ``--kernels`` also times the
+models' matmul and convolution kernels by signature (``fxpar.calibrate.measure_kernels``) into the
+profile before planning.
 """
 
 from __future__ import annotations
