@@ -417,6 +417,25 @@ def real_runs(clusters: list[Cluster], num_steps: int) -> list[str]:
     return lines
 
 
+REAL_HEADING = "### Measured on local CPU ranks against predicted"
+
+
+def previous_real_section() -> list[str]:
+    """The measured CPU section of the doc as it stands (its lines up to the next section or the
+    figure), marked as kept from the run that measured it; empty if there is none."""
+    if not DOC.exists() or BEGIN not in DOC.read_text():
+        return []
+    body = DOC.read_text().split(BEGIN, 1)[1].split(END, 1)[0].splitlines()
+    start = next((i for i, line in enumerate(body) if line.startswith(REAL_HEADING)), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(body)) if body[i].startswith(("### ", "![", "Study run time"))), len(body))
+    lines = [line for line in body[start:end] if not line.startswith("(Kept from an earlier run")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [lines[0], "", "(Kept from an earlier run of the script: this run skipped the real runs, `--no-real`.)", *lines[1:]]
+
+
 def write_doc(sections: list[str]) -> None:
     text = DOC.read_text() if DOC.exists() else f"# Study\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
@@ -426,7 +445,8 @@ def write_doc(sections: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-real", action="store_true", help="skip the real CPU runs")
+    parser.add_argument("--no-real", action="store_true",
+                        help="skip the real CPU runs (the doc keeps the measured section of its last run, dated)")
     parser.add_argument("--steps", type=int, default=6, help="steps per real run (the first is warm-up)")
     parser.add_argument("--cpu-cluster", default=None, help="cluster JSON for the CPU runs (default: calibrate now)")
     parser.add_argument("--no-calibrate", action="store_true", help="predict the CPU runs with cpu-local only")
@@ -469,6 +489,10 @@ def main() -> None:
                      f"{os.getloadavg()[0]:.1f} after (above the number of ranks, other work shared the cores). "
                      f"Median of {args.steps - 1} steps after one warm-up step, the slowest rank's time per step.", "",
                      *rows, ""]
+    else:
+        kept = previous_real_section()
+        if kept:
+            sections += [*kept, ""]
     if figure(cases):
         sections += ["![predicted throughput and energy per image against GPUs](study.png)", ""]
     sections.append(f"Study run time: {time.perf_counter() - start:.0f} s.")
