@@ -561,6 +561,28 @@ class _Model:
                 row.SetCoefficient(var, -c / biggest)
             row.SetCoefficient(self.r[w], -1)
             coef[ext] += biggest
+        # A parameter's copy read by a recomputed w lives on to U(w) (param_extensions): one
+        # indicator per parameter, E >= c - (1 - r[w]) for each such w (c: the copy's variable).
+        from fxpar.solve.recompute import param_extensions
+
+        readers: dict = {}
+        for w, item, lo, hi in param_extensions(a):
+            if lo <= pos <= hi:
+                readers.setdefault(item, []).append(w)
+        for item, ws in readers.items():
+            terms = defaultdict(float)
+            self.add_memory_copies(terms, [item])
+            biggest = sum(terms.values())
+            if biggest <= 0:
+                continue
+            ext = s.NumVar(0, s.infinity(), f"Ep{item[0].name}_{pos}")
+            for r in dict.fromkeys(self.r[w] for w in ws):
+                row = s.Constraint(-1, s.infinity())
+                row.SetCoefficient(ext, 1)
+                for var, c in terms.items():
+                    row.SetCoefficient(var, -c / biggest)
+                row.SetCoefficient(r, -1)
+            coef[ext] += biggest
         self._add_row({var: c for var, c in coef.items() if c}, bound - fixed, bound_var)
 
     def add_overlap(self) -> None:

@@ -300,6 +300,17 @@ def copy_spans(sm: StepMemory) -> list[tuple[tuple, int, int]]:
         ((None, c, "act"), lo, hi) for c, lo, hi in sm.act_copies]
 
 
+def is_storage_view(n: Node) -> bool:
+    """Whether ``n`` shares another node's storage: a view op, or a ``getitem`` of one (the pieces of
+    ``split``, ``unbind`` or ``chunk`` are views of their input, which lives as long as any of them)."""
+    if n.op != "call_function":
+        return False
+    if n.meta.get("fxpar_is_view"):
+        return True
+    src = n.args[0] if n.target is operator.getitem and n.args else None
+    return isinstance(src, Node) and src.op == "call_function" and bool(src.meta.get("fxpar_is_view"))
+
+
 def _liveness(gm: GraphModule) -> list[LiveSet]:
     """The sets of values live at once, in graph order, at every position where one dies (views
     share their base's storage), and after the graph.
@@ -317,7 +328,7 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
     base: dict[Node, Node] = {}
     end: dict[Node, int] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.meta.get("fxpar_is_view"):
+        if is_storage_view(n):
             base[n] = base.get(n.args[0], n.args[0])
         elif n.op in ("placeholder", "call_function") and n.meta.get("fxpar_role") != "param":
             end[n] = sm.after if n.op == "placeholder" else order[n]

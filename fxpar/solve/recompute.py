@@ -50,7 +50,7 @@ from torch.fx import GraphModule, Node
 
 from fxpar.passes.capture import step_outputs
 from fxpar.rules.registry import tensor_arg_nodes
-from fxpar.solve.problem import copy_spans, step_memory
+from fxpar.solve.problem import copy_spans, is_storage_view, step_memory
 
 INF = float("inf")
 
@@ -160,7 +160,7 @@ def analyze(gm: GraphModule) -> Analysis:
     root: dict[Node, Node] = {}
     storage: list[Node] = []
     for n in nodes:
-        if n.op == "call_function" and n.meta.get("fxpar_is_view"):
+        if is_storage_view(n):
             root[n] = root.get(n.args[0], n.args[0])
         elif n.op in ("placeholder", "call_function") and n.meta.get("fxpar_role") != "param":
             storage.append(n)
@@ -270,6 +270,25 @@ def extras_at(a: Analysis, pos: int) -> tuple[list[Node], list[tuple], float]:
     return [], copies, 0.0
 
 
+def param_extensions(a: Analysis) -> list[tuple[Node, tuple, int, int]]:
+    """(w, parameter copy item, first, last position) for every decision ``w`` that reads a
+    parameter (directly or through its views) and whose latest host ``U(w)`` comes after the end of
+    that parameter's copy span (``step_memory``): where ``w`` is recomputed, the rewrite keeps the
+    parameter's resharded copy that its forward use read until the recomputation reads it again,
+    so the copy lives on to ``U(w)``."""
+    spans = {p: hi for p, _, _, hi in a.step.param_copies}
+    out = []
+    for w, dec in a.decisions.items():
+        if dec.latest_host == -INF:
+            continue
+        params = {r for n in tensor_arg_nodes(w) for r in [a.root.get(n, n)] if r in spans}
+        for p in sorted(params, key=a.order.__getitem__):
+            hi = int(dec.latest_host)
+            if hi > spans[p]:
+                out.append((w, (p, None, "param"), spans[p] + 1, hi))
+    return out
+
+
 def analysis_of(problem) -> Analysis:
     """The recomputation analysis of the graph ``problem`` was built from (made once, kept on it)."""
     if problem.recompute_analysis is None:
@@ -298,6 +317,13 @@ def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float
         hi = a.decisions[w].latest_host
         if hi > a.order[w]:
             spans.append(((None, w, "act"), a.order[w] + 1, int(hi)))
+    # A parameter's copy that a recomputed op reads is kept by the rewrite until the recomputation.
+    chosen = set(recompute)
+    param_ends: dict[tuple, tuple[int, int]] = {}
+    for w, item, lo, hi in param_extensions(a):
+        if w in chosen:
+            param_ends[item] = (lo, max(hi, param_ends.get(item, (lo, hi))[1]))
+    spans += [(item, lo, hi) for item, (lo, hi) in param_ends.items()]
     for item, lo, hi in spans:
         m = problem.copy_bytes(item, choice)
         if m:
