@@ -152,7 +152,13 @@ def main() -> None:
                              "fxpar.solve.presolve and the warm start")
     parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this (prints, writes nothing)")
+    parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (fxpar.solve.backend.HIGHS_OPTIONS)")
     args = parser.parse_args()
+    from fxpar.solve import backend
+
+    for item in filter(None, args.highs.split(",")):
+        key, _, value = item.partition("=")
+        backend.HIGHS_OPTIONS[key] = value
     results = []
     for case in cases(args.quick):
         if args.only and args.only not in case["name"]:
@@ -171,7 +177,7 @@ def main() -> None:
                   f"capture {t['capture']:.1f}s annotate {t['annotate']:.1f}s build {t['build']:.1f}s solve {t['solve']:.1f}s "
                   f"rewrite {t['rewrite']:.1f}s = {r['total_s']:.1f}s (target {r['target_s']:g}s), {r['status']}, "
                   f"gap {r['gap']:.2%}, predicted step {r['predicted_step_s'] * 1e3:.3f} ms", flush=True)
-    if not args.quick and not args.only:
+    if not args.quick and not args.only and not args.highs:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
