@@ -89,11 +89,11 @@ def train_runs(rank: int, name: str, plans: list[str], codegen: str = "eager") -
         torch.manual_seed(0)
         model = make_model(name)
         compiled = fxpar.compile(model, batch(name, 0, model), plan=plan, codegen=codegen)
-        assert compiled.codegen == codegen, compiled.codegen
         if not compiled.is_active:
             results.append(None)
             dist.barrier()
             continue
+        assert compiled.codegen == codegen, compiled.codegen
         k = compiled.num_ranks
         opt = torch.optim.SGD(compiled.parameters(), lr=LR, momentum=0.9)
         losses = []
