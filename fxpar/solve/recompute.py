@@ -29,8 +29,8 @@ Values that are not a decision's (placeholders, random ops' outputs) are live on
 and the step's outputs to the output node, and positions run to one after the graph. What the
 step holds besides these values (parameters' and activations' resharded copies, gradients' bucket
 copies and their handoff copy: ``fxpar.solve.problem.step_memory``) is counted as the live sets
-count it (``extras_at``), and the copies resharded for a recomputed ``w``'s forward use live on to
-``U(w)``. The model's memory is therefore an upper bound of
+count it (``extras_at``), and the copies resharded for a recomputed ``w``'s forward use, a
+parameter's copy among them (``param_extensions``), live on to ``U(w)``. The model's memory is therefore an upper bound of
 the recomputed graph's own liveness (``passes.recompute``): the copy of a value and the extension
 of a kept input may end earlier than ``q`` and ``U``.
 
