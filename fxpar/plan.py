@@ -116,11 +116,12 @@ class Plan:
                 f"the plan does not match the captured graph: nodes without a strategy {missing}, "
                 f"strategies for unknown nodes {extra}; plan again for this model and these input shapes"
             )
+        memo: dict = {}
         for n in gm.graph.nodes:
             if n.op not in planned:
                 continue
             s = self.strategies[n.name]
-            if s not in node_strategies(n, self.mesh_shape):
+            if s not in node_strategies(n, self.mesh_shape, memo=memo):
                 raise PlanMismatchError(
                     f"the plan gives %{n.name} ({n.target}) the strategy {s.label()}, which its rule does not "
                     f"allow on mesh {list(self.mesh_shape)}; plan again for this model"

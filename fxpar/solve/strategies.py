@@ -42,10 +42,18 @@ def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpS
     return out
 
 
-def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = False) -> list[OpStrategy]:
+def node_strategies(
+    node: Node, mesh_shape: tuple[int, ...], *, strict: bool = False, memo: dict | None = None
+) -> list[OpStrategy]:
     """The node's strategies. An op without a rule runs replicated (the inputs are gathered to
     every device), marked ``node.meta["fxpar_fallback"]`` so the planner can warn with its cost;
-    with ``strict`` it is an error instead."""
+    with ``strict`` it is an error instead.
+
+    ``memo``: a dict the caller keeps for one pass over one graph (e.g. checking every node of a
+    plan). Rules see only an op's shapes and constant arguments, so a node with the signature of
+    one seen before in ``memo`` (a copy of a repeated layer) gets the strategies, and the notes in
+    ``node.meta``, computed for it. The caller owns its lifetime, so a rule registered or changed
+    later is never answered from a stale entry."""
     if node.op == "placeholder":
         return _placeholder_strategies(node, mesh_shape)
     if node.op == "get_attr":
@@ -53,27 +61,22 @@ def node_strategies(node: Node, mesh_shape: tuple[int, ...], *, strict: bool = F
         return [OpStrategy((), ((R,) * len(mesh_shape),))]
     assert node.op == "call_function", node.op
     rule = get_rule(node.target)
+    if memo is None:
+        return _rule_strategies(node, rule, mesh_shape, strict=strict)
     from fxpar.solve.repeat import node_signature
 
-    # Rules see only an op's shapes and constant arguments, so a node with the signature of one
-    # seen before (a copy of a repeated layer, or the same node checked again when a plan is
-    # applied) gets the strategies, and the notes in node.meta, computed for it.
     flat = tensor_arg_nodes(node)
     key = (node_signature(node), tuple(flat.index(a) for a in flat), tuple(mesh_shape), strict, rule)
-    hit = _MEMO.get(key)
+    hit = memo.get(key)
     if hit is not None:
         node.meta.update(hit[1])
         return hit[0]
     strategies = _rule_strategies(node, rule, mesh_shape, strict=strict)
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.clear()
-    _MEMO[key] = (strategies, {k: node.meta[k] for k in _NOTES if k in node.meta})
+    memo[key] = (strategies, {k: node.meta[k] for k in _NOTES if k in node.meta})
     return strategies
 
 
-# (signature, mesh, strict, rule) -> (strategies, node.meta notes); bounded, cleared when full.
-_MEMO: dict[tuple, tuple[list[OpStrategy], dict]] = {}
-_MEMO_SIZE = 20000
+# The node.meta notes a rule writes, replayed for a memo hit.
 _NOTES = ("fxpar_fallback", "fxpar_fallback_reason", "fxpar_rule_source")
 
 
