@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import linecache
 import math
@@ -33,7 +32,8 @@ from fxpar.passes.capture import capture
 from fxpar.placement import spec_str
 from fxpar.plan import Plan, fmt_bytes, layer_rows
 from fxpar.progress import stage
-from fxpar.solve.ilp import Infeasible, SolverTimeout, memory_of, min_memory, solve
+from fxpar.solve import warmstart
+from fxpar.solve.ilp import DEFAULT_SOLVER, Infeasible, SolverTimeout, memory_of, min_memory, solve
 from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies, node_strategies
@@ -187,58 +187,74 @@ def _check_force(gm: GraphModule, force: Mapping[str, str], mesh: tuple[int, ...
             raise PlanOptionError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {labels}")
 
 
-def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool):
+def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool, solver: str = DEFAULT_SOLVER):
     """The best plan keeping every activation and, with ``recompute`` where memory can bind, the
     best with the ILP also choosing what to recompute; the second only if it is faster (so a plan
     that fits without recomputation is never replaced by one as fast). Infeasible if neither fits.
     The optimum without a memory limit is solved first: if it is proven and fits, it is the answer
     to both (``_unbounded_optimum``); a plan of that solve that fits but is not proven optimal is
-    kept in case the solve that keeps every activation finds none in its time."""
-    start = time.perf_counter()
-    # Infeasible here (no assignment at all, whatever the memory) is final.
-    free = _unbounded_optimum(problem, time_limit_s=time_limit_s / 3)
+    kept in case the solve that keeps every activation finds none in its time.
+
+    ``time_limit_s`` is one budget for all of it: the presolve and the starting plans (the
+    merged-mesh plan on 3-D meshes) are computed once (``warmstart.prepare``) and shared by the
+    solves, and each solve runs to a deadline inside the budget: the one without a memory limit
+    to a third of the time left after the preparation, the one keeping every activation to two
+    thirds of what is then left when a recomputation solve follows (else to the end), the
+    recomputation solve to the end. Each plan found fits and is handed on as a start of the next
+    solve, so a solve stopped at its deadline returns a plan no slower than the starts."""
+    start = warmstart.clock()
+    deadline = start + time_limit_s
+    # Infeasible here (no class left with a strategy) is final.
+    prep = warmstart.prepare(problem, deadline=deadline)
+    now = warmstart.clock()
+    free = _unbounded_optimum(prep, deadline=now + (deadline - now) / 3, solver=solver)
     if free is not None and free.status == "optimal":
         return free
+    if free is not None:
+        prep.add("no memory limit", free.choice, free.objective, fits=True)
+    now = warmstart.clock()
+    kept_deadline = now + (deadline - now) * 2 / 3 if recompute else deadline
     try:
-        kept = solve(problem, time_limit_s=max(1.0, time_limit_s - (time.perf_counter() - start)))
+        kept = warmstart.solve_prepared(prep, deadline=kept_deadline, solver=solver, recompute=False)
     except Infeasible:
         kept = None
     except SolverTimeout:
-        if free is None:
+        if free is None and not recompute:
             raise
         kept = None
     if free is not None and (kept is None or free.objective < kept.objective):
         kept = free
     # The optimum without a memory limit does not fit (or was not proven in time): memory may bind.
     if recompute:
-        remaining = max(1.0, time_limit_s - (time.perf_counter() - start))
+        if kept is not None:
+            prep.add("kept activations", kept.choice, kept.objective, fits=True)
         try:
-            sol = solve(problem, time_limit_s=remaining, recompute=True)
+            sol = warmstart.solve_prepared(prep, deadline=deadline, solver=solver, recompute=True)
         except (Infeasible, SolverTimeout):
             if kept is None:
                 raise
             sol = None
         if sol is not None and sol.recompute and (kept is None or sol.objective < kept.objective * (1 - 1e-9)):
-            sol.solve_seconds = time.perf_counter() - start
+            sol.solve_seconds = warmstart.clock() - start
             return sol
     if kept is None:
         raise Infeasible()
     return kept
 
 
-def _unbounded_optimum(problem: Problem, *, time_limit_s: float):
-    """The best plan of ``problem`` with no memory limit that the solver finds in time, if it fits
-    the real limit; else None. Recomputation only adds time, so when it is proven optimal no plan
-    that recomputes is faster: the solve that chooses what to recompute, the slowest of the
-    planner's, is then not needed, nor the lazy memory rows of the solve that keeps every
-    activation (for which it is the optimum too). The problem is solved with an infinite budget and
-    no live sets, so neither the ILP nor the warm start evaluates memory; the plan found is then
-    checked against the real budget once."""
-    free = dataclasses.replace(problem, memory_budget=math.inf, live_sets=[])
+def _unbounded_optimum(prep: warmstart.Prepared, *, deadline: float, solver: str):
+    """The best plan of the prepared problem with no memory limit that the solver finds by
+    ``deadline``, if it fits the real limit; else None. Recomputation only adds time, so when it is
+    proven optimal no plan that recomputes is faster: the solve that chooses what to recompute, the
+    slowest of the planner's, is then not needed, nor the lazy memory rows of the solve that keeps
+    every activation (for which it is the optimum too). The problem is solved with an infinite
+    budget and no live sets, so neither the ILP nor the choice of its start evaluates memory; the
+    plan found is then checked against the real budget once."""
     try:
-        sol = solve(free, time_limit_s=time_limit_s)
+        sol = warmstart.solve_prepared(prep, deadline=deadline, solver=solver, recompute=False, unbounded=True)
     except SolverTimeout:
         return None
+    problem = prep.problem
     budget = problem.memory_budget
     if problem.memory_of(sol.choice) > budget + 1e-6 * max(1.0, budget):
         return None
@@ -270,6 +286,7 @@ def plan_graph(
     if force:
         _apply_force(problem, force)
     simplified = problem
+    solve_start = warmstart.clock()
     try:
         try:
             with stage(f"solving ({len(problem.nodes)} nodes)", limit_s=time_limit_s):
@@ -283,7 +300,8 @@ def plan_graph(
             if force:
                 _apply_force(problem, force)
             # Recomputation is chosen on the simplified problem only (the full one is far larger).
-            sol = solve(problem, time_limit_s=time_limit_s)
+            # What is left of the budget (none left: the best start, if any, is the plan).
+            sol = solve(problem, time_limit_s=time_limit_s - (warmstart.clock() - solve_start))
     except Infeasible:
         need = min_memory(problem)
         need_recompute = min_memory(simplified, recompute=True)

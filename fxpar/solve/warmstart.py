@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from torch.fx import Node
 
 from fxpar.placement import R, Shard
-from fxpar.solve.presolve import lift, presolve
+from fxpar.solve.presolve import Reduction, lift, presolve
 from fxpar.solve.problem import Problem
 
 FAMILIES = ("data parallel", "fully sharded")
+
+# The clock every limit is measured on (``solve_with_recompute``, ``solve_presolved``); a test may
+# replace it to check the limits handed down without timing anything.
+clock = time.perf_counter
 
 
 def _family_spec(problem: Problem, param: Node, family: str):
@@ -114,12 +118,19 @@ def greedy_plan(problem: Problem, family: str) -> dict[Node, int] | None:
     return {n: chosen[rep(n)] for n in p.nodes}
 
 
-def _respects(problem: Problem, choice: dict[Node, int]) -> bool:
-    """Whether ``choice`` satisfies the no-reshard edges and the memory bound."""
+def _no_reshard_kept(problem: Problem, choice: dict[Node, int]) -> bool:
+    """Whether ``choice`` satisfies the no-reshard edges."""
     for e in problem.no_reshard:
         if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1 and problem.rep(e.producer) is not problem.rep(e.consumer):
             if e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]:
                 return False
+    return True
+
+
+def _respects(problem: Problem, choice: dict[Node, int]) -> bool:
+    """Whether ``choice`` satisfies the no-reshard edges and the memory bound."""
+    if not _no_reshard_kept(problem, choice):
+        return False
     return math.isinf(problem.memory_budget) or problem.memory_of(choice) <= problem.memory_budget
 
 
@@ -141,7 +152,8 @@ def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] |
     link merged into one (4x4x4 -> 4x16), solved first (a far smaller problem), written on the
     full mesh: a spec's placement on the merged axis is placed on both (S(d) over 16 devices is
     S(d) over 4 and again over 4, in the same rank order). None if the mesh has no such pair, the
-    smaller problem has no plan in time, or a mapped strategy is not in a node's list."""
+    smaller problem has no plan in time, or a mapped strategy is not in a node's list. Building the
+    smaller problem counts against ``time_limit_s``: its solve gets what is left."""
     from fxpar.cost import CostModel
     from fxpar.solve import ilp
     from fxpar.solve.problem import build_problem
@@ -150,8 +162,9 @@ def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] |
     cm = problem.cost_model
     mesh = tuple(cm.mesh_shape)
     pairs = [i for i in range(len(mesh) - 1) if cm.links[i] == cm.links[i + 1]]
-    if len(mesh) < 3 or not pairs:
+    if len(mesh) < 3 or not pairs or time_limit_s <= 0:
         return None
+    start = clock()
     i = pairs[-1]
     merged = mesh[:i] + (mesh[i] * mesh[i + 1],) + mesh[i + 2:]
     links = tuple(cm.links[:i + 1]) + tuple(cm.links[i + 2:])
@@ -168,8 +181,11 @@ def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] |
                 n.meta.pop(k, None)
             n.meta.update(meta)
     small.memory_budget = problem.memory_budget
+    remaining = time_limit_s - (clock() - start)
+    if remaining <= 0:
+        return None
     try:
-        sol = ilp.solve(small, time_limit_s=time_limit_s)
+        sol = ilp.solve(small, time_limit_s=remaining)
     except (ilp.Infeasible, ilp.SolverTimeout):
         return None
 
@@ -188,35 +204,101 @@ def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] |
     return {n: choice[problem.rep(n)] for n in problem.nodes}
 
 
-def solve_presolved(problem: Problem, *, time_limit_s: float, solver: str, recompute: bool):
-    """``fxpar.solve.ilp.solve`` on the presolved problem, warm-started from the best family plan;
-    the solution is in the original problem's indices."""
+@dataclass
+class Prepared:
+    """What every solve of one problem shares, whatever its memory rows: the presolve (which reads
+    no memory budget or live set, so it is the same for the problem without a memory limit) and
+    the starting plans (the families, the merged-mesh plan on 3 or more axes, and plans the caller
+    adds: ``add``), each in the reduced problem's indices with its step time; whether each fits
+    the memory is evaluated once, when a solve with the real budget first asks."""
+
+    problem: Problem
+    reduction: Reduction
+    starts: list = field(default_factory=list)  # (name, reduced choice, step seconds, fits: bool | None)
+    seconds: float = 0.0
+
+    def add(self, name: str, choice: dict[Node, int], cost: float, *, fits: bool | None = None) -> None:
+        """A plan of the original problem (its indices) as a start of the later solves."""
+        reduced = self.reduction.reduce_choice(choice)
+        if reduced is not None:
+            self.starts.append((name, reduced, cost, fits))
+
+    def best_start(self, *, bounded: bool) -> tuple[str, dict[Node, int], float] | None:
+        """The fastest start that fits (any, if not ``bounded``)."""
+        reduced = self.reduction.problem
+        for i, (name, choice, cost, fits) in sorted(enumerate(self.starts), key=lambda t: t[1][2]):
+            if bounded and fits is None:
+                fits = math.isinf(reduced.memory_budget) or reduced.memory_of(choice) <= reduced.memory_budget
+                self.starts[i] = (name, choice, cost, fits)
+            if not bounded or fits:
+                return name, choice, cost
+        return None
+
+
+def prepare(problem: Problem, *, deadline: float) -> Prepared:
+    """Presolve ``problem`` and build its starting plans (the merged-mesh one with a third of the
+    time left before ``deadline``). Raises ``Infeasible`` if a class has no strategy left."""
     from fxpar.solve import ilp
 
-    start = time.perf_counter()
+    start = clock()
     reduction = presolve(problem)
     if any(not ks for ks in reduction.keep.values()):
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
     reduced = reduction.problem
-    family = best_family(reduced)
+    prep = Prepared(problem, reduction)
+    for family in FAMILIES:
+        choice = greedy_plan(reduced, family)
+        if choice is not None and _no_reshard_kept(reduced, choice):
+            prep.starts.append((family, choice, reduced.cost_of(choice), None))
     if len(problem.cost_model.mesh_shape) >= 3:
-        merged = merged_axes_plan(problem, time_limit_s / 3)
+        merged = merged_axes_plan(problem, (deadline - clock()) / 3)
         merged = reduction.reduce_choice(merged) if merged is not None else None
-        if merged is not None and _respects(reduced, merged):
-            cost = reduced.cost_of(merged)
-            if family is None or cost < family[2]:
-                family = ("merged axes", merged, cost)
-    hint = family[1] if family is not None else None
-    remaining = max(0.001, time_limit_s - (time.perf_counter() - start))
-    try:
-        sol = ilp.solve(reduced, time_limit_s=remaining, solver=solver, recompute=recompute, presolve=False, hint=hint)
-    except ilp.SolverTimeout:
-        if family is None:
-            raise
-        sol = ilp.Solution(family[1], family[2], 0.0, "feasible (time limit)", 0, 0, 0.0,
+        if merged is not None and _no_reshard_kept(reduced, merged):
+            prep.starts.append(("merged axes", merged, reduced.cost_of(merged), None))
+    prep.seconds = clock() - start
+    return prep
+
+
+def solve_prepared(prep: Prepared, *, deadline: float, solver: str, recompute: bool, unbounded: bool = False):
+    """The ILP of ``prep``'s reduced problem (with no memory limit and no live sets if
+    ``unbounded``) until ``deadline``, warm-started from the fastest start that fits; never slower
+    than that start (returned as is when the deadline has passed or the solver finds nothing), and
+    ``SolverTimeout`` only when there is no start. The solution is in the original indices."""
+    from fxpar.solve import ilp
+
+    start = clock()
+    reduced = prep.reduction.problem
+    if unbounded:
+        reduced = replace(reduced, memory_budget=math.inf, live_sets=[])
+    best = prep.best_start(bounded=not unbounded)
+    hint = best[1] if best is not None else None
+    remaining = deadline - clock()
+    sol = None
+    if remaining > 0:
+        try:
+            sol = ilp.solve(reduced, time_limit_s=remaining, solver=solver, recompute=recompute, presolve=False, hint=hint)
+        except ilp.SolverTimeout:
+            if best is None:
+                raise
+    elif best is None:
+        raise ilp.SolverTimeout(f"no time was left for the solver (deadline passed {-remaining:.3f} s before)")
+    if sol is None:
+        sol = ilp.Solution(best[1], best[2], 0.0, "feasible (time limit)", 0, 0, 0.0,
                            num_classes=len({reduced.rep(n) for n in reduced.nodes}))
-    if family is not None and sol.status != "optimal" and family[2] < sol.objective:
-        sol = replace(sol, choice=family[1], objective=family[2], recompute=[])
-    out = lift(reduction, sol)
-    out.solve_seconds = time.perf_counter() - start
+    elif best is not None and sol.status != "optimal" and best[2] < sol.objective:
+        sol = replace(sol, choice=best[1], objective=best[2], recompute=[])
+    out = lift(prep.reduction, sol)
+    out.solve_seconds = clock() - start
+    return out
+
+
+def solve_presolved(problem: Problem, *, time_limit_s: float, solver: str, recompute: bool):
+    """``fxpar.solve.ilp.solve`` on the presolved problem, warm-started from the best family plan
+    (on 3 or more mesh axes, or the merged-mesh plan): presolve, starts and ILP together within
+    ``time_limit_s``; the solution is in the original problem's indices."""
+    start = clock()
+    deadline = start + time_limit_s
+    prep = prepare(problem, deadline=deadline)
+    out = solve_prepared(prep, deadline=deadline, solver=solver, recompute=recompute)
+    out.solve_seconds = clock() - start
     return out
