@@ -187,7 +187,8 @@ def _check_force(gm: GraphModule, force: Mapping[str, str], mesh: tuple[int, ...
             raise PlanOptionError(f"force[{key!r}] = {want!r} is not a strategy of %{node.name}; it has {labels}")
 
 
-def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool, solver: str = DEFAULT_SOLVER):
+def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bool, solver: str = DEFAULT_SOLVER,
+                         presolve: bool = True):
     """The best plan keeping every activation and, with ``recompute`` where memory can bind, the
     best with the ILP also choosing what to recompute; the second only if it is faster (so a plan
     that fits without recomputation is never replaced by one as fast). Infeasible if neither fits.
@@ -200,20 +201,26 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     solves, and each solve runs to a deadline inside the budget: the one without a memory limit
     to a third of the time left after the preparation, the one keeping every activation to two
     thirds of what is then left when a recomputation solve follows (else to the end), the
-    recomputation solve to the end. Each plan found fits and is handed on as a start of the next
-    solve, so a solve stopped at its deadline returns a plan no slower than the starts."""
+    recomputation solve to the end, each deadline less the most a solve so far ran past its own.
+    Each plan found fits and is handed on as a start of the next solve, so a solve stopped at its
+    deadline returns a plan no slower than the starts."""
     start = warmstart.clock()
     deadline = start + time_limit_s
     # Infeasible here (no class left with a strategy) is final.
-    prep = warmstart.prepare(problem, deadline=deadline)
+    prep = warmstart.prepare(problem, deadline=deadline, presolve_problem=presolve)
     now = warmstart.clock()
-    free = _unbounded_optimum(prep, deadline=now + (deadline - now) / 3, solver=solver)
+    free_deadline = now + (deadline - now) / 3
+    free = _unbounded_optimum(prep, deadline=free_deadline, solver=solver)
     if free is not None and free.status == "optimal":
         return free
     if free is not None:
         prep.add("no memory limit", free.choice, free.objective, fits=True)
+    # A solve may end after its deadline (HiGHS stops at its next check, the solution is read
+    # back): the most it did so far is taken off the deadlines of the solves that follow.
     now = warmstart.clock()
-    kept_deadline = now + (deadline - now) * 2 / 3 if recompute else deadline
+    late = max(0.0, now - free_deadline)
+    end = deadline - late
+    kept_deadline = now + (end - now) * 2 / 3 if recompute else end
     try:
         kept = warmstart.solve_prepared(prep, deadline=kept_deadline, solver=solver, recompute=False)
     except Infeasible:
@@ -222,6 +229,7 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
         if free is None and not recompute:
             raise
         kept = None
+    late = max(late, warmstart.clock() - kept_deadline)
     if free is not None and (kept is None or free.objective < kept.objective):
         kept = free
     # The optimum without a memory limit does not fit (or was not proven in time): memory may bind.
@@ -229,7 +237,7 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
         if kept is not None:
             prep.add("kept activations", kept.choice, kept.objective, fits=True)
         try:
-            sol = warmstart.solve_prepared(prep, deadline=deadline, solver=solver, recompute=True)
+            sol = warmstart.solve_prepared(prep, deadline=deadline - late, solver=solver, recompute=True)
         except (Infeasible, SolverTimeout):
             if kept is None:
                 raise

@@ -133,15 +133,17 @@ class _solver:
     def __enter__(self):
         import fxpar.planner
 
-        self.saved = fxpar.planner.solve
+        self.saved = fxpar.planner.solve, fxpar.planner.solve_with_recompute
         # "HIGHS/nopresolve": the solver on the problem as built (no presolve, no warm start).
         name, _, variant = self.name.partition("/")
-        fxpar.planner.solve = functools.partial(ilp.solve, solver=name, presolve=variant != "nopresolve")
+        presolve = variant != "nopresolve"
+        fxpar.planner.solve = functools.partial(ilp.solve, solver=name, presolve=presolve)
+        fxpar.planner.solve_with_recompute = functools.partial(self.saved[1], solver=name, presolve=presolve)
 
     def __exit__(self, *exc):
         import fxpar.planner
 
-        fxpar.planner.solve = self.saved
+        fxpar.planner.solve, fxpar.planner.solve_with_recompute = self.saved
 
 
 def main() -> None:

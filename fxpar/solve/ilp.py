@@ -741,22 +741,34 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
 
         return solve_presolved(problem, time_limit_s=time_limit_s, solver=solver, recompute=recompute)
     start = time.perf_counter()
+
+    def spent() -> None:
+        # Building the model counts against the limit: stop between steps once it is spent.
+        if time.perf_counter() - start >= time_limit_s:
+            raise SolverTimeout(f"the time limit ({time_limit_s:.3g} s) was spent building the model")
+
     m = _Model(problem, solver)
     m.scale = _scale(problem)
     m.add_one_strategy()
     m.add_edge_links()
+    spent()
     if recompute:
         m.add_recompute()
+        spent()
         m.add_recompute_comm()
+        spent()
     m.add_overlap()
     m.add_forced()
     m.set_objective()
     if hint is not None:
         m.set_hint(hint)
     added = _add_rows(m, problem, recompute, problem.memory_budget)
+    spent()
     solver = m.solver
     for _ in range(_MAX_ROUNDS):
         remaining = time_limit_s - (time.perf_counter() - start)
+        if remaining <= 0:  # a round's memory rows added after the limit: its plan is not known to fit
+            raise SolverTimeout(f"the time limit ({time_limit_s:.3g} s) was spent before the memory rows settled")
         solver.SetTimeLimit(max(1, int(remaining * 1000)))
         status = solver.Solve(_exact_params())
         if status == pywraplp.Solver.INFEASIBLE:

@@ -235,12 +235,16 @@ class Prepared:
         return None
 
 
-def prepare(problem: Problem, *, deadline: float) -> Prepared:
+def prepare(problem: Problem, *, deadline: float, presolve_problem: bool = True) -> Prepared:
     """Presolve ``problem`` and build its starting plans (the merged-mesh one with a third of the
-    time left before ``deadline``). Raises ``Infeasible`` if a class has no strategy left."""
+    time left before ``deadline``). Raises ``Infeasible`` if a class has no strategy left. With
+    ``presolve_problem`` False: the problem as built, with no starts (the solver alone)."""
     from fxpar.solve import ilp
 
     start = clock()
+    if not presolve_problem:
+        keep = {n: list(range(len(problem.strategies[n]))) for n in problem.nodes}
+        return Prepared(problem, Reduction(problem, problem, keep, 0.0, {}))
     reduction = presolve(problem)
     if any(not ks for ks in reduction.keep.values()):
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
