@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import linecache
 import math
@@ -210,7 +211,7 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     prep = warmstart.prepare(problem, deadline=deadline, presolve_problem=presolve)
     now = warmstart.clock()
     free_deadline = now + (deadline - now) / 3
-    free = _unbounded_optimum(prep, deadline=free_deadline, solver=solver)
+    free, bound = _unbounded_optimum(prep, deadline=free_deadline, solver=solver)
     if free is not None and free.status == "optimal":
         return free
     if free is not None:
@@ -244,15 +245,23 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
             sol = None
         if sol is not None and sol.recompute and (kept is None or sol.objective < kept.objective * (1 - 1e-9)):
             sol.solve_seconds = warmstart.clock() - start
-            return sol
+            return _bounded(sol, bound)
     if kept is None:
         raise Infeasible()
-    return kept
+    return _bounded(kept, bound)
+
+
+def _bounded(sol, bound: float):
+    """``sol`` with the bound of the solve without a memory limit where it is higher: that problem
+    relaxes the others (no memory rows; recomputation only adds time), so it bounds them too."""
+    if sol.status == "optimal" or bound <= sol.bound:
+        return sol
+    return dataclasses.replace(sol, bound=min(bound, sol.objective))
 
 
 def _unbounded_optimum(prep: warmstart.Prepared, *, deadline: float, solver: str):
-    """The best plan of the prepared problem with no memory limit that the solver finds by
-    ``deadline``, if it fits the real limit; else None. Recomputation only adds time, so when it is
+    """(plan, bound): the best plan of the prepared problem with no memory limit that the solver
+    finds by ``deadline`` if it fits the real limit, else None; and the solver's bound on it. Recomputation only adds time, so when it is
     proven optimal no plan that recomputes is faster: the solve that chooses what to recompute, the
     slowest of the planner's, is then not needed, nor the lazy memory rows of the solve that keeps
     every activation (for which it is the optimum too). The problem is solved with an infinite
@@ -261,12 +270,12 @@ def _unbounded_optimum(prep: warmstart.Prepared, *, deadline: float, solver: str
     try:
         sol = warmstart.solve_prepared(prep, deadline=deadline, solver=solver, recompute=False, unbounded=True)
     except SolverTimeout:
-        return None
+        return None, 0.0
     problem = prep.problem
     budget = problem.memory_budget
     if problem.memory_of(sol.choice) > budget + 1e-6 * max(1.0, budget):
-        return None
-    return sol
+        return None, sol.bound
+    return sol, sol.bound
 
 
 def plan_graph(

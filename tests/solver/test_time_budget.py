@@ -98,8 +98,8 @@ def test_no_ilp_starts_after_the_budget_is_spent(instrumented, monkeypatch):
     problem = _problem()
     real_prepare = warmstart.prepare
 
-    def slow_prepare(p, *, deadline):
-        prep = real_prepare(p, deadline=deadline)
+    def slow_prepare(p, *, deadline, **kw):
+        prep = real_prepare(p, deadline=deadline, **kw)
         if p is problem:  # not the merged mesh's own solve
             clock.now = deadline + 1.0
         return prep
