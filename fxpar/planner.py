@@ -234,7 +234,9 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     if free is not None and (kept is None or free.objective < kept.objective):
         kept = free
     # The optimum without a memory limit does not fit (or was not proven in time): memory may bind.
-    if recompute:
+    # The recomputation solve is skipped, given a plan, when less time is left than the most a
+    # solve has run late: building its (larger) model alone would take longer.
+    if recompute and (kept is None or deadline - late - warmstart.clock() > late):
         if kept is not None:
             prep.add("kept activations", kept.choice, kept.objective, fits=True)
         try:
