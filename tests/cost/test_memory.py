@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import fxpar
 from fxpar.models import MLP, GPT, GPTConfig
@@ -34,13 +35,36 @@ def _gpt():
     return GPT(GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, d_model=64)), 8
 
 
-MODELS = {"mlp": _mlp, "gpt": _gpt}
+class SplitPieces(nn.Module):
+    """A projection split in three pieces (views of one storage), each read by the backward: the
+    whole projection lives as long as any piece."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.d = d
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, self.d),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.d, dim=-1)
+        return (self.out(torch.tanh(q) * k) * v).sum()
+
+
+def _split():
+    return SplitPieces(), 512
+
+
+MODELS = {"mlp": _mlp, "gpt": _gpt, "split": _split}
 WEIGHTS = ("layers.0.weight", "layers.1.weight", "layers.2.weight")
 CASES = [
     ("mlp", "data parallel", {w: "R" for w in WEIGHTS}),
     ("mlp", "zero-3", {**{w: "S(0)" for w in WEIGHTS}, "layers.0.bias": "S(0)", "layers.1.bias": "S(0)"}),
     ("mlp", "megatron", {"layers.0.weight": "S(0)", "layers.0.bias": "S(0)", "layers.1.weight": "S(1)"}),
     ("gpt", "fxpar", None),
+    ("split", "fxpar", None),
 ]
 
 
