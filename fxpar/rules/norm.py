@@ -8,7 +8,8 @@ mean and sum of squared deviations, combined as a parallel variance; backward, o
 ``2 * channels`` values, the sums of the gradient and of the gradient times the normalized input.
 The localize hooks put those collectives into the rank's graph (``batch_norm_global_stats`` and
 its backward); the results equal single-device batch norm, running statistics included. The
-collectives are not priced by the cost model (O(channels) values each).
+cost model prices those collectives as part of the op's own time
+(``fxpar.cost.CostModel.batch_norm_stats_time``).
 
 Per-device statistics, DistributedDataParallel's semantics (without SyncBatchNorm), are the
 rewrite's opt-in ``batch_norm="local"`` (``fxpar.runtime.steps.BATCH_NORM_STATS``): each device
