@@ -124,6 +124,15 @@ def run_case(case: dict, solver: str) -> dict:
     }
 
 
+def with_highs_options(name: str, options: str) -> str:
+    """``name`` ("HIGHS", "HIGHS/nopresolve", "SCIP") with HiGHS ``options`` ("presolve=off,...")
+    written into it as ``fxpar.solve.ilp.parse_solver`` reads them; other solvers unchanged."""
+    base, slash, variant = name.partition("/")
+    if not options or base != "HIGHS":
+        return name
+    return f"HIGHS:{options}{slash}{variant}"
+
+
 class _solver:
     """Plan with ``name`` (``fxpar.planner`` calls ``fxpar.solve.ilp.solve`` with its default)."""
 
@@ -154,18 +163,14 @@ def main() -> None:
                              "fxpar.solve.presolve and the warm start")
     parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this (prints, writes nothing)")
-    parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (fxpar.solve.backend.HIGHS_OPTIONS)")
+    parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (passed as solver HIGHS:presolve=off)")
     args = parser.parse_args()
-    from fxpar.solve import backend
-
-    for item in filter(None, args.highs.split(",")):
-        key, _, value = item.partition("=")
-        backend.HIGHS_OPTIONS[key] = value
+    solvers = [with_highs_options(name, args.highs) for name in args.solvers.split(",")]
     results = []
     for case in cases(args.quick):
         if args.only and args.only not in case["name"]:
             continue
-        for solver in args.solvers.split(","):
+        for solver in solvers:
             try:
                 r = run_case(case, solver)
             except FxparError as exc:  # a case that does not plan is a result too

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fxpar.planner import capture_and_annotate, plan_graph  # noqa: E402
-from fxpar.solve import backend  # noqa: E402
+from tools.plan_scale import _solver, with_highs_options  # noqa: E402
 from tests.runtime import model_fns as M  # noqa: E402
 from tests.zoo import zoo_fns as Z  # noqa: E402
 
@@ -41,11 +41,9 @@ def main() -> None:
     parser.add_argument("--meshes", default="2x2,2x4")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
     parser.add_argument("--out", default=str(ROOT / "docs/results/zoo_plan_times.json"))
-    parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (fxpar.solve.backend.HIGHS_OPTIONS)")
+    parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (passed as solver HIGHS:presolve=off)")
     args = parser.parse_args()
-    for item in filter(None, args.highs.split(",")):
-        key, _, value = item.partition("=")
-        backend.HIGHS_OPTIONS[key] = value
+    solver = with_highs_options("HIGHS", args.highs)
     meshes = [tuple(int(s) for s in m.split("x")) for m in args.meshes.split(",")]
     results = []
     for name, make, inputs in cases():
@@ -57,7 +55,8 @@ def main() -> None:
             wall, cpu = time.perf_counter(), time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                plan, _ = plan_graph(gm, mesh_shape=mesh)
+                with _solver(solver):
+                    plan, _ = plan_graph(gm, mesh_shape=mesh)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             r = {"name": name, "mesh": list(mesh), "load_avg_1min": load, "wall_s": wall, "cpu_s": cpu,
                  "status": plan.solver["status"], "gap": plan.solver["gap"], "predicted_step_s": plan.predicted_step_s,

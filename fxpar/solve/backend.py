@@ -10,7 +10,8 @@ handed to MathOpt's solver as one ``ModelProto`` built at ``Solve``: building it
 ``mathopt.Model`` one coefficient at a time took about half of the solve on the toy transformer
 (docs/solver-scale.md). ``SetHint`` passes a starting solution (a plan of a forced family) that
 HiGHS checks and keeps as its first incumbent. HiGHS's feasibility-jump heuristic is off
-(``SKIP_FEASIBILITY_JUMP``); ``HIGHS_OPTIONS`` sets any other HiGHS option.
+(``SKIP_FEASIBILITY_JUMP``); ``HighsSolver(options=...)`` sets any other HiGHS option (the ILP's
+``solver="HIGHS:name=value,..."``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from ortools.math_opt.core.python import solver as _core
 from ortools.math_opt.python import callback, init_arguments, mathopt
 
 
-# HiGHS options passed through MathOpt (name -> bool/int/float/str value).
-HIGHS_OPTIONS: dict[str, object] = {}
 SKIP_FEASIBILITY_JUMP = True
 
 
@@ -75,7 +74,9 @@ class _Objective:
 class HighsSolver:
     """The subset of ``pywraplp.Solver`` that ``fxpar.solve.ilp`` uses, solved by HiGHS to gap 0."""
 
-    def __init__(self):
+    def __init__(self, options: dict[str, object] | None = None):
+        # HiGHS options passed through MathOpt (name -> bool/int/float/str value).
+        self.options = dict(options or {})
         self.time_limit_s = math.inf
         self.values: list[float] = []
         self.objective = math.nan
@@ -171,7 +172,7 @@ class HighsSolver:
             random_seed=0,
             enable_output=self.output,
         )
-        options = dict(HIGHS_OPTIONS)
+        options = dict(self.options)
         if SKIP_FEASIBILITY_JUMP:
             # HiGHS's feasibility-jump heuristic runs before the root LP, which on these models is
             # mostly integral; with a hint it only looks for what it has (docs/solver-scale.md:

@@ -159,12 +159,25 @@ class SolverTimeout(Exception):
     pass
 
 
+def parse_solver(solver: str) -> tuple[str, dict[str, str]]:
+    """``"NAME"`` or ``"HIGHS:option=value,..."`` -> (name, HiGHS options); NAME one of ``SOLVERS``."""
+    name, _, rest = solver.partition(":")
+    if name not in SOLVERS or (rest and name != "HIGHS"):
+        raise ValueError(f"unknown solver {solver!r}; known: {list(SOLVERS)}, HiGHS as 'HIGHS:option=value,...'")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"solver {solver!r}: HiGHS option {item!r} is not name=value")
+        options[key] = value
+    return name, options
+
+
 class _Model:
     def __init__(self, problem: Problem, solver: str = DEFAULT_SOLVER):
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; known: {list(SOLVERS)}")
+        name, options = parse_solver(solver)
         self.p = problem
-        self.solver = HighsSolver() if solver == "HIGHS" else pywraplp.Solver.CreateSolver(solver)
+        self.solver = HighsSolver(options) if name == "HIGHS" else pywraplp.Solver.CreateSolver(name)
         assert self.solver is not None, f"OR-Tools was built without {solver}"
         self.solver.SetNumThreads(1)  # one thread: the same problem gives the same plan
         if os.environ.get("FXPAR_SOLVER_LOG"):

@@ -57,3 +57,21 @@ def test_a_3d_mesh_plans_optimally():
         assert len(spec) == 3
     assert plan.predicted_step_s == pytest.approx(problem.cost_of(
         {n: problem.strategies[n].index(s) for n, s in plan.assignment(gm).items()}), rel=1e-12)
+
+
+def test_highs_options_travel_in_the_solver_name():
+    gm = _graph("mlp")
+    mesh = (2, 2)
+    cost = CostModel(fxpar.preset("a100-nvlink-8", num_devices=4), mesh)
+    problem = build_problem(gm, all_strategies(gm, mesh), cost, simplify=False)
+    plain = solve(problem, solver="HIGHS")
+    no_presolve = solve(problem, solver="HIGHS:presolve=off,mip_rel_gap=0")
+    assert no_presolve.status == plain.status == "optimal"
+    assert no_presolve.objective == pytest.approx(plain.objective, rel=1e-9)
+    # The options reach HiGHS: one it does not know is refused by it.
+    with pytest.raises(Exception, match="no_such_option"):
+        solve(problem, solver="HIGHS:no_such_option=1", presolve=False)
+    with pytest.raises(ValueError, match="'SCIP:presolve=off'"):
+        solve(problem, solver="SCIP:presolve=off", presolve=False)
+    with pytest.raises(ValueError, match="'presolve' is not name=value"):
+        solve(problem, solver="HIGHS:presolve", presolve=False)
