@@ -75,7 +75,10 @@ lu, q and U as defined in ``fxpar.solve.recompute``)
                        fixed terms of position P, fxpar.solve.recompute.extras_at, and for each
                        decision w with o(w) < P <= U(w) an indicator Ec >= (its copies' bytes) / B
                        - (1 - r[w]) counted B times: the copies resharded for w's forward use,
-                       which its recomputation shares):
+                       which its recomputation shares; and for each parameter whose resharded copy
+                       a recomputed w reads, with its last use < P <= U(w), one indicator
+                       Ep >= c_p - (1 - r[w]) over those w, counted B_p times (c_p its copy's
+                       variable): the copy lives on to the recomputation):
                        params + C_P + sum_v [m_v x_v on [o, lf]] + [m_v (x_v - y_v) on (lf, lu]]
                        + [m_v y_v on [fb(d), q(v)]] + W[v,P] + E[v,P] <= M, with
                        A[d,P] >= A[w,P] + r[d] - 1 for each decision w reading d (A[w,P] = r[w]
@@ -95,7 +98,8 @@ output is no larger than what it reads, so resharding before it costs no more. A
 constraint would leave some class with no strategy (a cheap op whose producer cannot give any spec
 it takes) is resharded as usual (``fxpar.solve.problem``).
 
-Solving (``solve``): HiGHS (``fxpar.solve.backend``, through OR-Tools' MathOpt) by default, or SCIP
+Solving (``solve``): HiGHS (``fxpar.solve.backend``, through OR-Tools' MathOpt) by default
+(``solver="HIGHS:name=value,..."`` passes HiGHS options), or SCIP
 through ``pywraplp`` (``solver="SCIP"``, the solver fxpar used before), one thread, relative and
 absolute gap 0, so a plan reported ``optimal`` is proven optimal; at the time limit the best plan
 found is returned with the solver's bound. The objective and the overlap rows are passed in units
@@ -186,9 +190,6 @@ class _Model:
         self.reps: list[Node] = list(dict.fromkeys(problem.rep(n) for n in problem.nodes))
         self.x: dict[Node, list] = {}
         self.obj: dict = defaultdict(float)
-        # Memory of parameters resharded for use (e.g. all-gathered ZeRO shards): the rewrite keeps
-        # one copy per wanted spec for the step, so it counts in every live set.
-        self.param_terms: dict = defaultdict(float)
         # Overlap: gradient sync that may hide behind backward compute (see add_overlap).
         self.grad_terms: dict = defaultdict(float)
         self.last_terms: dict = defaultdict(float)
@@ -219,15 +220,10 @@ class _Model:
                     self.obj[x] += c
                     if backward:
                         self.window_terms[x] += c
-        for p, ms in self.p.param_mem.items():
-            for x, m in zip(self.xs(p), ms):
-                if m:
-                    self.param_terms[x] += m
 
     def add_edge_links(self) -> None:
         s = self.solver
         p = self.p
-        mesh = p.cost_model.mesh_shape
         groups: dict[tuple, list] = defaultdict(list)
         for e in p.edges:
             # Class members have equal strategy lists, so one member edge stands for the group.
@@ -253,12 +249,9 @@ class _Model:
                     self.obj[var] += count * cost
 
             from_param = e.producer in p.param_mem
-            copy = lambda a, b: spec_bytes(e.tensor, b, mesh) if a != b else 0  # noqa: E731
             if xu is xv:
                 for x, a, b in zip(xu, e.out_specs, e.in_specs):
                     add_cost(x, a, b, p.reshard_cost(e.tensor, a, b))
-                    if from_param and copy(a, b):
-                        self.param_terms[x] += count * copy(a, b)
                 continue
             a_specs = sorted(set(e.out_specs), key=repr)
             b_specs = sorted(set(e.in_specs), key=repr)
@@ -277,14 +270,10 @@ class _Model:
             if len(a_specs) == 1:
                 for x, b in zip(xv, e.in_specs):
                     add_cost(x, a_specs[0], b, costs[(a_specs[0], b)])
-                    if from_param and copy(a_specs[0], b):
-                        self.param_terms[x] += count * copy(a_specs[0], b)
                 continue
             if len(b_specs) == 1:
                 for x, a in zip(xu, e.out_specs):
                     add_cost(x, a, b_specs[0], costs[(a, b_specs[0])])
-                    if from_param and copy(a, b_specs[0]):
-                        self.param_terms[x] += count * copy(a, b_specs[0])
                 continue
             if not any(costs.values()) and not from_param:
                 continue
@@ -305,16 +294,6 @@ class _Model:
                         row.SetCoefficient(x, -1)
             for key, var in ev.items():
                 add_cost(var, key[0], key[1], costs[key])
-                if from_param and copy(*key):
-                    self.param_terms[var] += count * copy(*key)
-
-    def live_coefficients(self, live: list[Node]) -> dict:
-        coef: dict = defaultdict(float, self.param_terms)
-        for v in live:
-            for x, m in zip(self.xs(v), self.p.act_mem[v]):
-                if m:
-                    coef[x] += m
-        return coef
 
     def add_memory(self, live: list[Node], bound, bound_var=None) -> None:
         """The memory row of live set ``live`` (a ``LiveSet``): ``bound`` bytes, or ``bound_var`` (a
@@ -467,7 +446,7 @@ class _Model:
         reader's is, A[w] = r[w] where fb(w) <= pos), W >= sum_s m(s) y[v,s] - M (1 - A[d]) for a
         copy made early, E >= kept bytes - M (1 - r[w]) for a kept input of a recomputed w."""
         s, p, a = self.solver, self.p, self.rc
-        coef: dict = defaultdict(float, self.param_terms)
+        coef: dict = defaultdict(float)
         decisions = a.decisions
         # A(d, pos) for decisions whose copy a chain of recomputed readers may need by pos.
         early: dict[Node, object] = {}
@@ -545,8 +524,6 @@ class _Model:
         if bound_var is None and math.isinf(bound):
             return
         coef = self.recompute_coefficients(pos)
-        for var, c in self.param_terms.items():
-            coef[var] -= c
         for var, c in self.add_memory_resident().items():
             coef[var] += c
         a = analysis_of(self.p)
