@@ -221,10 +221,17 @@ def _overlap(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
         torch.mm(a, b)
         work.wait()
 
-    out: dict[str, list[float]] = {"compute": [], "comm": [], "both": []}
-    for fn, key in ((lambda: torch.mm(a, b), "compute"), (lambda: dist.all_reduce(x.clone()), "comm"), (both, "both")):
+    fns = {"compute": lambda: torch.mm(a, b), "comm": lambda: dist.all_reduce(x.clone()), "both": both}
+    return _time_after_barriers(fns, sizes.repeats, device)
+
+
+def _time_after_barriers(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls of every function in ``fns`` (after one untimed call),
+    each call started after a barrier and ended after the device synchronizes."""
+    out: dict[str, list[float]] = {key: [] for key in fns}
+    for key, fn in fns.items():
         fn()
-        for _ in range(sizes.repeats):
+        for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
             fn()
@@ -261,16 +268,7 @@ def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
             torch.mm(a, b)
             comm.all_reduce(x, 0)
 
-    out: dict[str, list[float]] = {"compute": [], "both": []}
-    for fn, key in ((compute, "compute"), (both, "both")):
-        fn()
-        for _ in range(sizes.repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            out[key].append(time.perf_counter() - start)
-    return out
+    return _time_after_barriers({"compute": compute, "both": both}, sizes.repeats, device)
 
 
 def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:

@@ -321,3 +321,15 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
     return cov / var if var else float("nan")
 
+
+
+def write_report(out: Path, name: str, report: dict, markdown: Callable[[dict], str]) -> None:
+    """Write ``report`` as ``out/NAME.json`` and its ``markdown`` table as ``out/NAME.md``, and print
+    the table."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)

@@ -18,7 +18,6 @@ at which the measured peak happened.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -99,12 +98,7 @@ def main() -> None:
               "tolerance": TOLERANCE, "nprocs": args.nprocs, "profile": cluster.source, "codegen": "eager",
               "wall_s": round(time.perf_counter() - start, 1), "load_average": [round(x, 2) for x in os.getloadavg()],
               "torch": torch.__version__}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_fidelity.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (out / "memory_fidelity.md").write_text(table + "\n")
-    print(table)
+    benchlib.write_report(Path(args.out), "memory_fidelity", report, markdown)
 
 
 def markdown(rep: dict) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -197,10 +196,7 @@ def main() -> None:
                        "params": benchlib.param_summary(plan), "recompute": list(plan.recompute), "plan_s": round(plan_s, 2)},
               "rows": rows, "load_average_before": load_before, "load_average_after": load_after,
               "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__}
-    (out / "recompute_bench.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (out / "recompute_bench.md").write_text(table + "\n")
-    print(table)
+    benchlib.write_report(out, "recompute_bench", report, markdown)
 
 
 def markdown(rep: dict) -> str:
