@@ -127,24 +127,25 @@ def _no_reshard_kept(problem: Problem, choice: dict[Node, int]) -> bool:
     return True
 
 
-def _respects(problem: Problem, choice: dict[Node, int]) -> bool:
-    """Whether ``choice`` satisfies the no-reshard edges and the memory bound."""
-    if not _no_reshard_kept(problem, choice):
-        return False
+def _fits(problem: Problem, choice: dict[Node, int]) -> bool:
+    """Whether ``choice`` fits the memory bound."""
     return math.isinf(problem.memory_budget) or problem.memory_of(choice) <= problem.memory_budget
+
+
+def family_plans(problem: Problem) -> list[tuple[str, dict[Node, int], float]]:
+    """(family, plan, step seconds) of each family's greedy plan that keeps the no-reshard edges."""
+    out = []
+    for family in FAMILIES:
+        choice = greedy_plan(problem, family)
+        if choice is not None and _no_reshard_kept(problem, choice):
+            out.append((family, choice, problem.cost_of(choice)))
+    return out
 
 
 def best_family(problem: Problem) -> tuple[str, dict[Node, int], float] | None:
     """(family, plan, step seconds) of the fastest family plan that fits, or None."""
-    best = None
-    for family in FAMILIES:
-        choice = greedy_plan(problem, family)
-        if choice is None or not _respects(problem, choice):
-            continue
-        cost = problem.cost_of(choice)
-        if best is None or cost < best[2]:
-            best = (family, choice, cost)
-    return best
+    fitting = [plan for plan in family_plans(problem) if _fits(problem, plan[1])]
+    return min(fitting, key=lambda plan: plan[2], default=None)
 
 
 def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] | None:
@@ -228,7 +229,7 @@ class Prepared:
         reduced = self.reduction.problem
         for i, (name, choice, cost, fits) in sorted(enumerate(self.starts), key=lambda t: t[1][2]):
             if bounded and fits is None:
-                fits = math.isinf(reduced.memory_budget) or reduced.memory_of(choice) <= reduced.memory_budget
+                fits = _fits(reduced, choice)
                 self.starts[i] = (name, choice, cost, fits)
             if not bounded or fits:
                 return name, choice, cost
@@ -250,10 +251,7 @@ def prepare(problem: Problem, *, deadline: float, presolve_problem: bool = True)
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
     reduced = reduction.problem
     prep = Prepared(problem, reduction)
-    for family in FAMILIES:
-        choice = greedy_plan(reduced, family)
-        if choice is not None and _no_reshard_kept(reduced, choice):
-            prep.starts.append((family, choice, reduced.cost_of(choice), None))
+    prep.starts.extend((family, choice, cost, None) for family, choice, cost in family_plans(reduced))
     if len(problem.cost_model.mesh_shape) >= 3:
         merged = merged_axes_plan(problem, (deadline - clock()) / 3)
         merged = reduction.reduce_choice(merged) if merged is not None else None

@@ -84,10 +84,9 @@ def test_the_solves_share_one_budget_on_a_3d_mesh(instrumented, recompute):
     assert clock.now - start <= budget * (1 + 1e-12)
     assert calls == {"presolve": 2, "merged": 1}  # the full problem's presolve and the merged mesh's, once each
     reduced = presolve(problem).problem
-    families = [warmstart.greedy_plan(reduced, f) for f in warmstart.FAMILIES]
-    costs = [reduced.cost_of(c) for c in families if c is not None and warmstart._respects(reduced, c)]
-    assert costs
-    assert sol.objective <= min(costs) * (1 + 1e-9)
+    family = warmstart.best_family(reduced)
+    assert family is not None
+    assert sol.objective <= family[2] * (1 + 1e-9)
     if not sol.recompute:
         assert sol.objective == pytest.approx(problem.cost_of(sol.choice), rel=1e-12)
 
@@ -108,7 +107,6 @@ def test_no_ilp_starts_after_the_budget_is_spent(instrumented, monkeypatch):
     sol = solve_with_recompute(problem, time_limit_s=3.0, recompute=True)
     assert len(limits) == 1 and calls["merged"] == 1  # only the merged mesh's ILP, inside the preparation
     reduced = presolve(problem).problem
-    best = min(reduced.cost_of(c) for c in (warmstart.greedy_plan(reduced, f) for f in warmstart.FAMILIES)
-               if c is not None and warmstart._respects(reduced, c))
+    best = warmstart.best_family(reduced)[2]
     assert sol.status == "feasible (time limit)"
     assert sol.objective <= best * (1 + 1e-9)
