@@ -94,9 +94,10 @@ def _measure(rank: int, plans: list[str]) -> list[int]:
         step()
         state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         resident = params + list(compiled.buffers()) + state + local
-        # The least of three steps: now and then one step's peak holds an extra ~2 MiB on the MLP
-        # (freed later, not by the step's own references; cause not yet found), which is not what
-        # the step needs.
+        # The least of three steps: now and then one step's peak holds an extra ~2 MiB on the MLP,
+        # freed later, not by the step's own references. On the GPT of test_recompute_e2e the
+        # extra storage is a collective's input that gloo's worker thread releases only when it
+        # next takes the GIL, after the collective has completed (docs/cost-model.md, Memory).
         out.append(min(measure_step(step, resident)["peak"] for _ in range(MEASURED_STEPS)))
     return out
 

@@ -31,6 +31,10 @@ NUM_STEPS = 2
 LR = zoo.LR
 BATCH = 8
 NAMES = ["gpt", "hf-gpt2"]
+# The share of the device's memory the plan leaves free, as a user would (docs/memory.md): gloo's
+# worker thread holds a collective's input until it next takes the GIL, after the collective has
+# completed, so one input (32 KiB on the GPT here) now and then outlives the graph's last use of it.
+HEADROOM = 0.05
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -105,7 +109,7 @@ def runs():
         budget = (low + high) / 2
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan, _ = plan_graph(gm, cluster=cluster.with_memory(budget), mesh_shape=(2,), optimizer="adamw")
+            plan, _ = plan_graph(gm, cluster=cluster.with_memory(budget * (1 - HEADROOM)), mesh_shape=(2,), optimizer="adamw")
         planned[name] = (low, high, budget, plan)
     results = fxpar.launch(_train, 2, {name: p[3].to_json() for name, p in planned.items()})
     return planned, results
@@ -114,9 +118,9 @@ def runs():
 @pytest.mark.parametrize("name", NAMES)
 def test_a_memory_only_recomputation_fits_is_planned_with_recomputation(runs, name):
     low, high, budget, plan = runs[0][name]
-    assert low < budget < high
+    assert low < budget * (1 - HEADROOM) < budget < high
     assert plan.recompute, "keeping every activation needs more than the device has: something is recomputed"
-    assert plan.memory_bytes <= budget
+    assert plan.memory_bytes <= budget * (1 - HEADROOM)
 
 
 @pytest.mark.parametrize("name", NAMES)
