@@ -96,8 +96,8 @@ def _measure(rank: int, plans: list[str]) -> list[int]:
         resident = params + list(compiled.buffers()) + state + local
         # The least of three steps: now and then one step's peak holds an extra ~2 MiB on the MLP,
         # freed later, not by the step's own references. On the GPT of test_recompute_e2e the
-        # extra storage is a collective's input that gloo's worker thread releases only when it
-        # next takes the GIL, after the collective has completed (docs/cost-model.md, Memory).
+        # extra storage is a collective's input, held by gloo's work object until gloo's worker
+        # thread releases it after the collective completes (docs/cost-model.md, Memory).
         out.append(min(measure_step(step, resident)["peak"] for _ in range(MEASURED_STEPS)))
     return out
 

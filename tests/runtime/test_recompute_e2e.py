@@ -31,9 +31,10 @@ NUM_STEPS = 2
 LR = zoo.LR
 BATCH = 8
 NAMES = ["gpt", "hf-gpt2"]
-# The share of the device's memory the plan leaves free, as a user would (docs/memory.md): gloo's
-# worker thread holds a collective's input until it next takes the GIL, after the collective has
-# completed, so one input (32 KiB on the GPT here) now and then outlives the graph's last use of it.
+# The share of the device's memory the plan leaves free, as a user would (docs/cost-model.md,
+# Memory): gloo's work object holds a collective's input and is released by gloo's worker thread
+# after the collective completes, so when that thread runs late one input (32 KiB on the GPT here)
+# outlives the graph's last use of it.
 HEADROOM = 0.05
 
 
