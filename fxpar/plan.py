@@ -173,8 +173,9 @@ class Plan:
                 f"{_fmt_bytes(s.get('memory_kept_bytes', self.memory_bytes))} keeping every activation"
             )
         lines += [
-            f"predicted step: {_fmt_s(self.predicted_step_s)} (compute {_fmt_s(self.compute_s)}, "
-            f"communication {_fmt_s(self.comm_s)}); memory per device {_fmt_bytes(self.memory_bytes)} "
+            f"predicted step: {_fmt_s(self.predicted_step_s)} (compute {_fmt_s(self.compute_s)}, of which "
+            f"{_fmt_s(s.get('optimizer_s', 0.0))} the {self.optimizer} update; communication {_fmt_s(self.comm_s)}); "
+            f"memory per device {_fmt_bytes(self.memory_bytes)} "
             f"of {_fmt_bytes(self.cluster.device.memory_bytes)}",
             f"gradient sync {_fmt_s(self.solver.get('grad_sync_s', 0.0))}, of which "
             f"{_fmt_s(self.solver.get('hidden_grad_sync_s', 0.0))} hidden behind backward compute",

@@ -89,6 +89,8 @@ class Problem:
     backward: set = field(default_factory=set)  # nodes of the backward pass
     last_grads: set = field(default_factory=set)  # gradient edges of the last gradients produced
     num_grad_syncs: int = 1  # gradient edges: the most gradients that can share one bucket
+    # Per parameter and strategy: seconds of its optimizer update, which node_cost includes.
+    update_cost: dict[Node, list[float]] = field(default_factory=dict)
     # fxpar.solve.recompute.Analysis of the graph, made when recomputation is planned.
     recompute_analysis: object = field(default=None, repr=False)
     _reshard_cache: dict = field(default_factory=dict, repr=False)
@@ -408,6 +410,12 @@ def build_problem(
             Edge(grad, param, 0, GradValue(grad.meta["val"]), [s.outputs[0] for s in strategies[grad]],
                  [s.outputs[0] for s in strategies[param]])
         )
+    # The optimizer updates every parameter after the step, on the device's own piece of it (a
+    # replicated parameter whole on every device, a sharded one in pieces), outside the window the
+    # gradient synchronization can hide behind: the update is a cost of the parameter's strategy.
+    update_cost = {p: [cost_model.optimizer_time(p.meta["val"], s.outputs[0], optimizer) for s in strategies[p]] for p in params}
+    for p, costs in update_cost.items():
+        node_cost[p] = [c + u for c, u in zip(node_cost[p], costs)]
     factor = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
     param_mem = {p: [factor * spec_bytes(p.meta["val"], s.outputs[0], mesh_shape) for s in strategies[p]] for p in params}
     live_sets = _liveness(gm)
@@ -419,6 +427,7 @@ def build_problem(
         nodes, strategies, node_cost, edges, param_mem, live_sets, act_mem,
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,
     )
+    problem.update_cost = update_cost
     problem.backward = {n for n in nodes if n.meta.get("fxpar_phase") == "backward"}
     problem.num_grad_syncs = len(grads)
     problem.overlap_efficiency = cost_model.cluster.device.overlap_efficiency

@@ -179,8 +179,10 @@ def test_bf16_plan_compute_falls_by_the_matmul_peak_ratio():
         gm = capture_and_annotate(model, inputs)
         cm = CostModel(cluster, (1,))
         sums[dtype] = _matmul_times(gm, plans[dtype], cm)
-        # The plan's compute time is the sum of its nodes' times.
-        assert plans[dtype].compute_s == pytest.approx(sums[dtype][1], rel=1e-9)
+        # The plan's compute time is the sum of its nodes' times and of its optimizer update.
+        update = sum(cm.optimizer_time(p, plans[dtype].param_specs[name], "adam") for name, p in model.named_parameters())
+        assert plans[dtype].solver["optimizer_s"] == pytest.approx(update, rel=1e-9)
+        assert plans[dtype].compute_s == pytest.approx(sums[dtype][1] + update, rel=1e-9)
     # forward: 2 addmm; backward: 2 weight gradients, 1 input gradient (the first layer's input needs none).
     flops = 2 * 1024 * (1024 * 2048 + 2048 * 2048) * 3 - 2 * 1024 * 1024 * 2048
     mm32, mm16 = sums[torch.float32][0], sums[torch.bfloat16][0]

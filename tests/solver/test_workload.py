@@ -28,21 +28,35 @@ def _matmuls(gm, plan):
     return out
 
 
-def test_large_batch_fast_links_is_data_parallel(wide_mlp):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_large_batch_fast_links_is_data_parallel(wide_mlp, optimizer):
     gm = capture_and_annotate(wide_mlp, wide_mlp.example_inputs(8192))
-    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8"), mesh_shape=(8,))
-    # DDP: replicated weights, every forward matmul batch-split, gradients all-reduced.
-    assert all(spec == (R,) for spec in plan.param_specs.values()), plan.param_specs
+    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8"), mesh_shape=(8,), optimizer=optimizer)
+    # Data parallel: every forward matmul batch-split against the whole weight, each weight kept
+    # replicated (DDP) or sharded and gathered for use (ZeRO-3, where the update it saves pays for
+    # the gather); gradients all-reduced or reduce-scattered, never a weight split in a matmul.
+    assert all(spec in ((R,), (Shard(0),)) for spec in plan.param_specs.values()), plan.param_specs
     forward = [(n, k) for n, k in _matmuls(gm, plan) if n.meta["fxpar_phase"] == "forward"]
     assert forward and all(k == "batch" for _, k in forward), forward
     outputs = gm.graph.output_node().args[0]
     for grad in outputs[1:]:
-        assert plan.strategies[grad.name].outputs[0] == (Partial(),) or plan.strategies[grad.name].outputs[0] == (R,)
+        assert plan.strategies[grad.name].outputs[0] in ((Partial(),), (R,), (Shard(0),))
     assert "all_reduce" in plan.explain()
+    sharded = [name for name, spec in plan.param_specs.items() if spec != (R,)]
+    if optimizer == "adam":
+        # Adam's update (21 passes over a weight's bytes) is worth sharding every weight for.
+        assert sharded == [name for name in plan.param_specs if name.endswith(".weight")]
+    else:
+        # SGD's is one pass: only the first layer's weight, whose gradient comes last and whose
+        # synchronization nothing can hide (a reduce-scatter is half an all-reduce).
+        assert sharded == ["layers.0.weight"]
 
 
-def test_large_weights_small_batch_slow_links_is_megatron(wide_mlp):
-    gm = capture_and_annotate(wide_mlp, wide_mlp.example_inputs(8))
+def test_large_weights_small_batch_slow_links_is_megatron():
+    # One transformer-style MLP block (a deeper stack would also shard its third weight).
+    torch.manual_seed(0)
+    block = MLP((1024, 4096, 1024))
+    gm = capture_and_annotate(block, block.example_inputs(8))
     plan, _ = plan_graph(gm, cluster=fxpar.preset("v100-pcie-4"), mesh_shape=(4,))
     specs = plan.param_specs
     # Column-parallel first layer (weight [out, in] split on out), row-parallel second layer.
@@ -83,9 +97,13 @@ def test_forcing_a_plan_away_never_beats_the_optimum(wide_mlp, batch, cluster, f
 def test_tight_memory_shards_parameters_zero_style(wide_mlp):
     gm = capture_and_annotate(wide_mlp, wide_mlp.example_inputs(4096))
     cluster = fxpar.preset("a100-nvlink-8")
-    free, _ = plan_graph(gm, cluster=cluster, mesh_shape=(8,))
+    free, _ = plan_graph(gm, cluster=cluster, mesh_shape=(8,), optimizer="sgd")
     tight = cluster.with_memory(free.memory_bytes * 0.6)
-    plan, _ = plan_graph(gm, cluster=tight, mesh_shape=(8,))
+    plan, _ = plan_graph(gm, cluster=tight, mesh_shape=(8,), optimizer="sgd")
     assert plan.memory_bytes <= tight.device.memory_bytes
-    assert any(spec != (R,) for spec in plan.param_specs.values())
+
+    def sharded(p):
+        return {name for name, spec in p.param_specs.items() if spec != (R,)}
+
+    assert sharded(free) < sharded(plan)
     assert plan.predicted_step_s >= free.predicted_step_s * (1 - 1e-9)
