@@ -8,7 +8,8 @@ float32 scales the peak into ``peak_flops_by_dtype``); memory bandwidth (element
 reductions and norms); the overlap of an asynchronous all-reduce with a matmul; and the
 collectives (through ``fxpar.runtime.collectives.DistComm``, the code rewritten steps call, plus
 broadcast) on groups of 2..N ranks at several sizes, fitted per collective to the alpha-beta
-formulas of ``fxpar.cost``.
+formulas of ``fxpar.cost``; and each optimizer's update of DTensor parameters as torch.optim runs
+it (two sizes, fitted to seconds per parameter plus seconds per byte).
 Without a process group the ranks are local gloo processes (``fxpar.launch``); under torchrun the
 running backend is measured. Each timing is the median over repeats of the slowest rank
 (``--quantile`` picks another). ``fxpar.Cluster.load(path)`` reads the profile back.
@@ -48,6 +49,9 @@ class Sizes:
     overhead_ops: int = 200
     collective_bytes: tuple[int, ...] = (256, 16 << 10, 256 << 10, 1 << 20, 4 << 20)
     repeats: int = 9
+    # Optimizer updates: this many float32 DTensor parameters of each size (elements), per optimizer.
+    optimizer_numel: tuple[int, ...] = (256, 1 << 16)
+    optimizer_params: int = 16
 
 
 # The dtypes whose matmul speed is measured against float32 (keys of DeviceSpec.peak_flops_by_dtype).
@@ -271,6 +275,53 @@ def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
     return _time_after_barriers({"compute": compute, "both": both}, sizes.repeats, device)
 
 
+# torch.optim's class and arguments for each optimizer fxpar prices (fxpar.cluster.OPTIMIZERS).
+TORCH_OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {}),
+    "sgd-momentum": (torch.optim.SGD, {"momentum": 0.9}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+}
+
+
+def _optimizers(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list]:
+    """Raw timings of ``optimizer.step()`` over parameters held as the runtime holds them
+    (``nn.Parameter`` of a replicated DTensor on all ranks, its gradient set) with torch.optim's
+    defaults: {optimizer: [(bytes of one parameter, [seconds per parameter per repeat])]}."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _say(rank, f"optimizer updates: {', '.join(TORCH_OPTIMIZERS)} on {sizes.optimizer_params} DTensor parameters "
+               f"of {', '.join(str(n) for n in sizes.optimizer_numel)} elements")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+
+    def dtensor(numel: int) -> DTensor:
+        return DTensor.from_local(torch.randn(numel, device=device), mesh, [Replicate()], run_check=False)
+
+    out: dict[str, list] = {}
+    for name, (cls, kwargs) in TORCH_OPTIMIZERS.items():
+        out[name] = []
+        for numel in sizes.optimizer_numel:
+            params = [torch.nn.Parameter(dtensor(numel)) for _ in range(sizes.optimizer_params)]
+            for p in params:
+                p.grad = dtensor(numel)
+            opt = cls(params, lr=1e-3, **kwargs)
+            times = _time(opt.step, device, sizes.repeats)
+            out[name].append((numel * 4, [t / len(params) for t in times]))
+    return out
+
+
+def _fit_optimizer(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per parameter, seconds per byte) of a line through (bytes, seconds) points, least
+    squares, neither below zero."""
+    x, y = np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points], dtype=float)
+    per_byte = max(0.0, float(np.polyfit(x, y, 1)[0])) if len(points) > 1 else 0.0
+    fixed = float(np.mean(y - per_byte * x))
+    if fixed < 0:
+        fixed, per_byte = 0.0, float(np.sum(x * y) / np.sum(x * x))
+    return fixed, per_byte
+
+
 def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     """One rank's raw measurements (call inside a process group; every rank must call it)."""
     _VERBOSE[0] = verbose
@@ -283,7 +334,8 @@ def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     comms = _collectives(rank, world, sizes, device)
     overlap = _overlap(rank, sizes, device)
     in_step = _in_step(rank, sizes, device)
-    return {"compute": compute, "collectives": comms, "overlap": overlap, "in_step": in_step,
+    optimizers = _optimizers(rank, sizes, device)
+    return {"compute": compute, "collectives": comms, "overlap": overlap, "in_step": in_step, "optimizers": optimizers,
             "threads": torch.get_num_threads(), "device": device.type, "backend": str(dist.get_backend())}
 
 
@@ -294,8 +346,9 @@ def merge_measurements(runs: list[list[dict]]) -> list[dict]:
     for per_run in zip(*runs):
         first = per_run[0]
         rank = {**first, "compute": {}, "collectives": {}, "overlap": {}, "in_step": {}}
-        for kind, entries in first["compute"].items():
-            rank["compute"][kind] = [(e[0], [t for r in per_run for t in r["compute"][kind][i][1]]) for i, e in enumerate(entries)]
+        for part in ("compute", "optimizers") if all("optimizers" in r for r in per_run) else ("compute",):
+            rank[part] = {kind: [(e[0], [t for r in per_run for t in r[part][kind][i][1]]) for i, e in enumerate(entries)]
+                          for kind, entries in first[part].items()}
         for kind, entries in first["collectives"].items():
             rank["collectives"][kind] = [(e[0], e[1], [t for r in per_run for t in r["collectives"][kind][i][2]])
                                          for i, e in enumerate(entries)]
@@ -394,6 +447,15 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         per_collective = (in_step_t["both"] - in_step_t["compute"]) / IN_STEP_COLLECTIVES
         in_step_t["extra_per_collective"] = max(
             0.0, per_collective - collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) - overhead)
+    # Optimizer updates (measurements from before they were taken have none: the roofline prices them).
+    opt_raw: dict[str, list] = {}
+    opt_fit: dict[str, tuple[float, float]] = {}
+    if all("optimizers" in r for r in results):
+        for name in results[0]["optimizers"]:
+            per_rank = [r["optimizers"][name] for r in results]
+            points = [(entries[0][0], _slowest([ts for _, ts in entries], quantile)) for entries in zip(*per_rank)]
+            opt_raw[name] = [{"bytes": b, "seconds": t} for b, t in points]
+            opt_fit[name] = _fit_optimizer(points)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -412,6 +474,8 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         memory_efficiency_by_class=memory_eff,
         overlap_efficiency=overlap,
         peak_flops_by_dtype=peak_by_dtype,
+        optimizer_param_s={k: v[0] for k, v in opt_fit.items()},
+        optimizer_byte_s={k: v[1] for k, v in opt_fit.items()},
     )
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
@@ -419,7 +483,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     extra = {"calibration": {
         "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
-        "compute": raw, "collectives": links_raw, "overlap": t, "in_step": in_step_t,
+        "compute": raw, "collectives": links_raw, "overlap": t, "in_step": in_step_t, "optimizers": opt_raw,
     }}
     source = f"python -m fxpar calibrate on {platform.node()} ({world} ranks, {first['backend']}) {extra['calibration']['date']}"
     return Cluster(name, device, world, (link,), source=source, extra=extra)
@@ -454,6 +518,8 @@ def summary(c: Cluster) -> str:
              f"reduction {me['reduction']:.2f}",
              f"  per-op overhead {d.kernel_overhead_s * 1e6:.1f} us; memory per rank {d.memory_bytes / 2**30:.1f} GiB; "
              f"overlap of async collectives with compute {d.overlap_efficiency:.2f}"]
+    lines += [f"  {k:<15} update {d.optimizer_param_s[k] * 1e6:7.1f} us per parameter + {d.optimizer_byte_s[k] * 1e9:.3f} ns per byte"
+              for k in d.optimizer_param_s]
     lines += [f"  {k:<15} bus bandwidth {link.figures(k)[0] / 1e9:8.3f} GB/s, latency {link.figures(k)[1] * 1e6:8.1f} us per hop"
               for k in COLLECTIVES]
     return "\n".join(lines)

@@ -82,6 +82,12 @@ class DeviceSpec:
     # input shapes, dtype and other arguments); the cost model prices a kernel found here by its
     # measured time and any other by the roofline.
     measured_kernel_s: dict[str, float] = field(default_factory=dict)
+    # One optimizer update of a parameter as torch.optim runs it on the runtime's DTensor
+    # parameters, timed by ``fxpar.calibrate`` per optimizer (keys of ``OPTIMIZERS``): seconds per
+    # parameter tensor (the update's fixed cost: dispatching its ops) and seconds per byte of the
+    # device's piece. An optimizer without an entry is priced by the roofline of its kernels.
+    optimizer_param_s: dict[str, float] = field(default_factory=dict)
+    optimizer_byte_s: dict[str, float] = field(default_factory=dict)
 
     def peak_flops_for(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s of a kernel computing in ``dtype`` (a torch dtype, or a name: ``"tf32"``,
@@ -166,6 +172,10 @@ def _check_dtype_peaks(cluster: str, peaks) -> None:
     _check_positive(cluster, [(v, f"{what}[{k!r}]") for k, v in peaks.items()])
 
 
+# The optimizers fxpar prices (fxpar.cost.OPTIMIZER_KERNELS; the ``optimizer`` of fxpar.plan).
+OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw")
+
+
 def _check_keys(cluster: str, what: str, keys, known: tuple[str, ...]) -> None:
     unknown = sorted(set(keys) - set(known))
     if unknown:
@@ -230,6 +240,14 @@ class Cluster:
             )
         _check_dtype_peaks(self.name, d.peak_flops_by_dtype)
         _check_positive(self.name, [(v, f"device.measured_kernel_s[{k!r}]") for k, v in d.measured_kernel_s.items()])
+        for what, figures in (("optimizer_param_s", d.optimizer_param_s), ("optimizer_byte_s", d.optimizer_byte_s)):
+            _check_keys(self.name, f"device.{what}", figures, OPTIMIZERS)
+            _check_positive(self.name, [(v, f"device.{what}[{k!r}]") for k, v in figures.items()], allow_zero=True)
+        if set(d.optimizer_param_s) != set(d.optimizer_byte_s):
+            raise ClusterSpecError(
+                f"cluster {self.name!r}: device.optimizer_param_s has {sorted(d.optimizer_param_s)} and "
+                f"device.optimizer_byte_s {sorted(d.optimizer_byte_s)}; give both figures for each optimizer"
+            )
         if d.convolution_algorithms not in CONVOLUTION_ALGORITHMS:
             raise ClusterSpecError(
                 f"cluster {self.name!r}: device.convolution_algorithms is {d.convolution_algorithms!r}; it must be one "

@@ -339,10 +339,15 @@ class CostModel:
         return total
 
     def optimizer_time(self, t: torch.Tensor, spec: Spec, optimizer: str) -> float:
-        """Seconds of one optimizer update of a parameter held as ``spec``: the elementwise kernels
-        of torch.optim's per-tensor update (``OPTIMIZER_KERNELS``) over the local shard."""
-        kernels, passes = OPTIMIZER_KERNELS[optimizer]
+        """Seconds of one optimizer update of a parameter held as ``spec``, over the device's piece
+        of it: as calibrated (``DeviceSpec.optimizer_param_s`` per parameter plus
+        ``optimizer_byte_s`` per byte), else the elementwise kernels of torch.optim's per-tensor
+        update (``OPTIMIZER_KERNELS``), each a roofline."""
         nbytes = spec_bytes(t, spec, self.mesh_shape)
+        d = self.cluster.device
+        if optimizer in d.optimizer_param_s:
+            return d.optimizer_param_s[optimizer] + d.optimizer_byte_s[optimizer] * nbytes
+        kernels, passes = OPTIMIZER_KERNELS[optimizer]
         return kernels * self.roofline(0.0, passes * nbytes / kernels, "elementwise")
 
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:

@@ -110,6 +110,13 @@ def test_unknown_preset_and_bad_cluster_json():
         fxpar.Cluster.from_json('{"name": "x"}')
     with pytest.raises(fxpar.ClusterSpecError, match=r"device.peak_flops is -1.0; it must be positive"):
         fxpar.Cluster("bad", fxpar.DeviceSpec("d", -1.0, 1e9, 1e9), 2, (fxpar.LinkSpec(1e9, 1e-6),))
+    link = (fxpar.LinkSpec(1e9, 1e-6),)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.optimizer_param_s has unknown keys \['lamb'\]; known: \['sgd', 'sgd-momentum', 'adam', 'adamw'\]"):
+        fxpar.Cluster("bad", fxpar.DeviceSpec("d", 1e12, 1e9, 1e9, optimizer_param_s={"lamb": 1e-5}, optimizer_byte_s={"lamb": 0.0}), 2, link)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.optimizer_byte_s\['adam'\] is -1e-09; it must be"):
+        fxpar.Cluster("bad", fxpar.DeviceSpec("d", 1e12, 1e9, 1e9, optimizer_param_s={"adam": 1e-5}, optimizer_byte_s={"adam": -1e-9}), 2, link)
+    with pytest.raises(fxpar.ClusterSpecError, match=r"device.optimizer_param_s has \['adam'\] and device.optimizer_byte_s \[\]; give both figures for each optimizer"):
+        fxpar.Cluster("bad", fxpar.DeviceSpec("d", 1e12, 1e9, 1e9, optimizer_param_s={"adam": 1e-5}), 2, link)
 
 
 def test_force_must_name_a_known_node_and_strategy():

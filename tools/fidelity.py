@@ -17,8 +17,9 @@ The machine is shared with other jobs, so its speed drifts. Two predictions are 
   error of the model itself.
 
 The step timed is what a plan predicts: the compiled call (forward, backward and the plan's
-collectives, as one graph) and ``loss.backward()``. The Adam update is timed apart and compared
-with ``CostModel.optimizer_time`` (under the profile measured during the runs). Each time is the median over steps of the slowest rank.
+collectives, as one graph), ``loss.backward()`` and the Adam update with ``zero_grad``. The update
+is also timed apart and compared with ``CostModel.optimizer_time`` (under the profile measured
+during the runs). Each time is the median over steps of the slowest rank.
 
     python tools/fidelity.py [--profile PATH] [--rounds 10] [--steps 2] [--out docs/bench] [--kernels]
     python tools/fidelity.py --reprice RUN_DIR    # an earlier run's plans, priced by the current model
@@ -127,7 +128,7 @@ def _rank(rank: int, models: list[str], profile_json: str | None, rounds: int, s
             u()
 
         memory[key] = benchlib.measured_peak_bytes(whole, resident)
-        runners[key] = step
+        runners[key] = whole
         opt_runners[key] = (step, update)
     if rank == 0:
         print(f"timing {len(runners)} plans: {rounds} rounds of {steps} steps each, a calibration pass per round", flush=True)

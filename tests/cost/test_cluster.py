@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import fxpar
 from fxpar.calibrate import _fit_link, build_profile
@@ -237,3 +238,34 @@ def test_dgx1_tf2017_ring_follows_the_cube_mesh():
     for bad in (0, 9, 2.0, True):
         with pytest.raises(fxpar.ClusterSpecError, match=rf"num_devices is {bad!r}, give one of 1..8"):
             dgx1_tf2017(bad)
+
+
+def test_optimizer_fit_recovers_a_line_and_the_profile_prices_the_update_with_it():
+    """Two ranks time each optimizer's update at two parameter sizes; the profile holds the line
+    through the slower rank's medians, and the cost model prices an update by it."""
+    from fxpar.calibrate import _fit_optimizer
+    from fxpar.cost import CostModel
+    from fxpar.placement import R, Shard
+
+    fixed, per_byte = 80e-6, 0.35e-9
+    line = {name: [(b, [fixed * (i + 1) + per_byte * b] * 3) for b in (1024, 1 << 18)] for i, name in enumerate(("sgd", "adam"))}
+    assert _fit_optimizer([(b, t[0]) for b, t in line["adam"]]) == pytest.approx((2 * fixed, per_byte), rel=1e-9)
+    # A negative intercept (a machine faster on the larger size) is clamped: the line through 0.
+    assert _fit_optimizer([(1000, 2e-6), (2000, 2e-6)]) == pytest.approx((2e-6, 0.0))
+    assert _fit_optimizer([(1000, 1e-6), (2000, 3e-6)]) == pytest.approx((0.0, 7e-3 / 5e6))
+    fast, slow = _synthetic_results(30e-6, 1e9, 4e-6)
+    slow = {**slow, "optimizers": line}
+    fast = {**fast, "optimizers": {k: [(b, [t * 0.5 for t in ts]) for b, ts in v] for k, v in line.items()}}
+    c = build_profile([fast, slow], name="synthetic", wall_s=1.0)
+    assert c.device.optimizer_param_s == pytest.approx({"sgd": fixed, "adam": 2 * fixed}, rel=1e-9)
+    assert c.device.optimizer_byte_s == pytest.approx({"sgd": per_byte, "adam": per_byte}, rel=1e-9)
+    assert Cluster.from_json(c.to_json()) == c
+    w = torch.empty(256, 64)
+    cm = CostModel(c.with_memory(1e9), (2,))
+    assert cm.optimizer_time(w, (R,), "adam") == pytest.approx(2 * fixed + per_byte * w.numel() * 4, rel=1e-9)
+    assert cm.optimizer_time(w, (Shard(0),), "adam") == pytest.approx(2 * fixed + per_byte * w.numel() * 2, rel=1e-9)
+    # Not measured: the roofline of its kernels, as for a preset.
+    assert cm.optimizer_time(w, (R,), "adamw") == pytest.approx(
+        8 * cm.roofline(0.0, 21 * w.numel() * 4 / 8, "elementwise"), rel=1e-9)
+    # Measurements from before the updates were timed build a profile without them.
+    assert build_profile(_synthetic_results(30e-6, 1e9, 4e-6), name="old", wall_s=1.0).device.optimizer_param_s == {}
