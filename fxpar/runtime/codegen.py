@@ -123,6 +123,22 @@ def _inductor(gm: GraphModule, args: list[torch.Tensor]) -> Callable:
             return compile_fx(gm, args)
 
 
+def build_rank_step(gm: GraphModule, assignment: dict, rank_mesh, local_inputs: Sequence[torch.Tensor], *,
+                    codegen: str, device: torch.device, batch_norm: str = "global",
+                    output_specs=None) -> tuple[GraphModule, CompiledStep]:
+    """(this rank's graph, its step function): ``gm`` rewritten under ``assignment`` for
+    ``rank_mesh`` (a ``fxpar.runtime.steps.RankMesh``: this rank's coordinates and the process
+    groups of its axes), its collectives bucketed, and its code prepared by ``codegen``.
+    ``local_inputs``: tensors of this rank's input shapes and dtypes (their values are not read).
+    What ``FxparModule`` runs and what ``fxpar.runtime.simulate.run_plan_rank`` checks."""
+    from fxpar.passes.rewrite import rewrite
+
+    local = rewrite(gm, assignment, rank_mesh.shape, coords=rank_mesh.coords, group_names=rank_mesh.group_names,
+                    device=device, output_specs=output_specs, batch_norm=batch_norm)
+    bucket_collectives(local, local_inputs)
+    return local, compile_step(local, codegen, device)
+
+
 def compile_step(gm: GraphModule, codegen: str, device: torch.device) -> CompiledStep:
     """The step function for ``codegen`` (``"inductor"`` or ``"eager"``)."""
     check_codegen(codegen)

@@ -31,11 +31,10 @@ from torch.fx import GraphModule
 from fxpar import placement as fp
 from fxpar.errors import CaptureError, IdleRankError, ShardingError, StepInputError
 from fxpar.passes.recompute import apply_recompute
-from fxpar.passes.rewrite import rewrite
 from fxpar.placement import Spec, spec_str
 from fxpar.plan import Plan
 from fxpar.runtime.agree import Control, arrive, broadcast_text, together
-from fxpar.runtime.codegen import bucket_collectives, compile_step
+from fxpar.runtime.codegen import build_rank_step
 from fxpar.runtime.steps import RankMesh
 
 __all__ = ["FxparModule", "IdleModule", "dtensor_placements"]
@@ -107,13 +106,10 @@ def build_variant(runtime: Runtime, key: tuple, gm: GraphModule, plan: Plan, loc
     assignment = plan.assignment(gm)
     if plan.recompute:
         gm, assignment = apply_recompute(gm, plan, assignment)
-    mesh = runtime.rank_mesh
-    local_gm = rewrite(gm, assignment, mesh.shape, coords=mesh.coords, group_names=mesh.group_names, device=runtime.device,
-                       batch_norm=runtime.batch_norm)
-    bucket_collectives(local_gm, local_inputs)
+    local_gm, step_fn = build_rank_step(gm, assignment, runtime.rank_mesh, local_inputs, codegen=runtime.codegen,
+                                        device=runtime.device, batch_norm=runtime.batch_norm)
     kinds = [kind for kind, _ in gm.meta["fxpar_outputs"]]
     updated = [fqn for kind, fqn in gm.meta["fxpar_outputs"] if kind == "buffer"]
-    step_fn = compile_step(local_gm, runtime.codegen, runtime.device)
     return Variant(key, plan, gm, local_gm, step_fn, kinds.count("grad"), updated)
 
 

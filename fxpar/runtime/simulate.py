@@ -154,23 +154,20 @@ def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...]
 def run_plan_rank(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
                   output_specs=None, batch_norm: str = "global", codegen: str = "inductor") -> list[torch.Tensor]:
     """This process's outputs of ``gm`` under ``assignment``, run on the real ranks of the current
-    ``torch.distributed`` group (``prod(mesh_shape)`` ranks, as ``fxpar.launch`` makes): the graph
-    rewritten for this rank's coordinates in a ``DeviceMesh`` of ``mesh_shape``, its collectives
-    bucketed, compiled by ``codegen`` (``fxpar.runtime.codegen.compile_step``) and called on this
-    rank's slice of ``full_inputs``. Every rank must call it with the same arguments."""
+    ``torch.distributed`` group (``prod(mesh_shape)`` ranks, as ``fxpar.launch`` makes): the step
+    ``FxparModule`` would run for this rank's coordinates in a ``DeviceMesh`` of ``mesh_shape``
+    (``fxpar.runtime.codegen.build_rank_step``: rewritten, its collectives bucketed, compiled by
+    ``codegen``), called on this rank's slice of ``full_inputs``. Every rank must call it with the same arguments."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fxpar.passes.rewrite import rewrite
-    from fxpar.runtime.codegen import bucket_collectives, compile_step
+    from fxpar.runtime.codegen import build_rank_step
 
     mesh_shape = tuple(mesh_shape)
     rank_mesh = RankMesh.from_device_mesh(init_device_mesh("cpu", mesh_shape))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [shard_for_ranks(v, assignment[n].outputs[0], mesh_shape)[rank_mesh.rank] for n, v in zip(placeholders, full_inputs)]
-    local = rewrite(gm, assignment, mesh_shape, coords=rank_mesh.coords, group_names=rank_mesh.group_names,
-                    output_specs=output_specs, batch_norm=batch_norm)
-    bucket_collectives(local, inputs)
-    step = compile_step(local, codegen, torch.device("cpu"))
+    _, step = build_rank_step(gm, assignment, rank_mesh, inputs, codegen=codegen, device=torch.device("cpu"),
+                              batch_norm=batch_norm, output_specs=output_specs)
     outputs = list(step(*inputs))
     if step.codegen != codegen:
         raise RuntimeError(f"asked for codegen={codegen!r}, ran {step.codegen!r}")
