@@ -34,7 +34,7 @@ from fxpar.placement import spec_str
 from fxpar.plan import Plan, fmt_bytes, layer_rows
 from fxpar.progress import stage
 from fxpar.solve import warmstart
-from fxpar.solve.ilp import DEFAULT_SOLVER, Infeasible, SolverTimeout, memory_of, min_memory, solve
+from fxpar.solve.ilp import DEFAULT_SOLVER, Infeasible, SolverTimeout, memory_of, min_memory, min_memory_found, solve
 from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies, node_strategies
@@ -323,9 +323,12 @@ def plan_graph(
             sol = solve(problem, time_limit_s=time_limit_s - (warmstart.clock() - solve_start))
     except Infeasible:
         need = min_memory(problem)
-        need_recompute = min_memory(simplified, recompute=True)
-        # nan: the solver found no assignment in its time; otherwise the least found (an upper bound).
-        with_recompute = fmt_bytes(need_recompute) if need_recompute == need_recompute else "an amount not found in time"
+        need_recompute, proven = min_memory_found(simplified, recompute=True)
+        # nan: the solver found no assignment in its time; unproven: the least found, an upper bound.
+        if need_recompute != need_recompute:
+            with_recompute = "an amount not found in time"
+        else:
+            with_recompute = fmt_bytes(need_recompute) if proven else f"at most {fmt_bytes(need_recompute)} (the least found in 30 s)"
         raise InfeasiblePlanError(
             f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
             f"(parameters, gradients, {optimizer} state and live activations), {with_recompute} with "

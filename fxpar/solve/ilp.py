@@ -787,7 +787,16 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
 
 def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DEFAULT_SOLVER, recompute: bool = False) -> float:
     """The least per-device memory any allowed assignment needs (to explain an infeasible plan);
-    with ``recompute``, when any activations may also be recomputed."""
+    with ``recompute``, when any activations may also be recomputed. Where the time limit stops
+    the search, the least memory found (an upper bound; nan when none was found):
+    ``min_memory_found`` says which."""
+    return min_memory_found(problem, time_limit_s=time_limit_s, solver=solver, recompute=recompute)[0]
+
+
+def min_memory_found(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DEFAULT_SOLVER,
+                     recompute: bool = False) -> tuple[float, bool]:
+    """(``min_memory``'s bytes, whether they are proven the least: False where the time limit
+    stopped the search first)."""
     m = _Model(problem, solver)
     m.add_one_strategy()
     m.add_edge_links()
@@ -807,13 +816,15 @@ def min_memory(problem: Problem, *, time_limit_s: float = 30.0, solver: str = DE
         m.solver.SetTimeLimit(max(1, int((deadline - time.perf_counter()) * 1000)))
         status = m.solver.Solve(_exact_params())
         if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            return found  # out of time before any (further) assignment
+            return found, False  # out of time before any (further) assignment
         found = memory_of(problem, m.choice(), m.recomputed() if recompute else None)
-        if status != pywraplp.Solver.OPTIMAL or time.perf_counter() >= deadline:
-            return found
+        if status != pywraplp.Solver.OPTIMAL:
+            return found, False
         if not _more_rows(m, problem, recompute, peak.solution_value() * m.peak_unit, added, 0, peak):
-            break
-    return found
+            return found, True  # the optimum of the rows so far overflows none of the others
+        if time.perf_counter() >= deadline:
+            return found, False
+    return found, False
 
 
 def memory_of(problem: Problem, choice: dict[Node, int], recompute=None) -> float:

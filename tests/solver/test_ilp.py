@@ -12,7 +12,7 @@ from torch import nn
 import fxpar
 from fxpar.cost import CostModel
 from fxpar.planner import capture_and_annotate, plan_graph
-from fxpar.solve.ilp import SOLVERS, build_problem, min_memory, solve
+from fxpar.solve.ilp import SOLVERS, build_problem, min_memory, min_memory_found, solve
 from fxpar.solve.strategies import all_strategies
 
 
@@ -69,6 +69,14 @@ def test_ilp_optimum_equals_brute_force_under_a_memory_bound(solver):
     assert sol.objective == pytest.approx(best, rel=1e-9)
     assert problem.memory_of(sol.choice) <= problem.memory_budget
     assert sol.objective >= free.objective
+
+
+def test_min_memory_equals_brute_force_and_says_when_it_is_proven():
+    problem = _problem("a100-nvlink-8", 64)
+    least, proven = min_memory_found(problem)
+    assert proven
+    assert least == pytest.approx(min(problem.memory_of(dict(zip(problem.nodes, ks)))
+                                      for ks in itertools.product(*[range(len(problem.strategies[n])) for n in problem.nodes])), rel=1e-9)
 
 
 def test_plans_are_deterministic(mlp_graph):
