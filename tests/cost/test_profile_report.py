@@ -40,8 +40,10 @@ def test_predicted_column_is_the_cost_model_of_the_nodes(planned):
                 key = node_signature(node, plan.strategies[node.name], plan.mesh_shape)
                 expected[key] = expected.get(key, 0.0) + t
     assert {k: v[2] for k, v in predicted.items()} == pytest.approx(expected)
-    # Every priced node is in some row; their sum is the plan's compute time.
-    assert sum(v[2] for v in predicted.values()) == pytest.approx(plan.compute_s, rel=1e-6)
+    # Every priced node is in some row; their sum is the plan's compute time less the optimizer's
+    # update (which runs after the step the profiler measures, and no node of the graph prices).
+    assert plan.solver["optimizer_s"] > 0
+    assert sum(v[2] for v in predicted.values()) == pytest.approx(plan.compute_s - plan.solver["optimizer_s"], rel=1e-6)
     assert any(k[0] == "aten::addmm" for k in predicted)
 
 
