@@ -451,11 +451,11 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     opt_raw: dict[str, list] = {}
     opt_fit: dict[str, tuple[float, float]] = {}
     if all("optimizers" in r for r in results):
-        for name in results[0]["optimizers"]:
-            per_rank = [r["optimizers"][name] for r in results]
+        for optimizer in results[0]["optimizers"]:
+            per_rank = [r["optimizers"][optimizer] for r in results]
             points = [(entries[0][0], _slowest([ts for _, ts in entries], quantile)) for entries in zip(*per_rank)]
-            opt_raw[name] = [{"bytes": b, "seconds": t} for b, t in points]
-            opt_fit[name] = _fit_optimizer(points)
+            opt_raw[optimizer] = [{"bytes": b, "seconds": t} for b, t in points]
+            opt_fit[optimizer] = _fit_optimizer(points)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

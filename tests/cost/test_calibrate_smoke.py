@@ -14,7 +14,7 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     main(["calibrate", "--quick", "--max-ranks", "2", "--out", str(path), "--name", "here"])
     out = capfd.readouterr().out
     # Progress while it runs (from the ranks), then the summary.
-    for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks"):
+    for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks", "optimizer updates"):
         assert f"[calibrate] {stage}" in out
     assert "[calibrate] matmul 64x128 @ 128x128 in bfloat16" in out
     assert f"wrote {path}" in out
@@ -30,6 +30,10 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
         bw, lat = c.links[0].figures(kind)
         assert math.isfinite(bw) and bw > 0 and math.isfinite(lat) and lat >= 0
         assert [p["ranks"] for p in c.extra["calibration"]["collectives"][kind]] == [2, 2]
+    # Each optimizer's update, timed on DTensor parameters, as a line per parameter and byte.
+    assert set(d.optimizer_param_s) == set(d.optimizer_byte_s) == {"sgd", "sgd-momentum", "adam", "adamw"}
+    assert all(math.isfinite(v) and v >= 0 for v in (*d.optimizer_param_s.values(), *d.optimizer_byte_s.values()))
+    assert d.optimizer_param_s["adam"] > 0
     assert fxpar.Cluster.from_json(c.to_json()) == c
     model = fxpar.models.MLP((16, 32, 4))
     plan = fxpar.plan(model, model.example_inputs(8), cluster=c)

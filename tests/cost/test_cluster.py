@@ -257,6 +257,7 @@ def test_optimizer_fit_recovers_a_line_and_the_profile_prices_the_update_with_it
     slow = {**slow, "optimizers": line}
     fast = {**fast, "optimizers": {k: [(b, [t * 0.5 for t in ts]) for b, ts in v] for k, v in line.items()}}
     c = build_profile([fast, slow], name="synthetic", wall_s=1.0)
+    assert c.name == "synthetic"
     assert c.device.optimizer_param_s == pytest.approx({"sgd": fixed, "adam": 2 * fixed}, rel=1e-9)
     assert c.device.optimizer_byte_s == pytest.approx({"sgd": per_byte, "adam": per_byte}, rel=1e-9)
     assert Cluster.from_json(c.to_json()) == c
