@@ -649,15 +649,17 @@ def _exact_params() -> pywraplp.MPSolverParameters:
 
 def _initial_sets(problem: Problem) -> list[int]:
     """Live sets most likely to bind: largest if everything is replicated, largest at best."""
-    top = lambda f: sorted(range(len(problem.live_sets)), key=f, reverse=True)[:_INITIAL_SETS]  # noqa: E731
-    most = top(lambda i: sum(max(problem.act_mem[v]) for v in problem.live_sets[i]))
-    least = top(lambda i: sum(min(problem.act_mem[v]) for v in problem.live_sets[i]))
+    act = problem.act_mem
+    top = lambda sizes: sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)[:_INITIAL_SETS]  # noqa: E731
+    most = top(problem.per_live_set(lambda v: max(act[v]), lambda item: 0.0, fixed=False).tolist())
+    least = top(problem.per_live_set(lambda v: min(act[v]), lambda item: 0.0, fixed=False).tolist())
     return list(dict.fromkeys(most + least))
 
 
 def _overflowing(problem: Problem, choice: dict[Node, int], limit: float, added: set[int]) -> list[int]:
-    params = problem.memory_of(choice) - max((problem.live_set_memory(live, choice) for live in problem.live_sets), default=0.0)
-    over = [(params + problem.live_set_memory(live, choice) - limit, i) for i, live in enumerate(problem.live_sets) if i not in added]
+    params = sum(problem.resident_param_bytes(p, choice[p]) for p in problem.param_mem)
+    sets = problem.live_set_memories(choice).tolist()
+    over = [(params + m - limit, i) for i, m in enumerate(sets) if i not in added]
     over = [(o, i) for o, i in over if o > 1e-6 * max(1.0, limit)]
     return [i for _, i in sorted(over, reverse=True)[:_SETS_PER_ROUND]]
 

@@ -9,10 +9,12 @@ take the same strategy, see ``fxpar.solve.repeat``) and edges between cheap ops 
 
 from __future__ import annotations
 
+import bisect
 import operator
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch.fx import GraphModule, Node
 
 from fxpar.cost import CostModel, collective_time, spec_bytes
@@ -222,8 +224,33 @@ class Problem:
         """Peak bytes per device: the parameters and their optimizer state, plus the largest live set
         (``_liveness``)."""
         params = sum(self.resident_param_bytes(p, choice[p]) for p in self.param_mem)
-        peak = max((self.live_set_memory(live, choice) for live in self.live_sets), default=0.0)
-        return params + peak
+        sets = self.live_set_memories(choice)
+        return params + (float(sets.max()) if len(sets) else 0.0)
+
+    def live_set_memories(self, choice: dict[Node, int]) -> np.ndarray:
+        """``live_set_memory`` of every live set under ``choice``, in order. Live sets made by
+        ``_liveness`` (a ``LiveSets``) are evaluated from their spans: each node's bytes and each
+        copy item's bytes once, added over the run of sets holding it; other lists set by set."""
+        return self.per_live_set(lambda v: self.act_mem[v][choice[v]], lambda item: self.copy_bytes(item, choice))
+
+    def per_live_set(self, node_value, item_value, fixed: bool = True) -> np.ndarray:
+        """For every live set, the sum of ``node_value(v)`` over its nodes (a node listed twice counts
+        twice), of ``item_value(item)`` over its copy items, and (with ``fixed``) its fixed bytes."""
+        sets = self.live_sets
+        spans = getattr(sets, "spans", None)
+        if spans is None or not spans.describes(sets):
+            return np.array([sum(node_value(v) for v in live) + sum(item_value(i) for i in getattr(live, "copies", ()))
+                             + (getattr(live, "fixed", 0.0) if fixed else 0.0) for live in sets], dtype=float)
+        values = np.fromiter((node_value(v) for v in spans.nodes), dtype=float, count=len(spans.nodes))
+        if spans.items:
+            items = np.fromiter((item_value(i) for i in spans.items), dtype=float, count=len(spans.items))
+            values = np.concatenate([values, items])
+        # A run [first, last] adds its value from set first on and takes it off after set last.
+        n = len(sets)
+        diff = np.bincount(spans.first, weights=values, minlength=n + 1)
+        diff -= np.bincount(spans.last + 1, weights=values, minlength=n + 1)
+        total = np.cumsum(diff[:n])
+        return total + spans.fixed if fixed else total
 
 
 class LiveSet(list):
@@ -237,6 +264,35 @@ class LiveSet(list):
         self.copies = list(copies)
         self.fixed = fixed
         self.position = position
+
+
+class LiveSpans:
+    """Where each node and copy item of a list of live sets appears: ``nodes`` and ``items`` (one
+    entry per appearance run; a node listed twice in a set has two runs) over the sets ``first``
+    to ``last`` (inclusive, one array over the nodes then the items), and each set's ``fixed``
+    bytes. ``_liveness`` makes them as it makes the sets; ``describes`` checks that the sets
+    they were made for are still the ones at hand."""
+
+    def __init__(self, nodes: list, items: list, first: list[int], last: list[int], sets: list):
+        self.nodes = nodes
+        self.items = items
+        self.first = np.asarray(first, dtype=np.int64)
+        self.last = np.asarray(last, dtype=np.int64)
+        self.fixed = np.array([getattr(live, "fixed", 0.0) for live in sets], dtype=float)
+        self._sets = list(sets)
+        self._sizes = [(len(live), len(getattr(live, "copies", ())), getattr(live, "fixed", 0.0)) for live in sets]
+
+    def describes(self, sets: list) -> bool:
+        return len(sets) == len(self._sets) and all(
+            a is b and len(a) == n and len(getattr(a, "copies", ())) == c and getattr(a, "fixed", 0.0) == f
+            for a, b, (n, c, f) in zip(sets, self._sets, self._sizes))
+
+
+class LiveSets(list):
+    """The live sets of ``_liveness`` (a list of ``LiveSet``), with their ``spans`` (``LiveSpans``),
+    from which ``Problem.per_live_set`` evaluates every set at once."""
+
+    spans: LiveSpans | None = None
 
 
 @dataclass
@@ -350,10 +406,17 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
         copy_end.add(hi)
     live: list[Node] = []
     sets: list[LiveSet] = []
+    # The spans of the sets (LiveSpans): each node from the first set made after it joins `live`
+    # to the last made before it leaves; each copy over the sets at positions it spans.
+    joined: dict[Node, int] = {}
+    span_nodes: list[Node] = []
+    first: list[int] = []
+    last: list[int] = []
     for n in gm.graph.nodes:
         t = order[n]
         if n in end:
             live.append(n)
+            joined[n] = len(sets)
         dead = dying.get(t, [])
         if dead or t in copy_end or t == sm.end:
             extra = LiveSet(live, copies_at.get(t, []), position=t)
@@ -363,10 +426,45 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
             sets.append(extra)
             if dead:
                 gone = set(dead)
+                for v in live:
+                    if v in gone:
+                        span_nodes.append(v)
+                        first.append(joined[v])
+                        last.append(len(sets) - 1)
                 live = [v for v in live if v not in gone]
     grads = [p for _, p in sm.grads]
-    sets.append(LiveSet([v for v in live if end.get(v) == sm.after] + grads + grads, position=sm.after))
-    return sets
+    final = len(sets)
+    kept = [v for v in live if end.get(v) == sm.after]
+    sets.append(LiveSet(kept + grads + grads, position=sm.after))
+    for v in live:
+        if v in kept or joined[v] < final:
+            span_nodes.append(v)
+            first.append(joined[v])
+            last.append(final if end.get(v) == sm.after else final - 1)
+    for v in grads + grads:
+        span_nodes.append(v)
+        first.append(final)
+        last.append(final)
+    # Copies: a copy item (lo, hi) is in every set whose position lies in [lo, hi]; bucket items
+    # in the set at the output node.
+    positions = [live.position for live in sets]
+    span_items: list = []
+    item_first: list[int] = []
+    item_last: list[int] = []
+    for item, lo, hi in copy_spans(sm):
+        i, j = bisect.bisect_left(positions, lo), bisect.bisect_right(positions, hi) - 1
+        if i <= j:
+            span_items.append(item)
+            item_first.append(i)
+            item_last.append(j)
+    at_end = [i for i, live in enumerate(sets) if live.position == sm.end]
+    for item in sm.bucket_items if at_end else ():
+        span_items.append(item)
+        item_first.append(at_end[0])
+        item_last.append(at_end[0])
+    out = LiveSets(sets)
+    out.spans = LiveSpans(span_nodes, span_items, first + item_first, last + item_last, sets)
+    return out
 
 
 def build_problem(
