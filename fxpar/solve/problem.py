@@ -480,9 +480,11 @@ def build_problem(
     nodes = list(strategies)
     compute_cache: dict = {}
 
+    signature: dict[Node, tuple] = {}
+
     def compute(n: Node) -> list[float]:
         # Repeated layers repeat signatures: price each (op, shapes) once.
-        key = node_signature(n)
+        key = signature[n] = node_signature(n)
         if key not in compute_cache:
             compute_cache[key] = [cost_model.compute_time(n, s) for s in strategies[n]]
         return compute_cache[key]
@@ -518,9 +520,16 @@ def build_problem(
     param_mem = {p: [factor * spec_bytes(p.meta["val"], s.outputs[0], mesh_shape) for s in strategies[p]] for p in params}
     live_sets = _liveness(gm)
     act_mem = {}
-    for n in {v for live in live_sets for v in live}:
-        vals = output_values(n)
-        act_mem[n] = [float(sum(spec_bytes(t, sp, mesh_shape) for t, sp in zip(vals, s.outputs) if hasattr(t, "shape"))) for s in strategies[n]]
+    act_cache: dict = {}
+    for n in set(live_sets.spans.nodes):  # every node of a live set
+        # Nodes of one signature have outputs of the same shapes and share one strategy list
+        # (all_strategies): their bytes are computed once.
+        key = (signature[n] if n in signature else node_signature(n), id(strategies[n]))
+        if key not in act_cache:
+            vals = output_values(n)
+            act_cache[key] = [float(sum(spec_bytes(t, sp, mesh_shape) for t, sp in zip(vals, s.outputs) if hasattr(t, "shape")))
+                              for s in strategies[n]]
+        act_mem[n] = list(act_cache[key])
     problem = Problem(
         nodes, strategies, node_cost, edges, param_mem, live_sets, act_mem,
         cost_model.cluster.device.memory_bytes, cost_model, time.perf_counter() - start,

@@ -121,3 +121,17 @@ def test_lazy_rows_pick_the_sets_set_by_set_sums_pick(name, mesh):
         expected = [i for o, i in over if o > 1e-6 * max(1.0, limit)][:8]
         assert expected
         assert _overflowing(problem, choice, limit, {i for i in range(len(sets)) if not i % 3}) == expected
+
+
+@pytest.mark.parametrize("name,mesh", [("gpt", (2, 2)), ("llama", (2, 4)), ("resnet18", (2,))])
+def test_activation_bytes_computed_once_per_signature_are_each_nodes_own(name, mesh):
+    from fxpar.cost import spec_bytes
+    from fxpar.rules.registry import output_values
+
+    problem = _problem(name, mesh)
+    live = {v for s in problem.live_sets for v in s}
+    assert set(problem.act_mem) == live
+    for n in live:
+        own = [float(sum(spec_bytes(t, sp, problem.cost_model.mesh_shape) for t, sp in zip(output_values(n), s.outputs)
+                         if hasattr(t, "shape"))) for s in problem.strategies[n]]
+        assert problem.act_mem[n] == own, n
