@@ -270,8 +270,10 @@ class LiveSpans:
     """Where each node and copy item of a list of live sets appears: ``nodes`` and ``items`` (one
     entry per appearance run; a node listed twice in a set has two runs) over the sets ``first``
     to ``last`` (inclusive, one array over the nodes then the items), and each set's ``fixed``
-    bytes. ``_liveness`` makes them as it makes the sets; ``describes`` checks that the sets
-    they were made for are still the ones at hand."""
+    bytes. ``_liveness`` makes them as it makes the sets; ``describes`` checks that the sets at
+    hand are the ones they were made for (the same set objects, with the same numbers of nodes and
+    copies and the same fixed bytes; a set edited in place to another content of the same sizes
+    is not detected)."""
 
     def __init__(self, nodes: list, items: list, first: list[int], last: list[int], sets: list):
         self.nodes = nodes
