@@ -5,7 +5,8 @@ elementwise, reduction) computing in dtype ``d`` (``compute_dtype``)::
 
     max(flops / (peak(d) * compute_eff(c)), bytes / (mem_bw * memory_eff(c))) + kernel_overhead
 
-Views and getitems (one output of a multi-output op) cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``); the
+Views and getitems (one output of a multi-output op) cost nothing. FLOPs come from the annotate pass (``torch.utils.flop_counter``;
+``attention_flops`` for the CPU attention kernels it does not count); the
 per-device share shrinks by every mesh axis on which the strategy shards some tensor of the op;
 ``bytes`` are the per-device sizes of the op's inputs and outputs, each at its own element size.
 The efficiencies are the device's (``DeviceSpec.efficiencies``), per class where a profile gives
@@ -95,6 +96,27 @@ def compute_dtype(ins: list, outs: list) -> torch.dtype | None:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t.dtype
     return None
+
+
+# torch.utils.flop_counter counts the attention kernels of CUDA (flash, memory-efficient, cuDNN)
+# and not the CPU flash kernel, which computes the same matrix products: those are counted by the
+# formulas torch registers for the CUDA kernels (``sdpa_flop_count``: Q K^T and P V;
+# ``sdpa_backward_flop_count``: the scores recomputed and the four products of the gradients).
+CPU_ATTENTION = (aten._scaled_dot_product_flash_attention_for_cpu.default,
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+
+
+def attention_flops(node: Node) -> int:
+    """FLOPs of a CPU flash-attention node (forward or backward) on the graph's shapes, which
+    ``torch.utils.flop_counter`` counts as 0; 0 for any other node."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    if node.op != "call_function" or node.target not in CPU_ATTENTION:
+        return 0
+    shapes = [tuple(a.meta["val"].shape) for a in node.args[:4] if isinstance(a, Node)]
+    if node.target is CPU_ATTENTION[0]:
+        return sdpa_flop_count(*shapes[:3])
+    return sdpa_backward_flop_count(*shapes[:4])
 
 
 def collective_time(kind: str, nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -206,7 +228,7 @@ class CostModel:
         for axis, size in enumerate(self.mesh_shape):
             if any(isinstance(spec[axis], Shard) for spec in strategy.inputs + strategy.outputs):
                 split *= size
-        flops = meta["fxpar_flops"] / split
+        flops = (meta["fxpar_flops"] or attention_flops(node)) / split
         # A getitem reads one output of a multi-output producer.
         ins = [output_values(u)[i] for u, i in (input_source(node, j) for j in range(len(tensor_arg_nodes(node))))]
         outs = output_values(node)
