@@ -121,7 +121,7 @@ from torch.fx import Node
 from fxpar.cost import spec_bytes
 from fxpar.solve.backend import HighsSolver
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem  # noqa: F401  (re-exported)
-from fxpar.solve.recompute import analysis_of, extras_at, memory_profile, param_memory, recompute_edges, recompute_time
+from fxpar.solve.recompute import analysis_of, extras_at, memory_profile, recompute_edges, recompute_time
 
 # Mixed-integer solvers OR-Tools ships that solve this model exactly (docs/solver-scale.md
 # compares them): HiGHS is the default, SCIP the solver fxpar used before.
@@ -657,7 +657,7 @@ def _initial_sets(problem: Problem) -> list[int]:
 
 
 def _overflowing(problem: Problem, choice: dict[Node, int], limit: float, added: set[int]) -> list[int]:
-    params = sum(problem.resident_param_bytes(p, choice[p]) for p in problem.param_mem)
+    params = problem.param_memory(choice)
     sets = problem.live_set_memories(choice).tolist()
     over = [(params + m - limit, i) for i, m in enumerate(sets) if i not in added]
     over = [(o, i) for o, i in over if o > 1e-6 * max(1.0, limit)]
@@ -677,7 +677,7 @@ def _initial_positions(problem: Problem) -> list[int]:
 
 
 def _overflowing_positions(problem: Problem, choice, recompute, limit: float, added: set[int]) -> list[int]:
-    params = param_memory(problem, choice)
+    params = problem.param_memory(choice)
     prof = memory_profile(problem, choice, recompute)
     over = [(params + m - limit, i) for i, m in enumerate(prof) if i not in added]
     over = [(o, i) for o, i in over if o > 1e-6 * max(1.0, limit)]

@@ -223,9 +223,12 @@ class Problem:
     def memory_of(self, choice: dict[Node, int]) -> float:
         """Peak bytes per device: the parameters and their optimizer state, plus the largest live set
         (``_liveness``)."""
-        params = sum(self.resident_param_bytes(p, choice[p]) for p in self.param_mem)
         sets = self.live_set_memories(choice)
-        return params + (float(sets.max()) if len(sets) else 0.0)
+        return self.param_memory(choice) + (float(sets.max()) if len(sets) else 0.0)
+
+    def param_memory(self, choice: dict[Node, int]) -> float:
+        """Bytes of the parameters and their optimizer state (held for the whole step)."""
+        return sum(self.resident_param_bytes(p, choice[p]) for p in self.param_mem)
 
     def live_set_memories(self, choice: dict[Node, int]) -> np.ndarray:
         """``live_set_memory`` of every live set under ``choice``, in order. Live sets made by
@@ -439,7 +442,7 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
     kept = [v for v in live if end.get(v) == sm.after]
     sets.append(LiveSet(kept + grads + grads, position=sm.after))
     for v in live:
-        if v in kept or joined[v] < final:
+        if end.get(v) == sm.after or joined[v] < final:
             span_nodes.append(v)
             first.append(joined[v])
             last.append(final if end.get(v) == sm.after else final - 1)

@@ -296,11 +296,6 @@ def analysis_of(problem) -> Analysis:
     return problem.recompute_analysis
 
 
-def param_memory(problem, choice: dict[Node, int]) -> float:
-    """Bytes of the parameters and their optimizer state (held for the whole step)."""
-    return sum(problem.resident_param_bytes(p, choice[p]) for p in problem.param_mem)
-
-
 def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float]:
     """Bytes live at every position (and after the graph) besides the parameters and their state
     when the decisions ``recompute`` are recomputed: activations, gradients, inputs, resharded
@@ -340,7 +335,7 @@ def memory_profile(problem, choice: dict[Node, int], recompute=()) -> list[float
 
 def recompute_memory(problem, choice: dict[Node, int], recompute=()) -> float:
     """Peak bytes per device of ``choice`` with ``recompute`` recomputed (with none, ``memory_of``)."""
-    return param_memory(problem, choice) + max(memory_profile(problem, choice, recompute), default=0.0)
+    return problem.param_memory(choice) + max(memory_profile(problem, choice, recompute), default=0.0)
 
 
 def recompute_edges(problem) -> list[tuple]:
