@@ -1,8 +1,8 @@
 """End to end with recomputation: a transformer of ``fxpar.models`` and one of the third-party zoo
-(Hugging Face GPT-2), each given a device memory between the least any plan needs with
-recomputation and the least without it (``min_memory``, the figures ``InfeasiblePlanError``
-reports), are planned (recomputation chosen) and trained on 2 gloo ranks with numerics equal to one
-process; the measured peak stays under the device memory and the predicted peak is within 10% of it.
+(Hugging Face GPT-2), each given a device memory below the least any plan needs without
+recomputation (``min_memory``, the figure ``InfeasiblePlanError`` reports), are planned
+(recomputation chosen) and trained on 2 gloo ranks with numerics equal to one process; the measured
+peak stays under the device memory and the predicted peak is within 10% of it.
 
 The ranks run ``codegen="eager"`` so that the tracker (``fxpar.runtime.memory.LiveTensorBytes``)
 sees every op; the second step is measured (the first makes the AdamW state). The loop zeroes the
@@ -36,6 +36,11 @@ NAMES = ["gpt", "hf-gpt2"]
 # after the collective completes, so when that thread runs late one input (32 KiB on the GPT here)
 # outlives the graph's last use of it.
 HEADROOM = 0.05
+# The memory the plan is made for, as a share of the least any plan needs without recomputation.
+# With recomputation both models need about 70% of it (proven with ``min_memory(problem,
+# recompute=True)``, which takes 10-30 s a model, so the test does not repeat it): a plan that
+# fits 85% exists only with recomputation, and the planner finding one shows it.
+SHARE_OF_LEAST_WITHOUT = 0.85
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -104,22 +109,20 @@ def runs():
     for name in NAMES:
         gm = capture_and_annotate(_model(name), _batch(name, 0))
         problem = build_problem(gm, all_strategies(gm, (2,)), CostModel(cluster, (2,)), optimizer="adamw")
-        # The least memory with recomputation takes 8-20 s to prove on a quiet machine; the limit
-        # leaves room for a loaded one, so the budget (and with it the plan) does not depend on speed.
-        low, high = min_memory(problem, recompute=True, time_limit_s=600), min_memory(problem)
-        budget = (low + high) / 2
+        high = min_memory(problem, time_limit_s=600)  # proven in 1-2 s; the limit is for a loaded machine
+        budget = SHARE_OF_LEAST_WITHOUT * high / (1 - HEADROOM)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, _ = plan_graph(gm, cluster=cluster.with_memory(budget * (1 - HEADROOM)), mesh_shape=(2,), optimizer="adamw")
-        planned[name] = (low, high, budget, plan)
-    results = fxpar.launch(_train, 2, {name: p[3].to_json() for name, p in planned.items()})
+        planned[name] = (high, budget, plan)
+    results = fxpar.launch(_train, 2, {name: p[2].to_json() for name, p in planned.items()})
     return planned, results
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_memory_only_recomputation_fits_is_planned_with_recomputation(runs, name):
-    low, high, budget, plan = runs[0][name]
-    assert low < budget * (1 - HEADROOM) < budget < high
+    high, budget, plan = runs[0][name]
+    assert budget * (1 - HEADROOM) < budget < high
     assert plan.recompute, "keeping every activation needs more than the device has: something is recomputed"
     assert plan.memory_bytes <= budget * (1 - HEADROOM)
 
@@ -139,7 +142,7 @@ def test_training_matches_one_process(runs, name):
 def test_measured_peak_fits_the_device_and_is_the_prediction_within_10_percent(runs, name):
     """The measured peak (the tracker, on every rank) stays under the device memory the plan was
     made for, and the plan's predicted peak is within 10% of it."""
-    _, _, budget, plan = runs[0][name]
+    _, budget, plan = runs[0][name]
     peak = max(result[name][2] for result in runs[1])
     figures = f"predicted {plan.memory_bytes / 2**20:.3f} MiB, measured {peak / 2**20:.3f} MiB on a device of {budget / 2**20:.3f} MiB"
     assert peak <= budget, figures
