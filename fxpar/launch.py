@@ -27,7 +27,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _context():
+    """Where the platform has it (Linux, macOS), processes forked from a server that has imported
+    fxpar (and with it torch): a rank starts in milliseconds instead of importing torch for 2-3 s,
+    and the server, started at the first launch, serves every later one. The server has run no op
+    (so no thread pool exists to be lost in a fork) and no device is initialized in it. Elsewhere
+    the ranks are spawned as fresh interpreters."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fxpar"])  # read when the server starts; later calls change nothing
+    return ctx
+
+
+def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue, env: dict[str, str]) -> None:
+    # A forked rank has the server's environment: take the caller's, as it is at this launch.
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_RANK=str(rank))
     # The ranks share the machine's cores.
@@ -64,16 +80,17 @@ def _died(dead: list[int], procs, nprocs: int) -> str:
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 600.0) -> list[Any]:
-    """Call ``fn(rank, *args)`` in ``nprocs`` spawned processes with a gloo process group set up;
+    """Call ``fn(rank, *args)`` in ``nprocs`` local processes (``_context``) with a gloo process group set up;
     return the results in rank order. ``fn`` must be importable (defined at a module's top level).
     A rank that raises, or dies (killed, out of memory), raises ``RankError`` naming it within
     seconds; the other ranks are then stopped."""
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; launch needs at least 1 process")
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue), daemon=False) for r in range(nprocs)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, env), daemon=False) for r in range(nprocs)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
