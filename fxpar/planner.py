@@ -204,41 +204,61 @@ def solve_with_recompute(problem: Problem, *, time_limit_s: float, recompute: bo
     thirds of what is then left when a recomputation solve follows (else to the end), the
     recomputation solve to the end, each deadline less the most a solve so far ran past its own.
     Each plan found fits and is handed on as a start of the next solve, so a solve stopped at its
-    deadline returns a plan no slower than the starts."""
+    deadline returns a plan no slower than the starts.
+
+    Where no plan keeping every activation can fit (``warmstart.kept_memory_floor``: every value
+    at its fewest bytes is over the budget), the first two solves are skipped. Where the
+    recomputation solve has no start that fits, one is made first (``warmstart.recompute_start``:
+    a family or least-memory plan with the recomputation that ILP chooses for it alone, in at most
+    two thirds of the time left), so that a time limit returns that plan rather than none."""
     start = warmstart.clock()
     deadline = start + time_limit_s
     # Infeasible here (no class left with a strategy) is final.
     prep = warmstart.prepare(problem, deadline=deadline, presolve_problem=presolve)
-    now = warmstart.clock()
-    free_deadline = now + (deadline - now) / 3
-    free, bound = _unbounded_optimum(prep, deadline=free_deadline, solver=solver)
-    if free is not None and free.status == "optimal":
-        return free
-    if free is not None:
-        prep.add("no memory limit", free.choice, free.objective, fits=True)
-    # A solve may end after its deadline (HiGHS stops at its next check, the solution is read
-    # back): the most it did so far is taken off the deadlines of the solves that follow.
-    now = warmstart.clock()
-    late = max(0.0, now - free_deadline)
-    end = deadline - late
-    kept_deadline = now + (end - now) * 2 / 3 if recompute else end
-    try:
-        kept = warmstart.solve_prepared(prep, deadline=kept_deadline, solver=solver, recompute=False)
-    except Infeasible:
-        kept = None
-    except SolverTimeout:
-        if free is None and not recompute:
-            raise
-        kept = None
-    late = max(late, warmstart.clock() - kept_deadline)
-    if free is not None and (kept is None or free.objective < kept.objective):
-        kept = free
+    reduced = prep.reduction.problem
+    free = kept = None
+    bound, late = 0.0, 0.0
+    if warmstart.kept_memory_floor(reduced) > reduced.memory_budget:
+        # Even at its fewest bytes per value no plan keeping every activation fits: the solves
+        # without a memory limit and keeping every activation cannot give a plan.
+        if not recompute:
+            raise Infeasible()
+    else:
+        now = warmstart.clock()
+        free_deadline = now + (deadline - now) / 3
+        free, bound = _unbounded_optimum(prep, deadline=free_deadline, solver=solver)
+        if free is not None and free.status == "optimal":
+            return free
+        if free is not None:
+            prep.add("no memory limit", free.choice, free.objective, fits=True)
+        # A solve may end after its deadline (HiGHS stops at its next check, the solution is read
+        # back): the most it did so far is taken off the deadlines of the solves that follow.
+        now = warmstart.clock()
+        late = max(0.0, now - free_deadline)
+        end = deadline - late
+        kept_deadline = now + (end - now) * 2 / 3 if recompute else end
+        try:
+            kept = warmstart.solve_prepared(prep, deadline=kept_deadline, solver=solver, recompute=False)
+        except Infeasible:
+            kept = None
+        except SolverTimeout:
+            if free is None and not recompute:
+                raise
+            kept = None
+        late = max(late, warmstart.clock() - kept_deadline)
+        if free is not None and (kept is None or free.objective < kept.objective):
+            kept = free
     # The optimum without a memory limit does not fit (or was not proven in time): memory may bind.
     # The recomputation solve is skipped, given a plan, when less time is left than the most a
     # solve has run late: building its (larger) model alone would take longer.
     if recompute and (kept is None or deadline - late - warmstart.clock() > late):
         if kept is not None:
             prep.add("kept activations", kept.choice, kept.objective, fits=True)
+        elif presolve and prep.best_start(bounded=True) is None:
+            # No start fits keeping every activation: one that fits with recomputation, found in
+            # at most two thirds of the time left, so that a time limit still returns a plan.
+            now = warmstart.clock()
+            prep.recompute_start = warmstart.recompute_start(prep, deadline=now + (deadline - late - now) * 2 / 3)
         try:
             sol = warmstart.solve_prepared(prep, deadline=deadline - late, solver=solver, recompute=True)
         except (Infeasible, SolverTimeout):

@@ -64,7 +64,7 @@ def cases(quick: bool) -> list[dict]:
         # at the limit is reported.
         {"name": f"Llama-70B ({llama70.n_layer} layers, d {llama70.d_model}, {llama70.n_kv_head} KV heads, seq "
                  f"{llama70.seq_len})", "model": lambda: Llama(llama70), "batch": 256,
-         "cluster": "h100-2node-16", "mesh": (32, 8), "target_s": 60.0, "time_limit_s": 40.0},
+         "cluster": "h100-2node-16", "mesh": (32, 8), "target_s": 60.0, "time_limit_s": 35.0},
         # Third-party models as users bring them (tools/hf_models.py), built on meta by transformers.
         {"name": f"HF GPT2LMHeadModel, default config ({gpt.n_layer} layers, dropout 0.1)",
          "build": lambda b: hf_models.gpt2_small(b, gpt.n_layer), "batch": 8,

@@ -60,7 +60,8 @@ Constraints
 Recomputation (``solve(..., recompute=True)``; positions, values, decisions d, hosts p(d), fb, lf,
 lu, q and U as defined in ``fxpar.solve.recompute``)
   Variables: r[d] in {0,1} per decision (one per class of repeated layers): d is recomputed;
-             y[n,s] in [0,1] for d and each of its values n: n has strategy s and d is recomputed;
+             y[n,s] in [0,1] for d and each of its values n: n has strategy s and d is recomputed (one per
+             class of repeated layers, as x and r);
              A[d,P] in [0,1]: d's copy is made at or before position P (only for P after the loss
              and before fb(d), where a chain of readers can need it); W[v,P], E[v,P] >= 0: bytes
              of an early copy, of a kept input extended for a recomputed reader; q_e >= 0: a
@@ -132,6 +133,11 @@ DEFAULT_SOLVER = "HIGHS"
 # 1e-6) then stay far below any difference between plans. Reported figures are in seconds.
 _OBJECTIVE_SCALE = 1e6
 
+# HiGHS options of the recomputation ILP (under those the solver string or the caller gives): its
+# presolve ran 83 s on Llama-70B's (2.3 million nonzeros) past a 20 s limit, and 7-8 s of a 14.8 s
+# solve on Llama-7B's, which takes 7.0 s without it to the same optimum.
+RECOMPUTE_OPTIONS = {"presolve": "off"}
+
 _INITIAL_SETS = 8
 _SETS_PER_ROUND = 8
 _MAX_ROUNDS = 30
@@ -178,8 +184,9 @@ def parse_solver(solver: str) -> tuple[str, dict[str, str]]:
 
 
 class _Model:
-    def __init__(self, problem: Problem, solver: str = DEFAULT_SOLVER):
-        name, options = parse_solver(solver)
+    def __init__(self, problem: Problem, solver: str = DEFAULT_SOLVER, options: dict | None = None):
+        name, parsed = parse_solver(solver)
+        options = {**parsed, **(options or {})}
         self.p = problem
         self.solver = HighsSolver(options) if name == "HIGHS" else pywraplp.Solver.CreateSolver(name)
         assert self.solver is not None, f"OR-Tools was built without {solver}"
@@ -393,18 +400,25 @@ class _Model:
 
     def add_recompute(self) -> None:
         """r[d] binary per decision (one per class of repeated layers); y[n,s] = x[n,s] r[d] for d and
-        each of its values n: y[n,s] <= x[n,s], sum_s y[n,s] = r[d]. The objective pays the
-        compute of d and its getitem nodes again."""
+        each of its values n: y[n,s] <= x[n,s], sum_s y[n,s] = r[d], one y per class of n and r (the
+        members of a class of repeated layers share x and r, so their y are equal). The objective
+        pays the compute of d and its getitem nodes again."""
         s, p = self.solver, self.p
         a = self.rc = analysis_of(p)
         keys: dict[Node, object] = {}
+        ys_of: dict[tuple, list] = {}  # (class of n, decision key) -> y[n]
         for i, d in enumerate(sorted(a.decisions, key=a.order.__getitem__)):
             key = p.rep(d) if p.rep(d) in a.decisions else d
             if key not in keys:
                 keys[key] = s.BoolVar(f"r{i}")
             r = self.r[d] = keys[key]
             for n in dict.fromkeys([d, *a.decisions[d].values]):
-                ys = self.y[n] = [s.NumVar(0, 1, f"y{n.name}_{k}") for k in range(len(p.strategies[n]))]
+                # Members of one class whose decisions share r share x and r, so y = x r too.
+                shared = (p.rep(n), key)
+                if shared in ys_of:
+                    self.y[n] = ys_of[shared]
+                    continue
+                ys = self.y[n] = ys_of[shared] = [s.NumVar(0, 1, f"y{n.name}_{k}") for k in range(len(p.strategies[n]))]
                 total = s.Constraint(0, 0)
                 total.SetCoefficient(r, -1)
                 for yv, xv in zip(ys, self.xs(n)):
@@ -619,9 +633,19 @@ class _Model:
             objective.SetCoefficient(x, self.scale * c)
         objective.SetMinimization()
 
-    def set_hint(self, hint: dict[Node, int]) -> None:
-        """The strategies of ``hint`` as the solver's starting point (its binaries only)."""
+    def set_hint(self, hint: dict[Node, int], recompute=None) -> None:
+        """The strategies of ``hint`` as the solver's starting point (its binaries only); with
+        ``recompute`` (decisions, on a model with add_recompute), also r, 1 for the classes of those
+        decisions, and y = x r."""
         values = {x: float(k == hint[v]) for v, xs in self.x.items() if v in hint for k, x in enumerate(xs)}
+        if recompute is not None and self.rc is not None:
+            on = {self.r[d] for d in recompute}
+            for r in self.r.values():
+                values[r] = float(r in on)
+            for d, r in self.r.items():
+                for n in [d, *self.rc.decisions[d].values]:
+                    for k, yv in enumerate(self.y[n]):
+                        values[yv] = float(r in on and k == hint[self.p.rep(n)])
         if isinstance(self.solver, HighsSolver):
             self.solver.SetHint(values)
         else:
@@ -722,12 +746,15 @@ def _more_rows(m: _Model, problem: Problem, recompute: bool, limit: float, added
 
 
 def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT_SOLVER, recompute: bool = False,
-          presolve: bool = True, hint: dict[Node, int] | None = None) -> Solution:
+          presolve: bool = True, hint: dict[Node, int] | None = None, hint_recompute=None,
+          options: dict | None = None) -> Solution:
     """The optimal assignment of ``problem`` (``solver``: one of ``SOLVERS``); at the time limit,
     the best found, with the solver's bound. With ``recompute``, the solver also chooses which
     activations to recompute (``Solution.recompute``). With ``presolve`` (the default) the problem
     is first reduced exactly and warm-started (``fxpar.solve.presolve``, ``fxpar.solve.warmstart``);
-    ``hint`` is a starting assignment (strategy index per node) handed to the solver."""
+    ``hint`` is a starting assignment (strategy index per node) handed to the solver, with
+    ``hint_recompute`` the decisions it recomputes. ``options``: HiGHS options over those of
+    ``solver`` (a relative gap other than 0 makes ``optimal`` mean within that gap)."""
     if presolve:
         from fxpar.solve.warmstart import solve_presolved
 
@@ -739,7 +766,10 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
         if time.perf_counter() - start >= time_limit_s:
             raise SolverTimeout(f"the time limit ({time_limit_s:.3g} s) was spent building the model")
 
-    m = _Model(problem, solver)
+    if recompute:
+        # HiGHS's presolve of the recomputation ILP does not stop at the time limit (docs/solver-scale.md).
+        options = {**RECOMPUTE_OPTIONS, **parse_solver(solver)[1], **(options or {})}
+    m = _Model(problem, solver, options)
     m.scale = _scale(problem)
     m.add_one_strategy()
     m.add_edge_links()
@@ -753,7 +783,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
     m.add_forced()
     m.set_objective()
     if hint is not None:
-        m.set_hint(hint)
+        m.set_hint(hint, hint_recompute if recompute else None)
     added = _add_rows(m, problem, recompute, problem.memory_budget)
     spent()
     solver = m.solver

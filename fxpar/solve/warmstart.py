@@ -44,11 +44,12 @@ def _family_spec(problem: Problem, param: Node, family: str):
     return (R,) * len(mesh)
 
 
-def greedy_plan(problem: Problem, family: str) -> dict[Node, int] | None:
+def greedy_plan(problem: Problem, family: str, *, least_memory: bool = False) -> dict[Node, int] | None:
     """The family's plan completed greedily (see the module's docstring); None if some class has no
     allowed strategy. Each choice is propagated along the no-reshard edges (a neighbour keeps the
     strategies whose spec the choice still allows), and a choice that would leave a class with
-    none is passed over for the next cheapest."""
+    none is passed over for the next cheapest. With ``least_memory``, each class takes the
+    strategy of fewest output bytes per device first, the cheapest of those."""
     p = problem
     rep = p.rep
     inputs: dict[Node, list] = {}
@@ -105,9 +106,9 @@ def greedy_plan(problem: Problem, family: str) -> dict[Node, int] | None:
                 u = rep(e.producer)
                 if u in chosen:
                     cost += p.reshard_cost(e.tensor, e.out_specs[chosen[u]], e.in_specs[k])
-            ranked.append((cost, k))
+            ranked.append(((p.act_mem[n][k] if least_memory and n in p.act_mem else 0.0), cost, k))
         ranked.sort()
-        for _, k in ranked:
+        for *_, k in ranked:
             new = narrow(v, {k})
             if new is not None:
                 alive.update(new)
@@ -146,6 +147,60 @@ def best_family(problem: Problem) -> tuple[str, dict[Node, int], float] | None:
     """(family, plan, step seconds) of the fastest family plan that fits, or None."""
     fitting = [plan for plan in family_plans(problem) if _fits(problem, plan[1])]
     return min(fitting, key=lambda plan: plan[2], default=None)
+
+
+def kept_memory_floor(problem: Problem) -> float:
+    """A lower bound of ``Problem.memory_of`` over every assignment: each parameter (with its
+    optimizer state) and each node of each live set at its fewest bytes, each set's fixed bytes,
+    resharded copies counted 0. Above the memory budget, no plan that keeps every activation fits."""
+    act = problem.act_mem
+    params = sum(min(problem.resident_param_bytes(p, k) for k in range(len(problem.strategies[p])))
+                 for p in problem.param_mem)
+    sets = problem.per_live_set(lambda v: min(act[v]), lambda item: 0.0)
+    return params + (float(sets.max()) if len(sets) else 0.0)
+
+
+# The solve that chooses what a start plan recomputes (recompute_start): HiGHS without its presolve
+# (on Llama-70B's fixed-plan problem it runs longer than the search), to a relative gap of 1%.
+START_OPTIONS = {"presolve": "off", "mip_rel_gap": 0.01}
+
+
+def recompute_start(prep: Prepared, *, deadline: float) -> tuple[str, dict[Node, int], list[Node], float] | None:
+    """(name, plan, recomputed decisions, step seconds) of a start for the solve that chooses what
+    to recompute, for a problem where no start fits keeping every activation; in the reduced
+    problem's indices; None if none is found by ``deadline``. The candidates, fastest first: the
+    family plans and the least-memory plan (parameters fully sharded, each class at its fewest
+    output bytes, ``greedy_plan``); for each, the recomputation ILP of that plan alone (every node
+    fixed to its strategy, so only what to recompute is chosen; ``START_OPTIONS``) picks the
+    decisions, and the first whose memory, evaluated directly
+    (``fxpar.solve.recompute.recompute_memory``), fits is the start. Its step is
+    ``Problem.cost_of`` plus ``recompute_time``, the same model as the exact problem's."""
+    from fxpar.solve import ilp
+    from fxpar.solve.presolve import _restrict
+    from fxpar.solve.recompute import analysis_of, recompute_memory, recompute_time
+
+    reduced = prep.reduction.problem
+    budget = reduced.memory_budget
+    analysis_of(reduced)  # made once, shared by the fixed problems
+    candidates = [(name, choice) for name, choice, _, _ in sorted(prep.starts, key=lambda t: t[2])]
+    lean = greedy_plan(reduced, "fully sharded", least_memory=True)
+    if lean is not None and _no_reshard_kept(reduced, lean):
+        candidates.append(("least memory", lean))
+    for name, choice in candidates:
+        if reduced.param_memory(choice) > budget:
+            continue  # recomputation does not shrink the parameters
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return None
+        fixed = _restrict(reduced, {n: [choice[n]] for n in reduced.nodes})
+        try:
+            sol = ilp.solve(fixed, time_limit_s=remaining, recompute=True, presolve=False, options=START_OPTIONS)
+        except (ilp.Infeasible, ilp.SolverTimeout):
+            continue
+        if recompute_memory(reduced, choice, sol.recompute) <= budget:
+            cost = reduced.cost_of(choice) + recompute_time(reduced, choice, sol.recompute)
+            return f"{name}, recomputing {len(sol.recompute)} ops", choice, list(sol.recompute), cost
+    return None
 
 
 def merged_axes_plan(problem: Problem, time_limit_s: float) -> dict[Node, int] | None:
@@ -217,6 +272,9 @@ class Prepared:
     reduction: Reduction
     starts: list = field(default_factory=list)  # (name, reduced choice, step seconds, fits: bool | None)
     seconds: float = 0.0
+    # A start of the recomputation solve that fits only with recomputation (``recompute_start``):
+    # (name, reduced choice, recomputed decisions, step seconds with the recomputation).
+    recompute_start: tuple | None = None
 
     def add(self, name: str, choice: dict[Node, int], cost: float, *, fits: bool | None = None) -> None:
         """A plan of the original problem (its indices) as a start of the later solves."""
@@ -273,12 +331,17 @@ def solve_prepared(prep: Prepared, *, deadline: float, solver: str, recompute: b
     if unbounded:
         reduced = replace(reduced, memory_budget=math.inf, live_sets=[])
     best = prep.best_start(bounded=not unbounded)
+    rc_start = []  # the decisions the start recomputes
+    if best is None and recompute and prep.recompute_start is not None:
+        name, choice, rc_start, cost = prep.recompute_start
+        best = name, choice, cost
     hint = best[1] if best is not None else None
     remaining = deadline - clock()
     sol = None
     if remaining > 0:
         try:
-            sol = ilp.solve(reduced, time_limit_s=remaining, solver=solver, recompute=recompute, presolve=False, hint=hint)
+            sol = ilp.solve(reduced, time_limit_s=remaining, solver=solver, recompute=recompute, presolve=False, hint=hint,
+                            hint_recompute=rc_start)
         except ilp.SolverTimeout:
             if best is None:
                 raise
@@ -286,9 +349,9 @@ def solve_prepared(prep: Prepared, *, deadline: float, solver: str, recompute: b
         raise ilp.SolverTimeout(f"no time was left for the solver (deadline passed {-remaining:.3f} s before)")
     if sol is None:
         sol = ilp.Solution(best[1], best[2], 0.0, "feasible (time limit)", 0, 0, 0.0,
-                           num_classes=len({reduced.rep(n) for n in reduced.nodes}))
+                           num_classes=len({reduced.rep(n) for n in reduced.nodes}), recompute=list(rc_start))
     elif best is not None and sol.status != "optimal" and best[2] < sol.objective:
-        sol = replace(sol, choice=best[1], objective=best[2], recompute=[])
+        sol = replace(sol, choice=best[1], objective=best[2], recompute=list(rc_start))
     out = lift(prep.reduction, sol)
     out.solve_seconds = clock() - start
     return out
