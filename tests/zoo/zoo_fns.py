@@ -114,12 +114,13 @@ def reference_training(name: str) -> tuple[list[float], dict[str, torch.Tensor]]
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_all(rank: int, jobs: dict[str, str]) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
-    """Train each model of ``jobs`` (name -> plan JSON) for NUM_STEPS AdamW steps."""
+def train_all(rank: int, jobs: dict[str, tuple[str, str]]) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
+    """Train each model of ``jobs`` (name -> (plan JSON, codegen)) for NUM_STEPS AdamW steps."""
     out = {}
-    for name, text in jobs.items():
+    for name, (text, codegen) in jobs.items():
         model = make_model(name)
-        compiled = fxpar.compile(model, batch(name, 0), plan=fxpar.Plan.from_json(text))
+        compiled = fxpar.compile(model, batch(name, 0), plan=fxpar.Plan.from_json(text), codegen=codegen)
+        assert compiled.codegen == codegen, compiled.codegen
         k = compiled.num_ranks
         opt = torch.optim.AdamW(compiled.parameters(), lr=LR)
         losses = []
