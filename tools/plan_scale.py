@@ -1,10 +1,11 @@
 """Planning at scale: time every phase of planning a GPT-2-small-sized model on 8 devices, the
 toy transformer of ``tools/toy_transformer.py`` (2 and 8 blocks) and a Llama-7B-sized model on an
-8x8 mesh, the 2-block toy on 4x4x4 and 2x4x8, on fake tensors (no process group, no model memory),
+8x8 mesh, the 2-block toy on 4x4x4 and 2x4x8, a Llama-70B-sized model on 32x8, on fake tensors (no process group, no model memory),
 with each solver of ``fxpar.solve.ilp.SOLVERS`` (``HIGHS/nopresolve``: HiGHS on the problem as
 built, without ``fxpar.solve.presolve`` and the warm start).
 
     python tools/plan_scale.py [--quick] [--solvers HIGHS,HIGHS/nopresolve,SCIP] [--out docs/results/plan_scale.json]
+    python tools/plan_scale.py --only Llama-70B --solvers HIGHS --merge   # one case, merged into the results file
 
 Writes the results file and the table in docs/solver-scale.md, with the load average of the
 machine before each case (the 1-minute figure of ``os.getloadavg()``).
@@ -162,8 +163,11 @@ def main() -> None:
                         help="comma-separated, from fxpar.solve.ilp.SOLVERS; NAME/nopresolve solves without "
                              "fxpar.solve.presolve and the warm start")
     parser.add_argument("--out", default=str(ROOT / "docs/results/plan_scale.json"))
-    parser.add_argument("--only", default=None, help="run only the cases whose name contains this (prints, writes nothing)")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this (prints; writes nothing without --merge)")
     parser.add_argument("--highs", default="", help="HiGHS options, e.g. presolve=off (passed as solver HIGHS:presolve=off)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace (or add) these cases' results in the results file, same name, mesh and "
+                             "solver; the docs table is not rewritten")
     args = parser.parse_args()
     solvers = [with_highs_options(name, args.highs) for name in args.solvers.split(",")]
     results = []
@@ -189,6 +193,13 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         write_table(results, ROOT / "docs/solver-scale.md")
+    elif args.merge and args.only and not args.quick and not args.highs:
+        out = Path(args.out)
+        key = lambda r: (r["name"], tuple(r["mesh"]), r["solver"])  # noqa: E731
+        new = {key(r): r for r in results}
+        old = json.loads(out.read_text()) if out.exists() else []
+        merged = [new.pop(key(r), r) for r in old] + list(new.values())
+        out.write_text(json.dumps(merged, indent=1))
     print(json.dumps(results, indent=1))
 
 

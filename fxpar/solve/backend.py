@@ -10,8 +10,8 @@ handed to MathOpt's solver as one ``ModelProto`` built at ``Solve``: building it
 ``mathopt.Model`` one coefficient at a time took about half of the solve on the toy transformer
 (docs/solver-scale.md). ``SetHint`` passes a starting solution (a plan of a forced family) that
 HiGHS checks and keeps as its first incumbent. HiGHS's feasibility-jump heuristic is off
-(``SKIP_FEASIBILITY_JUMP``); ``HighsSolver(options=...)`` sets any other HiGHS option (the ILP's
-``solver="HIGHS:name=value,..."``).
+(``SKIP_FEASIBILITY_JUMP``), and so is its presolve (``HIGHS_PRESOLVE``); ``HighsSolver(options=...)``
+sets any other HiGHS option (the ILP's ``solver="HIGHS:name=value,..."``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from ortools.math_opt.python import callback, init_arguments, mathopt
 
 
 SKIP_FEASIBILITY_JUMP = True
+# HiGHS's own presolve is off unless an option turns it on ("HIGHS:presolve=on"): after
+# fxpar.solve.presolve it removed little and took seconds (HF T5 2x2 11.9 s with it against 6.3 s
+# without, the same optimum; every model of the zoo and fxpar/models on 2x2 and 2x4 the same optimum,
+# 18 of 22 faster), and on the recomputation ILP it does not stop at the time limit (Llama-70B: 83 s).
+HIGHS_PRESOLVE = "off"
 
 
 class _Row:
@@ -178,6 +183,7 @@ class HighsSolver:
             # mostly integral; with a hint it only looks for what it has (docs/solver-scale.md:
             # HF T5 2x2 5.0-5.3 s without it against 6.5 s).
             options.setdefault("mip_heuristic_run_feasibility_jump", False)
+        options.setdefault("presolve", HIGHS_PRESOLVE)
         for name, value in options.items():
             kind = {bool: "bool_options", int: "int_options", float: "double_options", str: "string_options"}[type(value)]
             getattr(params.highs, kind)[name] = value

@@ -133,11 +133,6 @@ DEFAULT_SOLVER = "HIGHS"
 # 1e-6) then stay far below any difference between plans. Reported figures are in seconds.
 _OBJECTIVE_SCALE = 1e6
 
-# HiGHS options of the recomputation ILP (under those the solver string or the caller gives): its
-# presolve ran 83 s on Llama-70B's (2.3 million nonzeros) past a 20 s limit, and 7-8 s of a 14.8 s
-# solve on Llama-7B's, which takes 7.0 s without it to the same optimum.
-RECOMPUTE_OPTIONS = {"presolve": "off"}
-
 _INITIAL_SETS = 8
 _SETS_PER_ROUND = 8
 _MAX_ROUNDS = 30
@@ -766,9 +761,6 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
         if time.perf_counter() - start >= time_limit_s:
             raise SolverTimeout(f"the time limit ({time_limit_s:.3g} s) was spent building the model")
 
-    if recompute:
-        # HiGHS's presolve of the recomputation ILP does not stop at the time limit (docs/solver-scale.md).
-        options = {**RECOMPUTE_OPTIONS, **parse_solver(solver)[1], **(options or {})}
     m = _Model(problem, solver, options)
     m.scale = _scale(problem)
     m.add_one_strategy()
