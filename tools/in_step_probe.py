@@ -1,7 +1,7 @@
 """What a blocking collective costs inside a step, against the compute between collectives.
 
 Two local gloo ranks run the same compute (``--total-matmuls`` small matmuls, one thread each) cut
-into K segments, each segment followed by a blocking 1 KiB all-reduce through
+into K segments, each segment followed by a blocking all-reduce (``--bytes``, 1 KiB) through
 ``fxpar.runtime.collectives.DistComm`` (as a rewritten step calls it), for K = 1, 4, 16, 64, and
 the same compute without the all-reduces. Per K it prints, from the slowest rank's median over
 ``--repeats`` repeats (each started after a barrier): the extra time per collective (synced minus
@@ -9,7 +9,7 @@ compute-only, over K), the all-reduce alone after a barrier, and each rank's med
 the all-reduce calls, which tells waiting for the other rank (one rank's figure high) from time
 neither rank computes (both high).
 
-    python tools/in_step_probe.py [--total-matmuls 128] [--repeats 7]
+    python tools/in_step_probe.py [--total-matmuls 128] [--repeats 7] [--bytes 1024]
 
 The figures depend on the machine's load: print ``os.getloadavg()`` beside them.
 """
@@ -29,7 +29,7 @@ from fxpar.launch import launch
 SEGMENTS = (1, 4, 16, 64)
 
 
-def _probe(rank: int, total_matmuls: int, repeats: int) -> dict:
+def _probe(rank: int, total_matmuls: int, repeats: int, nbytes: int) -> dict:
     from torch.distributed.device_mesh import DeviceMesh
 
     from fxpar.runtime.collectives import DistComm
@@ -37,7 +37,7 @@ def _probe(rank: int, total_matmuls: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     comm = DistComm(DeviceMesh("cpu", list(range(dist.get_world_size()))))
     a, b = torch.randn(128, 512), torch.randn(512, 512)
-    x = torch.randn(256)
+    x = torch.randn(max(1, nbytes // 4))
     out: dict = {}
 
     def run(k: int, sync: bool) -> float:
@@ -75,16 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--total-matmuls", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bytes", type=int, default=1024, help="bytes per all-reduce")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
-    results = launch(_probe, 2, args.total_matmuls, args.repeats)
+    results = launch(_probe, 2, args.total_matmuls, args.repeats, args.bytes)
 
     def slowest(key) -> float:
         n = len(results[0][key][0])
         return statistics.median(max(r[key][0][i] for r in results) for i in range(n))
 
     alone = slowest("alone")
-    print(f"1-minute load before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; all-reduce alone {alone * 1e3:.3f} ms")
+    print(f"1-minute load before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; all-reduce of {args.bytes} bytes alone {alone * 1e3:.3f} ms")
     print("| segments | ms per segment | compute only ms | with all-reduces ms | extra per all-reduce ms | ms inside the all-reduces, rank 0 / rank 1 |")
     print("|---|---|---|---|---|---|")
     for k in SEGMENTS:
