@@ -48,3 +48,19 @@ def test_a_rank_that_raises_is_named_with_its_error():
 def test_a_rank_that_exits_without_a_result_is_named():
     with pytest.raises(RankError, match=r"rank 1 of 2 exited with status 3 without a result"):
         fxpar.launch(_rank_one_exits, 2, timeout_s=300)
+
+
+def _environment(rank: int, name: str) -> tuple[str | None, int]:
+    return os.environ.get(name), int(os.environ["RANK"])
+
+
+def test_each_launch_gives_the_ranks_the_callers_environment_as_it_is_then(monkeypatch):
+    """The ranks are forked from a server started at an earlier launch (where the platform has
+    one): a variable set or removed since must reach them as the caller has it now."""
+    name = "FXPAR_TEST_LAUNCH_ENV"
+    monkeypatch.setenv(name, "first")
+    assert fxpar.launch(_environment, 2, name) == [("first", 0), ("first", 1)]
+    monkeypatch.setenv(name, "second")
+    assert fxpar.launch(_environment, 2, name) == [("second", 0), ("second", 1)]
+    monkeypatch.delenv(name)
+    assert fxpar.launch(_environment, 2, name) == [(None, 0), (None, 1)]
