@@ -39,6 +39,10 @@ from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
 from fxpar.solve.strategies import all_strategies, node_strategies
 
+# Seconds the InfeasiblePlanError's explanation may spend finding the least memory with
+# recomputation; where it stops first, the message gives the least found as an upper bound.
+EXPLAIN_LIMIT_S = 30.0
+
 
 def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> tuple[Cluster, tuple[int, ...]]:
     if cluster is not None and not isinstance(cluster, Cluster):
@@ -343,12 +347,12 @@ def plan_graph(
             sol = solve(problem, time_limit_s=time_limit_s - (warmstart.clock() - solve_start))
     except Infeasible:
         need = min_memory(problem)
-        need_recompute, proven = min_memory_found(simplified, recompute=True)
+        need_recompute, proven = min_memory_found(simplified, recompute=True, time_limit_s=EXPLAIN_LIMIT_S)
         # nan: the solver found no assignment in its time; unproven: the least found, an upper bound.
         if need_recompute != need_recompute:
             with_recompute = "an amount not found in time"
         else:
-            with_recompute = fmt_bytes(need_recompute) if proven else f"at most {fmt_bytes(need_recompute)} (the least found in 30 s)"
+            with_recompute = fmt_bytes(need_recompute) if proven else f"at most {fmt_bytes(need_recompute)} (the least found in {EXPLAIN_LIMIT_S:g} s)"
         raise InfeasiblePlanError(
             f"no plan fits: on mesh {list(mesh)} the smallest plan needs {fmt_bytes(need)} per device "
             f"(parameters, gradients, {optimizer} state and live activations), {with_recompute} with "

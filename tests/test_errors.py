@@ -66,6 +66,28 @@ def test_cluster_whose_memory_no_plan_fits():
         fxpar.plan(model, model.example_inputs(8), cluster=cluster, mesh_shape=(2,))
 
 
+@pytest.mark.parametrize("found", ["least found", "none found"])
+def test_no_plan_fits_says_when_the_least_memory_with_recomputation_is_not_proven(monkeypatch, found):
+    """Where the explanation's search for the least memory with recomputation stops at its limit
+    (stood in for here: the search's own result, marked unproven), the message gives the least
+    found as an upper bound and names the limit, or says that none was found."""
+    import fxpar.planner
+
+    real = fxpar.planner.min_memory_found
+
+    def stopped(problem, **kwargs):
+        assert kwargs["time_limit_s"] == fxpar.planner.EXPLAIN_LIMIT_S
+        value, _ = real(problem, **kwargs)
+        return (value if found == "least found" else float("nan")), False
+
+    monkeypatch.setattr(fxpar.planner, "min_memory_found", stopped)
+    model = MLP((8, 64, 4))
+    cluster = fxpar.preset("cpu-local", num_devices=2).with_memory(1000)
+    want = r"at most [0-9.]+ KiB \(the least found in 30 s\)" if found == "least found" else "an amount not found in time"
+    with pytest.raises(fxpar.InfeasiblePlanError, match=rf"KiB per device \(parameters, gradients, adam state and live activations\), {want} with activations recomputed"):
+        fxpar.plan(model, model.example_inputs(8), cluster=cluster, mesh_shape=(2,))
+
+
 def test_model_without_scalar_loss():
     with pytest.raises(fxpar.CaptureError, match=r"must return a scalar floating-point loss, but returned a tensor of shape \(8, 4\)"):
         fxpar.plan(NoLoss(), _inputs(), mesh_shape=(2,))
