@@ -33,7 +33,7 @@ class _Clock:
 
 
 def _problem():
-    gm = _graph("mlp")
+    gm = _graph("small-mlp")
     cost = CostModel(fxpar.preset("a100-nvlink-8", num_devices=math.prod(MESH)), MESH)
     return build_problem(gm, all_strategies(gm, MESH), cost)
 
