@@ -19,12 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from fxpar.launch import launch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+from fxpar.launch import launch  # noqa: E402
 
 SEGMENTS = (1, 4, 16, 64)
 
@@ -81,8 +87,7 @@ def main() -> None:
     results = launch(_probe, 2, args.total_matmuls, args.repeats, args.bytes)
 
     def slowest(key) -> float:
-        n = len(results[0][key][0])
-        return statistics.median(max(r[key][0][i] for r in results) for i in range(n))
+        return benchlib.slowest_rank_median([r[key][0] for r in results])
 
     alone = slowest("alone")
     print(f"1-minute load before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; all-reduce of {args.bytes} bytes alone {alone * 1e3:.3f} ms")
