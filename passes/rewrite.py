@@ -14,7 +14,9 @@ device. The placeholders are the rank's local pieces (parameter shards, buffers,
 batch), under the global graph's names; the output is ``(loss replicated, *grads in their
 parameter's spec, *updated buffers replicated)``. Gradients synchronized by one all-reduce or
 reduce-scatter are issued where they are produced and waited for at the end of the graph; a
-resharded value is made once per (producer, output, spec) and shared by its consumers.
+resharded value is made once per (producer, output, spec) and shared by its consumers. The
+collectives of values made from the batch alone are then issued at the start of the step
+(``fxpar.passes.schedule``).
 
 ``batch_norm``: how a batch norm whose batch is cut computes its statistics
 (``fxpar.runtime.steps.BATCH_NORM_STATS``): ``"global"`` (the default; the whole batch's, as a
@@ -46,9 +48,10 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxpar.passes.capture import step_outputs
+from fxpar.passes.schedule import issue_batch_collectives_early
 from fxpar.placement import Spec, local_shape, replicated
 from fxpar.reshard import reshard_steps
-from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values
+from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values, tensor_arg_nodes
 from fxpar.errors import PlanOptionError
 from fxpar.runtime.steps import ASYNC_KINDS, BATCH_NORM_STATS, RankCoords, RankMesh, apply_steps, start_step
 
@@ -134,9 +137,9 @@ def rewrite(
             if node in is_grad and single:
                 shape = local_shape(tuple(node.meta["val"].shape), assignment[node].outputs[0], mesh_shape)
                 pending.setdefault((node, dst), start_step(env[node], shape, steps[0], mesh, emit))
-            elif single and all(u.op == "output" for u in node.users):
-                # An output nothing else reads (a buffer's new value summed over devices): issued
-                # after the gradients, so that it joins their bucket.
+            elif single and not _read_as(node, dst, assignment):
+                # An output no op reads in its output spec (a Partial loss, a buffer's new value
+                # summed over devices): issued after the gradients, so that it joins their bucket.
                 late.append((node, dst))
             else:
                 get(node, 0, dst)
@@ -149,11 +152,25 @@ def rewrite(
                        for out, spec in zip(out_nodes, output_specs)))
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
+    issue_batch_collectives_early(new, {n.name for n in gm.graph.nodes
+                                        if n.op == "placeholder" and n.meta.get("fxpar_role") == "input"})
     if device is not None:
         for node in graph.nodes:
             if node.op == "get_attr":
                 setattr(new, node.target, getattr(new, node.target).to(device))
     return new
+
+
+def _read_as(node: Node, spec: Spec, assignment: dict[Node, OpStrategy]) -> bool:
+    """Whether an op of the graph reads ``node``'s output in ``spec``."""
+    for user in node.users:
+        if user.op != "call_function":
+            continue
+        args = tensor_arg_nodes(user)
+        for j in range(len(args)):
+            if input_source(user, j, args) == (node, 0) and assignment[user].inputs[j] == spec:
+                return True
+    return False
 
 
 def _call(graph: Graph, node: Node, strategy: OpStrategy, get, mesh: RankMesh, device: torch.device | None,

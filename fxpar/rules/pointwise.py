@@ -48,7 +48,7 @@ _NONLINEAR = [
     aten.gt.Tensor, aten.maximum.default, aten.minimum.default, aten.clamp.default, aten.clamp_min.default,
     aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.masked_fill.Scalar,
     aten.gelu_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
-    aten.tanh_backward.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
+    aten.tanh_backward.default,
     aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
     # copy(self, src) is src in self's shape and dtype; fill(self, value) is value in self's shape.
     # DTensor has no strategies for these (it handles them outside its strategy registry).
@@ -61,9 +61,20 @@ def nonlinear_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info)
 
 
-@register_rule(aten.neg.default, aten.clone.default, aten._to_copy.default, aten.zeros_like.default, cheap=True)
+@register_rule(aten.neg.default, aten.clone.default, aten._to_copy.default, cheap=True)
 def unary_linear_rule(info: OpInfo) -> list[AxisStrategy]:
     return elementwise(info, "first")
+
+
+@register_rule(aten.ones_like.default, aten.full_like.default, aten.empty_like.default, aten.zeros_like.default,
+               cheap=True)
+def like_rule(info: OpInfo) -> list[AxisStrategy]:
+    """A tensor of the input's shape whose values do not depend on the input's: a Partial input
+    (each device's piece has the whole shape) gives a replicated output without communication,
+    as the backward's ``ones_like(loss)`` of a loss left as a Partial sum does. Zeros are also a
+    Partial sum of zeros."""
+    strategies = elementwise(info, "first" if info.node.target is aten.zeros_like.default else None)
+    return strategies + [AxisStrategy((P,), (R,))]
 
 
 @register_rule(aten.add.Tensor, aten.sub.Tensor, cheap=True)

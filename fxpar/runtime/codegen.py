@@ -11,7 +11,8 @@ Two passes and one code generator, all torch's own:
   C++/OpenMP kernels on CPU, Triton on GPU) or runs it as it is (``codegen="eager"``). Inductor keeps
   its compiled artifacts in its on-disk FX graph cache, so a restart with the same graph loads them
   instead of compiling again. Where no C++ compiler is found on a CPU run, the step runs eagerly
-  with a ``FallbackWarning``. Where Inductor's vectorized C++ code generation fails on a graph
+  with a ``FallbackWarning``. Inductor's ``sink_waits`` pass places each collective's wait where its
+  result is first read (``INDUCTOR_OPTIONS``). Where Inductor's vectorized C++ code generation fails on a graph
   (torch 2.13's CPU backend asserts on some int64 ``where`` kernels, such as the ones a split
   vocabulary's target masking makes), the graph is compiled again without vectorization
   (``cpp.simdlen=1``), with a ``FallbackWarning`` naming the error.
@@ -40,6 +41,13 @@ CODEGENS = ("inductor", "eager")
 # first bucket is as large as the others unless asked.
 BUCKET_CAP_MB = 25.0
 FIRST_BUCKET_CAP_MB = BUCKET_CAP_MB
+
+# Inductor's scheduler orders its kernels itself and, left alone, waits for every collective right
+# after issuing it. Its own ``sink_waits`` pass moves each wait to the first kernel that reads the
+# result, so a collective the rewrite issues early (fxpar.passes.schedule) completes while the
+# kernels between run, as in the eager step. Its ``raise_comms`` pass is not used: it would issue a
+# parameter's all-gather (ZeRO-3) at the start of the step, holding every gathered parameter at once.
+INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True, "reorder_for_compute_comm_overlap_passes": ["sink_waits"]}
 
 
 def check_codegen(codegen: str) -> str:
@@ -112,14 +120,15 @@ def _inductor(gm: GraphModule, args: list[torch.Tensor]) -> Callable:
     from torch._inductor.exc import InductorError
 
     try:
-        return compile_fx(gm, args)
+        with config.patch(INDUCTOR_OPTIONS):
+            return compile_fx(gm, args)
     except InductorError as exc:
         if any(a.device.type != "cpu" for a in args if isinstance(a, torch.Tensor)) or config.cpp.simdlen == 1:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"Inductor's vectorized C++ code generation failed on this rank's step ({first[:200]}); "
                       "compiled again without vectorization (cpp.simdlen=1)", FallbackWarning, stacklevel=4)
-        with config.patch({"cpp.simdlen": 1}):
+        with config.patch({**INDUCTOR_OPTIONS, "cpp.simdlen": 1}):
             return compile_fx(gm, args)
 
 

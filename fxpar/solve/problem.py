@@ -505,10 +505,6 @@ def build_problem(
             )
     loss, grads, buffer_updates = step_outputs(gm)
     rep = replicated(len(mesh_shape))
-    # The loss and updated buffers leave the step replicated.
-    for out in [loss] + [value for value, _ in buffer_updates]:
-        val = out.meta["val"]
-        node_cost[out] = [c + cost_model.reshard_time(val, s.outputs[0], rep) for c, s in zip(node_cost[out], strategies[out])]
     params = [param for _, param in grads]
     for grad, param in grads:
         edges.append(
@@ -542,6 +538,13 @@ def build_problem(
     problem.update_cost = update_cost
     problem.backward = {n for n in nodes if n.meta.get("fxpar_phase") == "backward"}
     problem.num_grad_syncs = len(grads)
+    # The loss and updated buffers leave the step replicated. One all-reduce (a Partial loss, a
+    # buffer's update summed over devices) is issued after the gradients and joins their bucket
+    # (fxpar.passes.rewrite), so it is priced as a gradient's sync: its transfer and its share of
+    # the bucket's latency; any other reshard step by step.
+    for out in [loss] + [value for value, _ in buffer_updates]:
+        val = GradValue(out.meta["val"])
+        node_cost[out] = [c + problem.reshard_cost(val, s.outputs[0], rep) for c, s in zip(node_cost[out], strategies[out])]
     problem.overlap_efficiency = cost_model.cluster.device.overlap_efficiency
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_edges = [e for e in edges if e.position == -1]

@@ -88,8 +88,11 @@ def test_gradient_all_reduces_are_bucketed():
         inputs = _local_inputs(gm, 2048)
         codegen.bucket_collectives(local, inputs)
         after = sum(n.target is funcol.all_reduce.default for n in local.graph.nodes)
-    # One all-reduce per gradient (six) before, one bucket of them after.
-    assert (before, after) == (6, 1)
+    # One all-reduce per gradient (six) and one for a loss left as a Partial sum before, one
+    # bucket of them after.
+    loss = next(iter(gm.graph.output_node().args[0]))
+    partial_loss = repr(plan.strategies[loss.name].outputs[0][0]) == "P"
+    assert (before, after) == (6 + partial_loss, 1)
 
 
 def test_data_parallel_batch_norm_communicates_statistics_not_activations():
@@ -140,3 +143,36 @@ def test_failed_vectorized_inductor_compile_is_retried_unvectorized_with_a_warni
     with pytest.warns(fxpar.FallbackWarning, match=r"vectorized C\+\+ code generation failed .*CppCSEVariable.*cpp.simdlen=1"):
         fn = codegen._inductor(gm, [torch.zeros(2)])
     assert fn is gm and seen == [config.cpp.simdlen, 1]
+
+
+def test_a_partial_loss_joins_the_gradient_bucket():
+    # The per-example losses summed on each rank's half of the batch: the loss leaves the graph
+    # as a Partial sum, whose all-reduce is issued after the gradients' and bucketed with them.
+    torch.manual_seed(0)
+    model = fxpar.models.MLP((256, 1024, 1024, 256))
+    gm = capture_and_annotate(model, model.example_inputs(2048))
+    force = {fqn: "R" for fqn, _ in model.named_parameters()}
+    force["sum_2"] = "S(0)->P"
+    plan, _ = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,), force=force)
+    loss = next(iter(gm.graph.output_node().args[0]))
+    assert repr(plan.strategies[loss.name].outputs[0][0]) == "P"
+    with fxpar.runtime.simulate.fake_world((2,)) as names:
+        local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
+        reduces = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
+        codegen.bucket_collectives(local, _local_inputs(gm, 2048))
+        after = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
+    # Six gradients and the loss, one bucket of them after.
+    assert (len(reduces), len(after)) == (7, 1)
+    out = local.graph.output_node().args[0]
+    # The loss is a view of the bucket's result, not a collective of its own.
+    assert after[0] in _ancestors(out[0])
+
+
+def _ancestors(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen

@@ -50,3 +50,20 @@ def test_a_gradient_pays_its_share_of_one_bucket_latency():
         e, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]])) / problem.num_grad_syncs)
     assert problem.breakdown(choice)["grad_sync"] < sum(
         cm.reshard_time(e.tensor.value, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]) for e in syncs)
+
+
+def test_a_partial_loss_is_priced_as_a_member_of_the_gradient_bucket():
+    problem, _ = _dp_problem()
+    cm = problem.cost_model
+    loss = next(iter(problem.nodes[-1].graph.output_node().args[0]))
+    strategies = problem.strategies[loss]
+    partial = [k for k, s in enumerate(strategies) if repr(s.outputs[0][0]) == "P"]
+    whole = [k for k, s in enumerate(strategies) if repr(s.outputs[0][0]) == "R"
+             and all(repr(a[0]) == "R" for a in s.inputs)]
+    assert partial and whole
+    val = loss.meta["val"]
+    share = problem.grad_sync_cost(GradValue(val), strategies[partial[0]].outputs[0], strategies[whole[0]].outputs[0])
+    # A scalar's division costs the same on any strategy: the difference is the loss's all-reduce,
+    # priced as a bucket member, not as a collective of its own.
+    assert problem.node_cost[loss][partial[0]] - problem.node_cost[loss][whole[0]] == pytest.approx(share, rel=1e-9)
+    assert share < cm.reshard_time(val, strategies[partial[0]].outputs[0], strategies[whole[0]].outputs[0])
