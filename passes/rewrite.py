@@ -48,7 +48,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxpar.passes.capture import step_outputs
-from fxpar.passes.schedule import issue_batch_collectives_early
+from fxpar.passes.schedule import move_batch_collectives
 from fxpar.placement import Spec, local_shape, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output_values, tensor_arg_nodes
@@ -150,10 +150,9 @@ def rewrite(
     finished = {key: finish(value) for key, (value, finish) in pending.items()}
     graph.output(tuple(finished[(out, spec)] if (out, spec) in finished else get(out, 0, spec)
                        for out, spec in zip(out_nodes, output_specs)))
+    move_batch_collectives(graph, {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "input"})
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
-    issue_batch_collectives_early(new, {n.name for n in gm.graph.nodes
-                                        if n.op == "placeholder" and n.meta.get("fxpar_role") == "input"})
     if device is not None:
         for node in graph.nodes:
             if node.op == "get_attr":

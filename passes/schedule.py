@@ -43,9 +43,9 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
-__all__ = ["issue_batch_collectives_early"]
+__all__ = ["issue_batch_collectives_early", "move_batch_collectives"]
 
 _functional = torch.ops._c10d_functional
 _WAIT = _functional.wait_tensor.default
@@ -63,7 +63,15 @@ def issue_batch_collectives_early(gm: GraphModule, roots: Collection[str]) -> Gr
     on constants), together with the ops that make that input, to just after the last placeholder,
     keeping their order. A value that passed through a collective is not batch-only: a chain of
     reshard steps moves only its first collective."""
-    graph = gm.graph
+    if move_batch_collectives(gm.graph, roots):
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def move_batch_collectives(graph: Graph, roots: Collection[str]) -> int:
+    """``issue_batch_collectives_early`` on a graph not yet in a GraphModule (the rewrite's, before
+    its one code generation); returns how many nodes moved."""
     batch_only: set[Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -89,7 +97,7 @@ def issue_batch_collectives_early(gm: GraphModule, roots: Collection[str]) -> Gr
         if _is_collective(node) and node.all_input_nodes and all(a in batch_only for a in node.all_input_nodes):
             take(node)
     if not moved:
-        return gm
+        return 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     moved.sort(key=order.__getitem__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -98,6 +106,4 @@ def issue_batch_collectives_early(gm: GraphModule, roots: Collection[str]) -> Gr
     for node in moved:
         cursor.append(node)
         cursor = node
-    graph.lint()
-    gm.recompile()
-    return gm
+    return len(moved)
