@@ -30,9 +30,11 @@ so a Partial gradient passes through to Partial results.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from fxpar.errors import FallbackWarning
 from fxpar.placement import P, R, Shard
 from fxpar.rules.common import absent_as_r, fill_absent_outputs, present, sharding_axes
 from fxpar.rules.registry import AxisStrategy, OpInfo, register_rule
@@ -164,6 +166,13 @@ def local_stats_assignment(assignment: dict) -> dict:
 
     out = dict(assignment)
     partial: dict = {}  # node -> {output index: axes}
+    whole = [n.name for n, s in assignment.items() if n.target is aten._native_batch_norm_legit_functional.default
+             and n.args[5] and not sharding_axes(s.inputs[0], 0)]
+    if whole:
+        warnings.warn(
+            f"batch_norm='local': the plan runs batch norm {', '.join(whole)} on the whole batch (its batch is not "
+            "cut), so it computes the whole batch's statistics there, not each device's; pin a strategy that cuts "
+            "the batch (force=) for DDP's statistics", FallbackWarning, stacklevel=3)
     for node, strategy in assignment.items():
         if node.target is aten._native_batch_norm_legit_functional.default:
             axes, which = sharding_axes(strategy.inputs[0], 0), (3, 4)

@@ -53,7 +53,9 @@ Constraints
                      whose cost terms leave the objective; B: the backward compute, behind which
                      it hides; e: the device's overlap efficiency (the share of an async
                      collective's time that can run under compute, measured by calibration);
-                     G_last: the sync of the last gradients produced, which nothing follows.
+                     G_last: the sync of the gradients in the step's last bucket, which the
+                     runtime issues after the last gradient (problem.last_bucket): all of G for a
+                     model whose gradients fill at most one bucket.
                      B counts all backward compute, so the overlap is an optimistic bound.
   add_forced:        x[v,s] = 0 for strategies a caller excluded
 

@@ -89,7 +89,7 @@ class Problem:
     overlap: bool = True
     overlap_efficiency: float = 1.0  # the share of backward compute time that hides communication
     backward: set = field(default_factory=set)  # nodes of the backward pass
-    last_grads: set = field(default_factory=set)  # gradient edges of the last gradients produced
+    last_grads: set = field(default_factory=set)  # gradient edges of the last bucket (last_bucket)
     num_grad_syncs: int = 1  # gradient edges: the most gradients that can share one bucket
     # Per parameter and strategy: seconds of its optimizer update, which node_cost includes.
     update_cost: dict[Node, list[float]] = field(default_factory=dict)
@@ -548,14 +548,31 @@ def build_problem(
     problem.overlap_efficiency = cost_model.cluster.device.overlap_efficiency
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_edges = [e for e in edges if e.position == -1]
-    if grad_edges:
-        latest = max(order[e.producer] for e in grad_edges)
-        problem.last_grads = {e for e in grad_edges if order[e.producer] == latest}
+    problem.last_grads = last_bucket(grad_edges, order)
     if simplify:
         problem.classes = repeated_classes(nodes, strategies)
         cheap = [e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)]
         problem.no_reshard = _satisfiable(problem, cheap)
     return problem
+
+
+def last_bucket(grad_edges: list[Edge], order: dict[Node, int]) -> set[Edge]:
+    """The gradient edges whose sync goes into the step's last bucket. The runtime fills buckets of
+    ``GRAD_BUCKET_BYTES`` with the gradients in the order the backward produces them and issues each
+    bucket once its last gradient exists (``fxpar.runtime.codegen.bucket_collectives``), so the last
+    bucket starts after the last gradient, with no compute left to hide behind: the gradients of a
+    model with at most one bucket of them are all in it. Sizes are the gradients' whole bytes (what
+    an all-reduce or a reduce-scatter of a Partial gradient sends in), so the set does not depend on
+    the strategies."""
+    last: set[Edge] = set()
+    nbytes = 0.0
+    for e in sorted(grad_edges, key=lambda e: order[e.producer]):
+        size = float(e.tensor.numel() * e.tensor.element_size())
+        if last and nbytes + size > GRAD_BUCKET_BYTES:
+            last, nbytes = set(), 0.0
+        last.add(e)
+        nbytes += size
+    return last
 
 
 def _satisfiable(problem: Problem, edges: list[Edge]) -> set[Edge]:

@@ -100,3 +100,21 @@ def test_unknown_batch_norm_option_is_refused():
     _, _, gm, assignment = _setup()
     with pytest.raises(fxpar.errors.PlanOptionError, match=r"batch_norm='sync' is not one of \['global', 'local'\]"):
         rewrite(gm, assignment, (2,), batch_norm="sync")
+
+
+def test_local_statistics_warn_where_the_plan_runs_a_batch_norm_on_the_whole_batch():
+    model, (x, y), gm, assignment = _setup()
+    from fxpar.solve.strategies import node_strategies
+
+    bn = [n for n in gm.graph.nodes if n.target is aten._native_batch_norm_legit_functional.default]
+    whole = dict(assignment)
+    # The first batch norm replicated: it sees the whole batch, so its statistics are the batch's.
+    whole[bn[0]] = next(s for s in node_strategies(bn[0], (2,)) if all(repr(p[0]) == "R" for p in s.inputs))
+    with pytest.warns(fxpar.errors.FallbackWarning, match=rf"batch_norm='local': the plan runs batch norm {bn[0].name} "
+                      r"on the whole batch .* not each device's; pin a strategy that cuts the batch"):
+        norm.local_stats_assignment(whole)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm.local_stats_assignment(assignment)  # every batch norm cut: no warning

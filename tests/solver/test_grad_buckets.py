@@ -67,3 +67,42 @@ def test_a_partial_loss_is_priced_as_a_member_of_the_gradient_bucket():
     # priced as a bucket member, not as a collective of its own.
     assert problem.node_cost[loss][partial[0]] - problem.node_cost[loss][whole[0]] == pytest.approx(share, rel=1e-9)
     assert share < cm.reshard_time(val, strategies[partial[0]].outputs[0], strategies[whole[0]].outputs[0])
+
+
+def test_the_last_bucket_is_the_one_the_runtime_issues_last_and_only_the_others_hide():
+    # 72 MB of gradients, every one all-reduced: buckets of the backward's last layer's (4 MB), the
+    # middle weight's alone (64 MB, over the 25 MB cap), and the first layer's with the loss.
+    from fxpar.passes.rewrite import rewrite
+    from fxpar.runtime import codegen
+    from fxpar.runtime.simulate import fake_world
+
+    torch.manual_seed(0)
+    model = MLP((256, 4096, 4096, 256))
+    gm = capture_and_annotate(model, model.example_inputs(2048))
+    force = {f: "R" for f, _ in model.named_parameters()}
+    plan, problem = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,), force=force)
+    choice = {n: problem.strategies[n].index(plan.strategies[n.name]) for n in problem.nodes}
+    syncs = [e for e in problem.edges if e.position == -1]
+    assert all(problem.overlappable(e, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]) for e in syncs)
+    inputs = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            shape = list(n.meta["val"].shape)
+            shape[0] //= 2 if n.meta["fxpar_role"] == "input" else 1
+            inputs.append(torch.empty(shape, dtype=n.meta["val"].dtype))
+    with fake_world((2,)) as names:
+        local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
+        codegen.bucket_collectives(local, inputs)
+    reduces = [n for n in local.graph.nodes if n.target is torch.ops._c10d_functional.all_reduce.default]
+    assert len(reduces) == 3
+    loss = next(iter(gm.graph.output_node().args[0]))
+    partial_loss = repr(plan.strategies[loss.name].outputs[0][0]) == "P"
+    # The model's last bucket holds what the runtime's last all-reduce carries (and the loss).
+    last_issued = max(reduces, key=list(local.graph.nodes).index)
+    assert last_issued.args[0].meta["val"].numel() == sum(e.tensor.numel() for e in problem.last_grads) + partial_loss
+    parts = problem.breakdown(choice)
+    last = sum(problem.reshard_cost(e.tensor, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]])
+               for e in problem.last_grads)
+    assert 0 < last < parts["grad_sync"]
+    assert parts["exposed_grad_sync"] == pytest.approx(max(parts["grad_sync"] - parts["window"], last), rel=1e-12)
+    assert parts["exposed_grad_sync"] < parts["grad_sync"]
