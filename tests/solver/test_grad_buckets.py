@@ -14,14 +14,19 @@ from fxpar.planner import capture_and_annotate, plan_graph
 from fxpar.solve.problem import GRAD_BUCKET_BYTES, GradValue
 
 
-def _dp_problem():
+def _dp_plan(dims=(64, 128, 128, 10), batch: int = 64, preset: str = "cpu-local"):
+    """(graph, plan, problem, choice) of the MLP ``dims`` with every parameter replicated."""
     torch.manual_seed(0)
-    model = MLP((64, 128, 128, 10))
-    gm = capture_and_annotate(model, model.example_inputs(64))
+    model = MLP(dims)
+    gm = capture_and_annotate(model, model.example_inputs(batch))
     force = {f: "R" for f, _ in model.named_parameters()}
-    plan, problem = plan_graph(gm, cluster=fxpar.preset("cpu-local", num_devices=2), mesh_shape=(2,), force=force)
+    plan, problem = plan_graph(gm, cluster=fxpar.preset(preset, num_devices=2), mesh_shape=(2,), force=force)
     choice = {n: problem.strategies[n].index(plan.strategies[n.name]) for n in problem.nodes}
-    return problem, choice
+    return gm, plan, problem, choice
+
+
+def _dp_problem():
+    return _dp_plan()[2:]
 
 
 def test_a_gradient_pays_its_share_of_one_bucket_latency():
@@ -76,12 +81,7 @@ def test_the_last_bucket_is_the_one_the_runtime_issues_last_and_only_the_others_
     from fxpar.runtime import codegen
     from fxpar.runtime.simulate import fake_world
 
-    torch.manual_seed(0)
-    model = MLP((256, 4096, 4096, 256))
-    gm = capture_and_annotate(model, model.example_inputs(2048))
-    force = {f: "R" for f, _ in model.named_parameters()}
-    plan, problem = plan_graph(gm, cluster=fxpar.preset("a100-nvlink-8", num_devices=2), mesh_shape=(2,), force=force)
-    choice = {n: problem.strategies[n].index(plan.strategies[n.name]) for n in problem.nodes}
+    gm, plan, problem, choice = _dp_plan((256, 4096, 4096, 256), 2048, "a100-nvlink-8")
     syncs = [e for e in problem.edges if e.position == -1]
     assert all(problem.overlappable(e, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]) for e in syncs)
     inputs = []
