@@ -11,10 +11,11 @@ What it moves is small and made once: ops on the step's inputs that no parameter
 Parameters' collectives are not moved (a ZeRO-3 all-gather issued at the start would hold every
 gathered parameter at once).
 
-Torch's own reordering passes work elsewhere: Inductor's ``reorder_for_compute_comm_overlap``
-(``raise_comms``, ``sink_waits``) runs inside Inductor's scheduler, so the eager step would run a
-different order than the compiled one, and it moves a collective only past the compute next to
-it, not a batch-only chain from the loss back to the start of the step.
+Torch's own reordering works inside Inductor's scheduler (``reorder_for_compute_comm_overlap``):
+its ``raise_comms`` issues every collective as early as its inputs allow, parameters' all-gathers
+included, and the eager step does not run it. So the decision is made here, on the FX graph that
+both steps run, and the compiled step uses only Inductor's ``sink_waits``, to keep each wait where
+this graph reads the value (``fxpar.runtime.codegen.INDUCTOR_OPTIONS``).
 
 Reads the placeholders' names (``roots``: those of the step's batch inputs); writes no
 ``node.meta`` keys. In place; returns ``gm``.
