@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import queue as queue_mod
 import signal
 import socket
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from multiprocessing import reduction
 from typing import Any
 
 import torch
@@ -40,7 +43,46 @@ def _context():
     return ctx
 
 
-def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue, env: dict[str, str]) -> None:
+class _CallerFd:
+    """One of the caller's file descriptors, handed to a rank when the rank is started (a forked rank
+    would otherwise write to the descriptors the server had when it started, wherever those point
+    now)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        # Pickled as the rank starts, so multiprocessing sends a duplicate along to the new process.
+        return (_rebuilt_fd, (reduction.DupFd(self.fd),))
+
+
+def _rebuilt_fd(dup) -> int:
+    return dup.detach()
+
+
+def _caller_fds() -> list[_CallerFd | None]:
+    """The caller's standard output and error as they are now, where they are open."""
+    fds = []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(_CallerFd(fd))
+        except OSError:
+            fds.append(None)
+    return fds
+
+
+def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue, env: dict[str, str],
+            fds: Sequence[int | None] = (None, None)) -> None:
+    # A forked rank writes where the caller writes at this launch, not where the server did.
+    for target, fd in zip((1, 2), fds):
+        if fd is not None:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(fd, target)
+            os.close(fd)
+    # A rank that crashes (a segmentation fault in a library) prints every thread's Python stack.
+    faulthandler.enable(all_threads=True)
     # A forked rank has the server's environment: take the caller's, as it is at this launch.
     os.environ.clear()
     os.environ.update(env)
@@ -83,14 +125,18 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
     """Call ``fn(rank, *args)`` in ``nprocs`` local processes (``_context``) with a gloo process group set up;
     return the results in rank order. ``fn`` must be importable (defined at a module's top level).
     A rank that raises, or dies (killed, out of memory), raises ``RankError`` naming it within
-    seconds; the other ranks are then stopped."""
+    seconds; the other ranks are then stopped. The ranks write to the caller's standard output and
+    error as they are at this call; a rank that crashes (a segmentation fault) prints every thread's
+    Python stack to standard error first."""
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; launch needs at least 1 process")
     ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
     env = dict(os.environ)
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, env), daemon=False) for r in range(nprocs)]
+    fds = _caller_fds()
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, env, fds), daemon=False)
+             for r in range(nprocs)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -64,3 +66,38 @@ def test_each_launch_gives_the_ranks_the_callers_environment_as_it_is_then(monke
     assert fxpar.launch(_environment, 2, name) == [("second", 0), ("second", 1)]
     monkeypatch.delenv(name)
     assert fxpar.launch(_environment, 2, name) == [(None, 0), (None, 1)]
+
+
+def _say(rank: int, text: str) -> int:
+    # One write per line: two processes' lines then cannot interleave.
+    sys.stdout.write(f"rank {rank} says {text}\n")
+    sys.stdout.flush()
+    sys.stderr.write(f"rank {rank} warns {text}\n")
+    sys.stderr.flush()
+    return rank
+
+
+def _segfault(rank: int) -> int:
+    if rank == 1:
+        ctypes.string_at(0)  # reads address 0
+    dist.barrier()
+    return rank
+
+
+def test_ranks_write_where_the_caller_writes_at_each_launch(capfd):
+    """A rank forked from the server writes to the caller's standard output and error as they are
+    at this launch (here pytest's capture, set up after the server started at an earlier launch)."""
+    fxpar.launch(_environment, 2, "HOME")  # the server is running before the capture below
+    capfd.readouterr()
+    assert fxpar.launch(_say, 2, "hello") == [0, 1]
+    out, err = capfd.readouterr()
+    assert sorted(line for line in out.splitlines() if "says" in line) == ["rank 0 says hello", "rank 1 says hello"]
+    assert sorted(line for line in err.splitlines() if "warns" in line) == ["rank 0 warns hello", "rank 1 warns hello"]
+
+
+def test_a_rank_that_crashes_prints_its_python_stack(capfd):
+    with pytest.raises(RankError, match=r"rank 1 of 2 died from signal SIGSEGV"):
+        fxpar.launch(_segfault, 2, timeout_s=300)
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err
+    assert "in _segfault" in err
