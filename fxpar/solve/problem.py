@@ -97,6 +97,7 @@ class Problem:
     recompute_analysis: object = field(default=None, repr=False)
     _reshard_cache: dict = field(default_factory=dict, repr=False)
     _matrix_cache: dict = field(default_factory=dict, repr=False)
+    _edge_terms_cache: dict = field(default_factory=dict, repr=False)
 
     def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
         if src == dst:
@@ -177,13 +178,24 @@ class Problem:
         consumers has resharded for it (in the spec that consumer wants); for a consumer, the
         copies resharded for it; for a gradient, its concatenation into its bucket (in its
         producer's spec) where its edge reshards."""
-        mesh = self.cost_model.mesh_shape
-        sizes = [0.0]
-        for e in self.copy_edges(item):
-            a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
-            if a != b:
-                sizes.append(float(spec_bytes(e.tensor, a if item[2] == "grad" else b, mesh)))
-        return max(sizes) if item[2] == "param" else sum(sizes)
+        grad = item[2] == "grad"
+        sizes = [self._copy_size(e, choice[e.producer], choice[e.consumer], grad) for e in self.copy_edges(item)]
+        return max(sizes, default=0.0) if item[2] == "param" else sum(sizes)
+
+    def _copy_size(self, edge: Edge, su: int, sv: int, grad: bool) -> float:
+        """Bytes per device of ``edge``'s resharded copy under (``su``, ``sv``): 0 where it does not
+        reshard, else the tensor in the producer's spec (a gradient's bucket copy) or the
+        consumer's; remembered per edge and pair, as ``edge_terms``."""
+        entry = self._edge_terms_cache.get((edge, "copy"))
+        if entry is None or entry[0] is not edge.out_specs or entry[1] is not edge.in_specs:
+            entry = self._edge_terms_cache[(edge, "copy")] = (edge.out_specs, edge.in_specs, None, {})
+        table = entry[3]
+        size = table.get((su, sv, grad))
+        if size is None:
+            a, b = edge.out_specs[su], edge.in_specs[sv]
+            size = table[(su, sv, grad)] = 0.0 if a == b else float(spec_bytes(edge.tensor, a if grad else b,
+                                                                                  self.cost_model.mesh_shape))
+        return size
 
     def resident_param_bytes(self, p: Node, k: int) -> float:
         """Bytes parameter ``p`` under its strategy ``k`` holds for the whole step: the parameter and
@@ -191,6 +203,20 @@ class Problem:
         node that produces it)."""
         grad = spec_bytes(p.meta["val"], self.strategies[p][k].outputs[0], self.cost_model.mesh_shape)
         return self.param_mem[p][k] - grad
+
+    def edge_terms(self, edge: Edge, su: int, sv: int) -> tuple[float, bool]:
+        """(``reshard_cost``, ``overlappable``) of ``edge`` with its producer under strategy ``su``
+        and its consumer under ``sv``, remembered per edge and pair (``breakdown`` asks for every
+        edge of every assignment it is given, brute force for millions)."""
+        entry = self._edge_terms_cache.get(edge)
+        if entry is None or entry[0] is not edge.out_specs or entry[1] is not edge.in_specs or entry[2] != self.overlap:
+            entry = self._edge_terms_cache[edge] = (edge.out_specs, edge.in_specs, self.overlap, {})
+        table = entry[3]
+        terms = table.get((su, sv))
+        if terms is None:
+            a, b = edge.out_specs[su], edge.in_specs[sv]
+            terms = table[(su, sv)] = (self.reshard_cost(edge.tensor, a, b), self.overlappable(edge, a, b))
+        return terms
 
     def overlappable(self, edge: Edge, src: Spec, dst: Spec) -> bool:
         if not self.overlap or edge.position != -1 or src == dst:
@@ -204,9 +230,8 @@ class Problem:
         compute = sum(self.node_cost[n][choice[n]] for n in self.nodes)
         comm = grad_sync = last = 0.0
         for e in self.edges:
-            a, b = e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]
-            cost = self.reshard_cost(e.tensor, a, b)
-            if self.overlappable(e, a, b):
+            cost, overlappable = self.edge_terms(e, choice[e.producer], choice[e.consumer])
+            if overlappable:
                 grad_sync += cost
                 last += cost if e in self.last_grads else 0.0
             else:

@@ -17,6 +17,8 @@ from fxpar.rules import norm
 from fxpar.runtime import codegen
 from fxpar.runtime.simulate import fake_world, simulate_plan
 
+from .train_fns import rank0_inputs
+
 funcol = torch.ops._c10d_functional
 aten = torch.ops.aten
 
@@ -83,14 +85,7 @@ def test_local_statistics_put_no_collective_in_the_layer_and_bucket_the_sums():
         local = rewrite(gm, assignment, (2,), group_names=names, batch_norm="local")
         targets = [n.target for n in local.graph.nodes]
         assert norm.batch_norm_global_stats not in targets and norm.batch_norm_global_stats_backward not in targets
-        inputs = []
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                shape = list(n.meta["val"].shape)
-                if n.meta["fxpar_role"] == "input":
-                    shape[0] //= 2
-                inputs.append(torch.empty(shape, dtype=n.meta["val"].dtype))
-        codegen.bucket_collectives(local, inputs)
+        codegen.bucket_collectives(local, rank0_inputs(gm, assignment, (2,)))
     reduces = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
     # Gradients and running statistics: all-reduces issued after the backward, one bucket.
     assert len(reduces) == 1, [n.args[0] for n in reduces]

@@ -67,25 +67,13 @@ def _data_parallel(model, batch: int):
     return gm, plan
 
 
-def _local_inputs(gm, batch: int):
-    """Tensors of the placeholders' local shapes under data parallelism on 2 ranks."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            shape = list(n.meta["val"].shape)
-            if n.meta["fxpar_role"] == "input":
-                shape[0] = batch // 2
-            out.append(torch.empty(shape, dtype=n.meta["val"].dtype))
-    return out
-
-
 def test_gradient_all_reduces_are_bucketed():
     torch.manual_seed(0)
     gm, plan = _data_parallel(fxpar.models.MLP((256, 1024, 1024, 256)), 2048)
     with fake_world((2,)) as names:
         local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
         before = sum(n.target is funcol.all_reduce.default for n in local.graph.nodes)
-        inputs = _local_inputs(gm, 2048)
+        inputs = t.rank0_inputs(gm, plan.assignment(gm), (2,))
         codegen.bucket_collectives(local, inputs)
         after = sum(n.target is funcol.all_reduce.default for n in local.graph.nodes)
     # One all-reduce per gradient (six) and one for a loss left as a Partial sum before, one
@@ -102,7 +90,7 @@ def test_data_parallel_batch_norm_communicates_statistics_not_activations():
     assert bn and all(repr(plan.strategies[n.name].inputs[0][0]) == "S(0)" for n in bn)
     with fake_world((2,)) as names:
         local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
-        codegen.bucket_collectives(local, _local_inputs(gm, 64))  # propagates shapes
+        codegen.bucket_collectives(local, t.rank0_inputs(gm, plan.assignment(gm), (2,)))  # propagates shapes
     targets = [n.target for n in local.graph.nodes]
     assert targets.count(norm.batch_norm_global_stats) == targets.count(norm.batch_norm_global_stats_backward) == len(bn)
     # Only per-channel statistics (and the loss's scalars) cross ranks, no activation.
@@ -159,7 +147,7 @@ def test_a_partial_loss_joins_the_gradient_bucket():
     with fxpar.runtime.simulate.fake_world((2,)) as names:
         local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
         reduces = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
-        codegen.bucket_collectives(local, _local_inputs(gm, 2048))
+        codegen.bucket_collectives(local, t.rank0_inputs(gm, plan.assignment(gm), (2,)))
         after = [n for n in local.graph.nodes if n.target is funcol.all_reduce.default]
     # Six gradients and the loss, one bucket of them after.
     assert (len(reduces), len(after)) == (7, 1)

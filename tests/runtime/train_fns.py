@@ -9,6 +9,16 @@ import fxpar
 from fxpar.models import MLP
 
 
+def rank0_inputs(gm, assignment: dict, mesh_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Zero tensors of rank 0's local shapes for the placeholders of ``gm`` under ``assignment``
+    (each placeholder cut by its strategy's output spec), as ``codegen.bucket_collectives`` takes."""
+    from fxpar.runtime.simulate import shard_for_ranks
+
+    return [shard_for_ranks(torch.zeros(tuple(n.meta["val"].shape), dtype=n.meta["val"].dtype),
+                            assignment[n].outputs[0], mesh_shape)[0]
+            for n in gm.graph.nodes if n.op == "placeholder"]
+
+
 def reference_training(model_fn, inputs_fn, num_steps: int, lr: float = 0.05, seed: int = 0):
     torch.manual_seed(seed)
     model = model_fn()

@@ -13,6 +13,8 @@ from fxpar.models import MLP
 from fxpar.planner import capture_and_annotate, plan_graph
 from fxpar.solve.problem import GRAD_BUCKET_BYTES, GradValue
 
+from ..runtime.train_fns import rank0_inputs
+
 
 def _dp_plan(dims=(64, 128, 128, 10), batch: int = 64, preset: str = "cpu-local"):
     """(graph, plan, problem, choice) of the MLP ``dims`` with every parameter replicated."""
@@ -84,12 +86,7 @@ def test_the_last_bucket_is_the_one_the_runtime_issues_last_and_only_the_others_
     gm, plan, problem, choice = _dp_plan((256, 4096, 4096, 256), 2048, "a100-nvlink-8")
     syncs = [e for e in problem.edges if e.position == -1]
     assert all(problem.overlappable(e, e.out_specs[choice[e.producer]], e.in_specs[choice[e.consumer]]) for e in syncs)
-    inputs = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            shape = list(n.meta["val"].shape)
-            shape[0] //= 2 if n.meta["fxpar_role"] == "input" else 1
-            inputs.append(torch.empty(shape, dtype=n.meta["val"].dtype))
+    inputs = rank0_inputs(gm, plan.assignment(gm), (2,))
     with fake_world((2,)) as names:
         local = rewrite(gm, plan.assignment(gm), (2,), group_names=names)
         codegen.bucket_collectives(local, inputs)
