@@ -184,7 +184,10 @@ def compile(
     mesh = together(control, "checking fxpar.compile's arguments",
                     lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, world))
     check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm), "the model and options")
-    gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs))
+    num_used = math.prod(mesh)
+    # A rank the mesh leaves idle neither plans nor runs the step: it does not capture it either.
+    active = rank < num_used
+    gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs) if active else None)
     if plan is None:
         def solve() -> str | None:
             if rank != 0:
@@ -196,9 +199,7 @@ def compile(
 
         text = broadcast_text(control, together(control, "planning", solve), 0)
         plan = Plan.from_json(text)
-    check_same(control, {"graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16],
-                         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]}, "the captured step and its plan")
-    num_used = math.prod(mesh)
+    check_same(control, {"plan": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]}, "the plan")
     device = next(model.parameters()).device
     if num_used == world:
         device_mesh = init_device_mesh(device.type, mesh)
@@ -208,8 +209,9 @@ def compile(
         device_mesh = DeviceMesh(device.type, torch.arange(num_used).reshape(mesh))
         group = dist.new_group(list(range(num_used)))
         active_control = Control.create(range(num_used))
-    if rank >= num_used:
+    if not active:
         return IdleModule(plan, rank)
+    check_same(active_control, {"graph": hashlib.sha256(gm.code.encode()).hexdigest()[:16]}, "the captured step")
     rank_mesh = RankMesh.from_device_mesh(device_mesh)
     source = _place(model, plan, device_mesh, rank_mesh, group)
     trainable = [n for n, p in source.named_parameters() if p.requires_grad]

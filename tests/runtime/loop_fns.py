@@ -284,6 +284,22 @@ def different_models(rank: int):
     return _outcome(lambda: fxpar.compile(mlp(64 if rank == 0 else 48), batch(0), codegen="eager"))
 
 
+class GeluMLP(MLP):
+    """``mlp()``'s parameters, another step: GELU where ``MLP`` has ReLU."""
+
+    def forward(self, x, y):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            x = torch.nn.functional.gelu(x) if i < len(self.layers) - 1 else x
+        return torch.nn.functional.cross_entropy(x, y)
+
+
+def different_steps(rank: int):
+    plan = fxpar.plan(mlp(), batch(0), mesh_shape=(2,), force=SHARDED)
+    model = mlp() if rank == 0 else GeluMLP((16, 64, 32, 8))
+    return _outcome(lambda: fxpar.compile(model, batch(0), plan=plan, codegen="eager"))
+
+
 def different_plans(rank: int):
     plan = fxpar.plan(mlp(), batch(0), mesh_shape=(2,), force=SHARDED if rank == 0 else OTHER_SHARDED)
     return _outcome(lambda: fxpar.compile(mlp(), batch(0), plan=plan, codegen="eager"))
@@ -304,7 +320,7 @@ def failures(rank: int):
     ranks are still in step, so the next compile works."""
     out = {}
     for name, fn in (("planning", fail_while_planning), ("divide", batch_that_does_not_divide),
-                     ("models", different_models), ("plans", different_plans)):
+                     ("models", different_models), ("plans", different_plans), ("steps", different_steps)):
         out[name] = fn(rank)
     out["afterwards"] = _outcome(lambda: fxpar.compile(mlp(), batch(0), codegen="eager"))
     return out

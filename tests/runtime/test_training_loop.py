@@ -106,6 +106,8 @@ def test_ranks_fail_together_and_agree_before_they_start():
         assert "parameters.layers.0.weight" in message and "[48, 16]" in message and "[64, 16]" in message
         kind, message, _ = r["plans"]
         assert kind == "PlanMismatchError" and "at plan" in message
+        kind, message, _ = r["steps"]
+        assert kind == "PlanMismatchError" and "ranks disagree on the captured step: at graph" in message, message
         assert r["afterwards"][0] is None, r["afterwards"]
 
 
