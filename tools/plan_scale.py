@@ -1,6 +1,6 @@
 """Planning at scale: time every phase of planning a GPT-2-small-sized model on 8 devices, the
 toy transformer of ``tools/toy_transformer.py`` (2 and 8 blocks) and a Llama-7B-sized model on an
-8x8 mesh, the 2-block toy on 4x4x4 and 2x4x8, a Llama-70B-sized model on 32x8, on fake tensors (no process group, no model memory),
+8x8 and 2x4x8 meshes, the 2-block toy on 4x4x4 and 2x4x8, a Llama-70B-sized model on 32x8, on fake tensors (no process group, no model memory),
 with each solver of ``fxpar.solve.ilp.SOLVERS`` (``HIGHS/nopresolve``: HiGHS on the problem as
 built, without ``fxpar.solve.presolve`` and the warm start).
 
@@ -61,6 +61,10 @@ def cases(quick: bool) -> list[dict]:
          "cluster": "h100-2node-16", "mesh": (4, 4, 4), "target_s": 20.0, "time_limit_s": 15.0},
         {"name": "Toy transformer (2 blocks, d 1024, seq 256)", "model": lambda: ToyTransformer(2), "batch": 64,
          "cluster": "h100-2node-16", "mesh": (2, 4, 8), "target_s": 20.0, "time_limit_s": 15.0},
+        # Llama-7B on a 3-D mesh of 64 devices (data, FSDP and tensor axes: the outer on InfiniBand,
+        # the inner two on NVLink); the gap at the limit is reported.
+        {"name": f"Llama-7B ({llama.n_layer} layers, seq {llama.seq_len})", "model": lambda: Llama(llama), "batch": 64,
+         "cluster": "h100-2node-16", "mesh": (2, 4, 8), "target_s": 20.0, "time_limit_s": 14.0},
         # Llama-70B-sized (80 layers, d 8192, 64 heads, GQA with 8 KV heads) on 256 devices; the gap
         # at the limit is reported.
         {"name": f"Llama-70B ({llama70.n_layer} layers, d {llama70.d_model}, {llama70.n_kv_head} KV heads, seq "
