@@ -61,7 +61,10 @@ def _rebuilt_fd(dup) -> int:
 
 
 def _caller_fds() -> list[_CallerFd | None]:
-    """The caller's standard output and error as they are now, where they are open."""
+    """The caller's standard output and error as they are now, where they are open (and where the
+    platform hands descriptors to a new process: not on Windows)."""
+    if not hasattr(reduction, "DupFd"):
+        return [None, None]
     fds = []
     for fd in (1, 2):
         try:
