@@ -55,7 +55,7 @@ from fxpar.rules.registry import OpStrategy, get_localizer, input_source, output
 from fxpar.errors import PlanOptionError
 from fxpar.runtime.steps import ASYNC_KINDS, BATCH_NORM_STATS, RankCoords, RankMesh, apply_steps, start_step
 
-__all__ = ["rewrite"]
+__all__ = ["rewrite", "rewrite_graph"]
 
 
 def _is_multi(node: Node) -> bool:
@@ -78,6 +78,31 @@ def rewrite(
     to run its collectives). ``output_specs``: the spec of each graph output; by default a training
     step's (the loss replicated, each gradient in its parameter's spec, buffers replicated).
     ``batch_norm``: ``"global"`` or ``"local"`` statistics for a batch norm over a cut batch."""
+    graph = rewrite_graph(gm, assignment, mesh_shape, coords=coords, group_names=group_names, device=device,
+                          output_specs=output_specs, batch_norm=batch_norm)
+    new = GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    if device is not None:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                setattr(new, node.target, getattr(new, node.target).to(device))
+    return new
+
+
+def rewrite_graph(
+    gm: GraphModule,
+    assignment: dict[Node, OpStrategy],
+    mesh_shape: Sequence[int],
+    *,
+    coords: Sequence[int] | None = None,
+    group_names: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    output_specs: list[Spec] | None = None,
+    batch_norm: str = "global",
+) -> Graph:
+    """``rewrite``'s graph before it becomes a ``GraphModule`` (no Python code generated for it):
+    for an interpreter that runs it once, such as the simulator. Its ``get_attr`` nodes name
+    ``gm``'s attributes (not moved to ``device``)."""
     if batch_norm not in BATCH_NORM_STATS:
         raise PlanOptionError(f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole "
                               "batch's statistics, as on one device) or 'local' (each device's own, as DDP)")
@@ -151,13 +176,7 @@ def rewrite(
     graph.output(tuple(finished[(out, spec)] if (out, spec) in finished else get(out, 0, spec)
                        for out, spec in zip(out_nodes, output_specs)))
     move_batch_collectives(graph, {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "input"})
-    new = GraphModule(gm, graph)
-    new.meta.update(gm.meta)
-    if device is not None:
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                setattr(new, node.target, getattr(new, node.target).to(device))
-    return new
+    return graph
 
 
 def _read_as(node: Node, spec: Spec, assignment: dict[Node, OpStrategy]) -> bool:

@@ -89,7 +89,8 @@ def _positional(node: Node, index: dict[Node, int]):
 def simulate(graphs: Sequence[GraphModule], rank_inputs: Sequence[Sequence[torch.Tensor]]) -> list[list]:
     """Run ``graphs[r]`` on ``rank_inputs[r]`` for every rank r, in lockstep under
     ``LocalTensorMode``; the graphs must come from one rewrite for the ranks of one mesh (inside
-    ``fake_world``). Returns each rank's outputs."""
+    ``fake_world``). A graph is a ``GraphModule`` or anything with a ``graph`` and its ``get_attr``
+    constants as attributes. Returns each rank's outputs."""
     num_ranks = len(graphs)
     assert len(rank_inputs) == num_ranks
     node_lists = [list(g.graph.nodes) for g in graphs]
@@ -138,7 +139,7 @@ def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...]
     """Rewrite ``gm`` under ``assignment`` for every rank (``batch_norm``: the rewrite's option),
     slice ``full_inputs`` per the placeholders' specs, and run every rank; returns each rank's
     outputs."""
-    from fxpar.passes.rewrite import rewrite
+    from fxpar.passes.rewrite import rewrite_graph
 
     mesh_shape = tuple(mesh_shape)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -146,9 +147,21 @@ def simulate_plan(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...]
     coords = _coords(mesh_shape)
     rank_inputs = [[p[r] for p in pieces] for r in range(len(coords))]
     with fake_world(mesh_shape) as names:
-        graphs = [rewrite(gm, assignment, mesh_shape, coords=c, group_names=names, output_specs=output_specs,
-                          batch_norm=batch_norm) for c in coords]
+        # Interpreted once each, so no Python code is generated for them (half of a rewrite's time).
+        graphs = [_Interpreted(rewrite_graph(gm, assignment, mesh_shape, coords=c, group_names=names,
+                                             output_specs=output_specs, batch_norm=batch_norm), gm) for c in coords]
         return simulate(graphs, rank_inputs)
+
+
+class _Interpreted:
+    """A rank's graph as ``simulate`` reads it: ``graph``, and its constants from ``root``."""
+
+    def __init__(self, graph: torch.fx.Graph, root: GraphModule):
+        self.graph = graph
+        self._root = root
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_root"], name)
 
 
 def run_plan_rank(gm: GraphModule, assignment: dict, mesh_shape: tuple[int, ...], full_inputs: list[torch.Tensor],
