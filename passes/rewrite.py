@@ -78,8 +78,7 @@ def rewrite(
     to run its collectives). ``output_specs``: the spec of each graph output; by default a training
     step's (the loss replicated, each gradient in its parameter's spec, buffers replicated).
     ``batch_norm``: ``"global"`` or ``"local"`` statistics for a batch norm over a cut batch."""
-    graph = rewrite_graph(gm, assignment, mesh_shape, coords=coords, group_names=group_names, device=device,
-                          output_specs=output_specs, batch_norm=batch_norm)
+    graph = _rank_graph(gm, assignment, mesh_shape, coords, group_names, device, output_specs, batch_norm)
     new = GraphModule(gm, graph)
     new.meta.update(gm.meta)
     if device is not None:
@@ -89,20 +88,15 @@ def rewrite(
     return new
 
 
-def rewrite_graph(
-    gm: GraphModule,
-    assignment: dict[Node, OpStrategy],
-    mesh_shape: Sequence[int],
-    *,
-    coords: Sequence[int] | None = None,
-    group_names: Sequence[str] | None = None,
-    device: torch.device | None = None,
-    output_specs: list[Spec] | None = None,
-    batch_norm: str = "global",
-) -> Graph:
-    """``rewrite``'s graph before it becomes a ``GraphModule`` (no Python code generated for it):
-    for an interpreter that runs it once, such as the simulator. Its ``get_attr`` nodes name
-    ``gm``'s attributes (not moved to ``device``)."""
+def rewrite_graph(gm: GraphModule, assignment: dict[Node, OpStrategy], mesh_shape: Sequence[int], **options) -> Graph:
+    """``rewrite``'s graph (``options``: ``rewrite``'s keywords) before it becomes a
+    ``GraphModule``, so no Python code is generated for it: for an interpreter that runs it once,
+    such as the simulator. Its ``get_attr`` nodes name ``gm``'s attributes (not moved to a device)."""
+    return _rank_graph(gm, assignment, mesh_shape, **options)
+
+
+def _rank_graph(gm, assignment, mesh_shape, coords=None, group_names=None, device=None, output_specs=None,
+                batch_norm="global") -> Graph:
     if batch_norm not in BATCH_NORM_STATS:
         raise PlanOptionError(f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole "
                               "batch's statistics, as on one device) or 'local' (each device's own, as DDP)")
