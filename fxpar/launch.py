@@ -78,10 +78,10 @@ def _caller_fds() -> list[_CallerFd | None]:
 def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue, env: dict[str, str],
             fds: Sequence[int | None] = (None, None)) -> None:
     # A forked rank writes where the caller writes at this launch, not where the server did.
+    sys.stdout.flush()
+    sys.stderr.flush()
     for target, fd in zip((1, 2), fds):
         if fd is not None:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
             os.dup2(fd, target)
             os.close(fd)
     # A rank that crashes (a segmentation fault in a library) prints every thread's Python stack.

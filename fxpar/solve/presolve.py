@@ -285,7 +285,7 @@ def _restrict(p: Problem, keep: dict[Node, list[int]]) -> Problem:
     # Same tensors and specs: the reshard-cost caches stay valid (shared, not copied).
     out._reshard_cache = p._reshard_cache
     out._matrix_cache = p._matrix_cache
-    out._edge_terms_cache = {}  # keyed by edge: these are new
+    out._edge_terms_cache, out._copy_size_cache = {}, {}  # keyed by edge: these are new
     out.recompute_analysis = p.recompute_analysis
     return out
 

@@ -98,6 +98,7 @@ class Problem:
     _reshard_cache: dict = field(default_factory=dict, repr=False)
     _matrix_cache: dict = field(default_factory=dict, repr=False)
     _edge_terms_cache: dict = field(default_factory=dict, repr=False)
+    _copy_size_cache: dict = field(default_factory=dict, repr=False)
 
     def reshard_cost(self, tensor, src: Spec, dst: Spec) -> float:
         if src == dst:
@@ -186,10 +187,7 @@ class Problem:
         """Bytes per device of ``edge``'s resharded copy under (``su``, ``sv``): 0 where it does not
         reshard, else the tensor in the producer's spec (a gradient's bucket copy) or the
         consumer's; remembered per edge and pair, as ``edge_terms``."""
-        entry = self._edge_terms_cache.get((edge, "copy"))
-        if entry is None or entry[0] is not edge.out_specs or entry[1] is not edge.in_specs:
-            entry = self._edge_terms_cache[(edge, "copy")] = (edge.out_specs, edge.in_specs, None, {})
-        table = entry[3]
+        table = _edge_table(self._copy_size_cache, edge)
         size = table.get((su, sv, grad))
         if size is None:
             a, b = edge.out_specs[su], edge.in_specs[sv]
@@ -208,10 +206,7 @@ class Problem:
         """(``reshard_cost``, ``overlappable``) of ``edge`` with its producer under strategy ``su``
         and its consumer under ``sv``, remembered per edge and pair (``breakdown`` asks for every
         edge of every assignment it is given, brute force for millions)."""
-        entry = self._edge_terms_cache.get(edge)
-        if entry is None or entry[0] is not edge.out_specs or entry[1] is not edge.in_specs or entry[2] != self.overlap:
-            entry = self._edge_terms_cache[edge] = (edge.out_specs, edge.in_specs, self.overlap, {})
-        table = entry[3]
+        table = _edge_table(self._edge_terms_cache, edge, self.overlap)
         terms = table.get((su, sv))
         if terms is None:
             a, b = edge.out_specs[su], edge.in_specs[sv]
@@ -579,6 +574,15 @@ def build_problem(
         cheap = [e for e in edges if _is_cheap(e.producer) and _is_cheap(e.consumer)]
         problem.no_reshard = _satisfiable(problem, cheap)
     return problem
+
+
+def _edge_table(cache: dict, edge: Edge, stamp=None) -> dict:
+    """``edge``'s table in ``cache`` (values by strategy pair), emptied when the edge's spec lists
+    are replaced or ``stamp`` (what else the values depend on) changes."""
+    entry = cache.get(edge)
+    if entry is None or entry[0] is not edge.out_specs or entry[1] is not edge.in_specs or entry[2] != stamp:
+        entry = cache[edge] = (edge.out_specs, edge.in_specs, stamp, {})
+    return entry[3]
 
 
 def last_bucket(grad_edges: list[Edge], order: dict[Node, int]) -> set[Edge]:

@@ -5,6 +5,8 @@ weight, bias and running-statistics sums join the gradient bucket."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from fxpar.planner import capture_and_annotate, plan_graph
 from fxpar.rules import norm
 from fxpar.runtime import codegen
 from fxpar.runtime.simulate import fake_world, simulate_plan
+from fxpar.solve.strategies import node_strategies
 
 from .train_fns import rank0_inputs
 
@@ -99,8 +102,6 @@ def test_unknown_batch_norm_option_is_refused():
 
 def test_local_statistics_warn_where_the_plan_runs_a_batch_norm_on_the_whole_batch():
     model, (x, y), gm, assignment = _setup()
-    from fxpar.solve.strategies import node_strategies
-
     bn = [n for n in gm.graph.nodes if n.target is aten._native_batch_norm_legit_functional.default]
     whole = dict(assignment)
     # The first batch norm replicated: it sees the whole batch, so its statistics are the batch's.
@@ -108,8 +109,6 @@ def test_local_statistics_warn_where_the_plan_runs_a_batch_norm_on_the_whole_bat
     with pytest.warns(fxpar.errors.FallbackWarning, match=rf"batch_norm='local': the plan runs batch norm {bn[0].name} "
                       r"on the whole batch .* not each device's; pin a strategy that cuts the batch"):
         norm.local_stats_assignment(whole)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         norm.local_stats_assignment(assignment)  # every batch norm cut: no warning
