@@ -396,6 +396,7 @@ def plan_graph(
             "hidden_grad_sync_s": parts["grad_sync"] - parts["exposed_grad_sync"],
             "build_s": problem.build_seconds,
             "solve_s": sol.solve_seconds,
+            **({"start": sol.start} if sol.start else {}),
             **({"recompute_compute_s": recompute_s[0], "recompute_comm_s": recompute_s[1],
                 "memory_kept_bytes": problem.memory_of(sol.choice)} if sol.recompute else {}),
         },
@@ -404,8 +405,9 @@ def plan_graph(
     plan.rows = layer_rows(gm, assignment, problem, sol.choice)
     plan.fallbacks = _fallback_notes(problem, sol.choice)
     if sol.status != "optimal":
+        found = f"the {sol.start} plan, a start the solver did not improve on in time" if sol.start else "the best found"
         plan.fallbacks.append(
-            f"the solver stopped at its time limit ({time_limit_s} s): the plan is the best found, within "
+            f"the solver stopped at its time limit ({time_limit_s} s): the plan is {found}, within "
             f"{sol.gap:.2%} of the optimum (raise time_limit_s to close the gap)"
         )
     for note in plan.fallbacks:

@@ -122,7 +122,7 @@ def run_case(case: dict, solver: str) -> dict:
         "num_params": num_params, "nodes": plan.solver["num_nodes"], "classes": plan.solver["num_classes"],
         "variables": plan.solver["num_variables"], "constraints": plan.solver["num_constraints"],
         "memory_sets": f"{plan.solver['num_memory_sets']}/{plan.solver['num_live_sets']}",
-        "status": plan.solver["status"], "gap": plan.solver["gap"], "times_s": times, "total_s": total,
+        "status": plan.solver["status"], "gap": plan.solver["gap"], "start": plan.solver.get("start", ""), "times_s": times, "total_s": total,
         "target_s": case["target_s"], "time_limit_s": case["time_limit_s"], "predicted_step_s": plan.predicted_step_s,
         "memory_gib": plan.memory_bytes / 2**30, "fallbacks": len(caught),
         "param_specs": sorted({str(s) for s in plan.param_specs.values()}),

@@ -152,6 +152,7 @@ class Solution:
     num_classes: int = 0
     num_memory_sets: int = 0
     recompute: list[Node] = field(default_factory=list)  # decisions recomputed, in graph order
+    start: str = ""  # the starting plan returned as it is (the solver found none faster in time), if any
 
     @property
     def gap(self) -> float:
@@ -205,6 +206,8 @@ class _Model:
         self.rc = None
         self.r: dict[Node, object] = {}
         self.y: dict[Node, list] = {}
+        # Called between steps of a long build; raises SolverTimeout once the limit is spent.
+        self.spent = lambda: None
 
     def xs(self, node: Node) -> list:
         return self.x[self.p.rep(node)]
@@ -234,6 +237,7 @@ class _Model:
             key = (p.rep(e.producer), e.out_index, p.rep(e.consumer), e.position)
             groups[key].append(e)
         for k, members in enumerate(groups.values()):
+            self.spent()
             e, count = members[0], len(members)
             num_last = sum(1 for m in members if m in p.last_grads)
             xu, xv = self.xs(e.producer), self.xs(e.consumer)
@@ -764,6 +768,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60.0, solver: str = DEFAULT
             raise SolverTimeout(f"the time limit ({time_limit_s:.3g} s) was spent building the model")
 
     m = _Model(problem, solver, options)
+    m.spent = spent
     m.scale = _scale(problem)
     m.add_one_strategy()
     m.add_edge_links()

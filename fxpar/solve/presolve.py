@@ -24,13 +24,25 @@ Three reductions run to a fixed point:
 
 Removing strategies can leave an edge's side with one spec, which turns its cost into a term of the
 other side and lets more strategies be compared; hence the fixed point.
+
+Each removal is exact given the strategies still kept when it is made, so the reductions may stop
+after any class (``deadline``): the problem reduced so far has the same optimum, only a larger
+search space (``Reduction.complete`` is then False).
+
+A plan of the original problem maps to one of the reduced problem that is no slower and no larger
+(``Reduction.reduce_choice``): each dominated strategy is replaced by the one that dominated it
+(following the chain to a kept one). Replacing them in the order they were removed, each step
+keeps the plan inside the problem as it was at that removal, where the domination holds; a plan
+that keeps the no-reshard edges never uses a strategy removed as infeasible (no such plan does),
+and the replacements keep the same specs on those edges.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch.fx import Node
 
@@ -47,6 +59,9 @@ class Reduction:
     keep: dict[Node, list[int]]  # per node: the original indices of its kept strategies
     seconds: float
     removed: dict[str, int]  # strategies removed by each reduction
+    # (class, removed strategy) -> the strategy that dominated it, original indices
+    dominated_by: dict[tuple[Node, int], int] = field(default_factory=dict)
+    complete: bool = True  # False: stopped at the deadline before the fixed point
 
     @property
     def num_strategies(self) -> tuple[int, int]:
@@ -58,10 +73,15 @@ class Reduction:
         return {n: self.keep[n][k] for n, k in choice.items()}
 
     def reduce_choice(self, choice: dict[Node, int]) -> dict[Node, int] | None:
-        """A choice of the original problem in the reduced problem's indices (None if it uses a
-        removed strategy)."""
+        """A choice of the original problem in the reduced problem's indices, each dominated
+        strategy replaced by its dominator (no slower and no larger, see the module's docstring);
+        None if it uses a strategy removed as forced out or infeasible."""
+        canon = self.problem.classes
         out = {}
         for n, k in choice.items():
+            v = canon.get(n, n)
+            while (v, k) in self.dominated_by:
+                k = self.dominated_by[(v, k)]
             try:
                 out[n] = self.keep[n].index(k)
             except ValueError:
@@ -76,8 +96,10 @@ def _overlap_parts(p: Problem, e: Edge, a, b, cost: float) -> tuple[float, float
     return cost, 0.0, 0.0
 
 
-def presolve(problem: Problem) -> Reduction:
-    start = time.perf_counter()
+def presolve(problem: Problem, *, deadline: float = math.inf, clock=time.perf_counter) -> Reduction:
+    """The reduced problem (see the module's docstring), stopping after the class at which
+    ``clock()`` passes ``deadline``."""
+    start = clock()
     p = problem
     canon = _canonical_classes(p)
     rep = lambda n: canon.get(n, n)  # noqa: E731
@@ -87,6 +109,8 @@ def presolve(problem: Problem) -> Reduction:
         members[rep(n)].append(n)
     alive: dict[Node, list[int]] = {v: list(range(len(p.strategies[v]))) for v in reps}
     removed = {"forced": 0, "infeasible": 0, "dominated": 0}
+    dominated_by: dict[tuple[Node, int], int] = {}
+    stopped = [False]
     for v, allowed in p.forced.items():
         r = rep(v)
         left = [k for k in alive[r] if k in allowed]
@@ -190,6 +214,9 @@ def presolve(problem: Problem) -> Reduction:
         for v in reps:
             if v not in todo or len(alive[v]) < 2:
                 continue
+            if clock() >= deadline:
+                stopped[0] = True
+                break
             keyed, unary = classify(v)
             groups: dict[tuple, list[int]] = defaultdict(list)
             for k in alive[v]:
@@ -207,6 +234,7 @@ def presolve(problem: Problem) -> Reduction:
                         vt = vec[t]
                         if all(x <= y for x, y in zip(vt, vs)) and (vt != vs or j < i):
                             gone.add(s_)
+                            dominated_by[(v, s_)] = t
                             break
             if gone:
                 alive[v] = [k for k in alive[v] if k not in gone]
@@ -227,13 +255,16 @@ def presolve(problem: Problem) -> Reduction:
         changed = dominate(todo)
         # A class whose strategies changed can make its neighbours' edges unary or free.
         touched = changed | {v for v in reps if len(alive[v]) != before[v]}
-        if not touched:
+        if not touched or stopped[0]:
+            break
+        if clock() >= deadline:
+            stopped[0] = True
             break
         todo = set().union(*(neighbours[v] for v in touched)) | touched
     reduced = _restrict(p, {n: alive[rep(n)] for n in p.nodes})
     reduced.classes = canon
     keep = {n: alive[rep(n)] for n in p.nodes}
-    return Reduction(p, reduced, keep, time.perf_counter() - start, removed)
+    return Reduction(p, reduced, keep, clock() - start, removed, dominated_by, complete=not stopped[0])
 
 
 def _canonical_classes(p: Problem) -> dict[Node, Node]:

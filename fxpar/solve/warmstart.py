@@ -280,6 +280,8 @@ class Prepared:
         """A plan of the original problem (its indices) as a start of the later solves."""
         reduced = self.reduction.reduce_choice(choice)
         if reduced is not None:
+            if self.reduction.lift_choice(reduced) != choice:
+                cost = self.reduction.problem.cost_of(reduced)  # a dominator replaced a strategy: no slower
             self.starts.append((name, reduced, cost, fits))
 
     def best_start(self, *, bounded: bool) -> tuple[str, dict[Node, int], float] | None:
@@ -295,26 +297,32 @@ class Prepared:
 
 
 def prepare(problem: Problem, *, deadline: float, presolve_problem: bool = True) -> Prepared:
-    """Presolve ``problem`` and build its starting plans (the merged-mesh one with a third of the
-    time left before ``deadline``). Raises ``Infeasible`` if a class has no strategy left. With
-    ``presolve_problem`` False: the problem as built, with no starts (the solver alone)."""
+    """Presolve ``problem`` and build its starting plans. On 3 or more mesh axes the merged-mesh
+    plan comes first, with half the time before ``deadline`` (on such a mesh it is the start that
+    matters: the full problem may be too large to solve in the time). The presolve stops at half
+    the time then left (exact wherever it stops, ``presolve.presolve``); the family plans are then
+    made whatever the time, as the plans a time limit falls back to. Raises ``Infeasible`` if a
+    class has no strategy left. With ``presolve_problem`` False: the problem as built, with no
+    starts (the solver alone)."""
     from fxpar.solve import ilp
 
     start = clock()
     if not presolve_problem:
         keep = {n: list(range(len(problem.strategies[n]))) for n in problem.nodes}
         return Prepared(problem, Reduction(problem, problem, keep, 0.0, {}))
-    reduction = presolve(problem)
+    merged = None
+    if len(problem.cost_model.mesh_shape) >= 3:
+        merged = merged_axes_plan(problem, (deadline - start) / 2)
+    now = clock()
+    reduction = presolve(problem, deadline=now + (deadline - now) / 2, clock=clock)
     if any(not ks for ks in reduction.keep.values()):
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
     reduced = reduction.problem
     prep = Prepared(problem, reduction)
     prep.starts.extend((family, choice, cost, None) for family, choice, cost in family_plans(reduced))
-    if len(problem.cost_model.mesh_shape) >= 3:
-        merged = merged_axes_plan(problem, (deadline - clock()) / 3)
-        merged = reduction.reduce_choice(merged) if merged is not None else None
-        if merged is not None and _no_reshard_kept(reduced, merged):
-            prep.starts.append(("merged axes", merged, reduced.cost_of(merged), None))
+    merged = reduction.reduce_choice(merged) if merged is not None else None
+    if merged is not None and _no_reshard_kept(reduced, merged):
+        prep.starts.append(("merged axes", merged, reduced.cost_of(merged), None))
     prep.seconds = clock() - start
     return prep
 
@@ -349,9 +357,10 @@ def solve_prepared(prep: Prepared, *, deadline: float, solver: str, recompute: b
         raise ilp.SolverTimeout(f"no time was left for the solver (deadline passed {-remaining:.3f} s before)")
     if sol is None:
         sol = ilp.Solution(best[1], best[2], 0.0, "feasible (time limit)", 0, 0, 0.0,
-                           num_classes=len({reduced.rep(n) for n in reduced.nodes}), recompute=list(rc_start))
+                           num_classes=len({reduced.rep(n) for n in reduced.nodes}), recompute=list(rc_start),
+                           start=best[0])
     elif best is not None and sol.status != "optimal" and best[2] < sol.objective:
-        sol = replace(sol, choice=best[1], objective=best[2], recompute=list(rc_start))
+        sol = replace(sol, choice=best[1], objective=best[2], recompute=list(rc_start), start=best[0])
     out = lift(prep.reduction, sol)
     out.solve_seconds = clock() - start
     return out

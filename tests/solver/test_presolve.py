@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 
@@ -16,7 +17,7 @@ from fxpar.solve.ilp import solve
 from fxpar.solve.presolve import presolve
 from fxpar.solve.problem import build_problem
 from fxpar.solve.strategies import all_strategies
-from fxpar.solve.warmstart import best_family
+from fxpar.solve.warmstart import best_family, greedy_plan
 
 from .test_ilp import _brute_force, _problem
 from .test_solvers import _graph
@@ -144,3 +145,61 @@ def test_a_gradient_sync_is_priced_apart_from_a_tensor_of_its_shape():
     assert synced != plain
     sol = solve(problem)
     assert sol.bound == pytest.approx(sol.objective, rel=1e-6)
+
+
+def test_a_presolve_stopped_at_its_deadline_keeps_the_optimum():
+    """Stopped after any class, the presolved problem has the original's optimum (the ILP without
+    presolve on each); it is marked incomplete and has removed no more than the full presolve."""
+    problem = _shipped("gpt", (2,), True)
+    want = solve(problem, presolve=False).objective
+    calls = [0]
+
+    def clock():
+        calls[0] += 1
+        return float(calls[0])
+
+    full = presolve(problem, clock=clock)
+    assert full.complete and full.removed["dominated"] > 0
+    total = calls[0]
+    for stop in sorted({1, 2, total // 3, total // 2, total - 3}):
+        calls[0] = 0
+        reduction = presolve(problem, deadline=stop, clock=clock)
+        assert not reduction.complete, stop
+        assert sum(reduction.removed.values()) <= sum(full.removed.values())
+        if stop == 1:  # stopped at the first class it would compare
+            assert reduction.removed["dominated"] == 0
+        assert solve(reduction.problem, presolve=False).objective == pytest.approx(want, rel=1e-9), stop
+
+
+def test_a_plan_maps_into_the_reduced_problem_no_slower_and_no_larger():
+    """``reduce_choice`` replaces each dominated strategy by its dominator: the plan it gives is
+    no slower and needs no more memory, for random plans (half of them on a dominated copy) and
+    for a family plan with each dominated strategy of a 3-D mesh's problem put in."""
+    problem = _problem("v100-pcie-4", 2)
+    node, k = _with_dominated_copies(problem)
+    reduction = presolve(problem)
+    rng = random.Random(0)
+    changed = 0
+    for _ in range(200):
+        choice = {n: rng.randrange(len(problem.strategies[n])) for n in problem.nodes}
+        mapped = reduction.lift_choice(reduction.reduce_choice(choice))
+        changed += mapped != choice
+        assert problem.cost_of(mapped) <= problem.cost_of(choice) * (1 + 1e-12)
+        assert problem.memory_of(mapped) <= problem.memory_of(choice) * (1 + 1e-12)
+    assert changed > 50
+
+    problem = _shipped("mlp", (2, 2, 2), True)
+    reduction = presolve(problem)
+    base = greedy_plan(problem, "data parallel")
+    tried = 0
+    for (v, s), t in reduction.dominated_by.items():
+        choice = {n: (s if problem.rep(n) is problem.rep(v) else k) for n, k in base.items()}
+        reduced = reduction.reduce_choice(choice)
+        if reduced is None:  # the plan uses a strategy removed as infeasible: in no feasible plan
+            continue
+        tried += 1
+        mapped = reduction.lift_choice(reduced)
+        assert mapped[v] != s
+        assert problem.cost_of(mapped) <= problem.cost_of(choice) * (1 + 1e-12)
+        assert problem.memory_of(mapped) <= problem.memory_of(choice) * (1 + 1e-12)
+    assert tried > 0

@@ -27,6 +27,7 @@ MESH = (2, 2, 2)
 class _Clock:
     def __init__(self):
         self.now = 100.0
+        self.presolve_deadlines: list[float] = []
 
     def __call__(self):
         return self.now
@@ -56,9 +57,10 @@ def instrumented(monkeypatch):
         clock.now += time_limit_s
         return replace(sol, status="feasible (time limit)")
 
-    def counting_presolve(problem):
+    def counting_presolve(problem, **kw):
         calls["presolve"] += 1
-        return real_presolve(problem)
+        clock.presolve_deadlines.append(kw["deadline"])
+        return real_presolve(problem, **kw)
 
     def counting_merged(problem, time_limit_s):
         calls["merged"] += 1
@@ -83,6 +85,7 @@ def test_the_solves_share_one_budget_on_a_3d_mesh(instrumented, recompute):
     assert sum(limits) <= budget * (1 + 1e-12)
     assert clock.now - start <= budget * (1 + 1e-12)
     assert calls == {"presolve": 2, "merged": 1}  # the full problem's presolve and the merged mesh's, once each
+    assert all(d <= start + budget for d in clock.presolve_deadlines)  # each presolve is bounded within the budget
     reduced = presolve(problem).problem
     family = warmstart.best_family(reduced)
     assert family is not None
@@ -110,3 +113,22 @@ def test_no_ilp_starts_after_the_budget_is_spent(instrumented, monkeypatch):
     best = warmstart.best_family(reduced)[2]
     assert sol.status == "feasible (time limit)"
     assert sol.objective <= best * (1 + 1e-9)
+
+
+def test_building_the_ilp_stops_at_its_time_limit(monkeypatch):
+    """The edges' linearization (most of a large model's build) checks the limit as it goes: with
+    the limit spent before it starts, no edge's resharding costs are even looked up."""
+    problem = _problem()
+    calls = [0]
+    real = problem.cost_matrix
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(problem, "cost_matrix", counting)
+    with pytest.raises(ilp.SolverTimeout, match="spent building the model"):
+        ilp.solve(problem, time_limit_s=1e-9, presolve=False)
+    assert calls[0] == 0
+    assert ilp.solve(problem, time_limit_s=60.0, presolve=False).status == "optimal"
+    assert calls[0] > 0
