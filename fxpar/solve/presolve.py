@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from torch.fx import Node
 
 from fxpar.cost import spec_bytes
-from fxpar.solve.problem import Edge, Problem
+from fxpar.solve.problem import Edge, Problem, several
 
 _MAX_ROUNDS = 20
 
@@ -127,7 +127,7 @@ def presolve(problem: Problem, *, deadline: float = math.inf, clock=time.perf_co
     constrained = [
         e for e in p.edges
         if e in p.no_reshard and rep(e.producer) is not rep(e.consumer)
-        and len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1
+        and several(e.out_specs) and several(e.in_specs)
     ]
     constrained_set = set(constrained)
     # propagate reads an edge's classes and spec lists only: the edges of repeated layers (the same

@@ -576,6 +576,13 @@ def build_problem(
     return problem
 
 
+def several(specs: list) -> bool:
+    """Whether ``specs`` holds more than one distinct spec (stops at the first that differs, where
+    ``len(set(specs)) > 1`` hashes every spec of a 3-D mesh's long lists)."""
+    first = specs[0] if specs else None
+    return any(s != first for s in specs)
+
+
 def _edge_table(cache: dict, edge: Edge, stamp=None) -> dict:
     """``edge``'s table in ``cache`` (values by strategy pair), emptied when the edge's spec lists
     are replaced or ``stamp`` (what else the values depend on) changes."""
@@ -611,7 +618,7 @@ def _satisfiable(problem: Problem, edges: list[Edge]) -> set[Edge]:
     kept = list(edges)
     while True:
         alive = {v: set(range(len(problem.strategies[v]))) for v in {problem.rep(n) for n in problem.nodes}}
-        constraining = [e for e in kept if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1]
+        constraining = [e for e in kept if several(e.out_specs) and several(e.in_specs)]
         dead = None
         changed = True
         while changed and dead is None:

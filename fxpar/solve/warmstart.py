@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from torch.fx import Node
 
 from fxpar.placement import R, Shard
+from fxpar.solve.axis_search import improve_by_axes
 from fxpar.solve.presolve import Reduction, lift, presolve
-from fxpar.solve.problem import Problem
+from fxpar.solve.problem import Problem, several
 
 FAMILIES = ("data parallel", "fully sharded")
 
@@ -59,7 +60,7 @@ def greedy_plan(problem: Problem, family: str, *, least_memory: bool = False) ->
     constrained: dict[Node, list] = {}
     for e in p.no_reshard:
         u, w = rep(e.producer), rep(e.consumer)
-        if u is not w and len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1:
+        if u is not w and several(e.out_specs) and several(e.in_specs):
             constrained.setdefault(u, []).append(e)
             constrained.setdefault(w, []).append(e)
     alive: dict[Node, set[int]] = {}
@@ -122,7 +123,7 @@ def greedy_plan(problem: Problem, family: str, *, least_memory: bool = False) ->
 def _no_reshard_kept(problem: Problem, choice: dict[Node, int]) -> bool:
     """Whether ``choice`` satisfies the no-reshard edges."""
     for e in problem.no_reshard:
-        if len(set(e.out_specs)) > 1 and len(set(e.in_specs)) > 1 and problem.rep(e.producer) is not problem.rep(e.consumer):
+        if several(e.out_specs) and several(e.in_specs) and problem.rep(e.producer) is not problem.rep(e.consumer):
             if e.out_specs[choice[e.producer]] != e.in_specs[choice[e.consumer]]:
                 return False
     return True
@@ -297,32 +298,58 @@ class Prepared:
 
 
 def prepare(problem: Problem, *, deadline: float, presolve_problem: bool = True) -> Prepared:
-    """Presolve ``problem`` and build its starting plans. On 3 or more mesh axes the merged-mesh
-    plan comes first, with half the time before ``deadline`` (on such a mesh it is the start that
-    matters: the full problem may be too large to solve in the time). The presolve stops at half
-    the time then left (exact wherever it stops, ``presolve.presolve``); the family plans are then
-    made whatever the time, as the plans a time limit falls back to. Raises ``Infeasible`` if a
-    class has no strategy left. With ``presolve_problem`` False: the problem as built, with no
-    starts (the solver alone)."""
+    """Presolve ``problem`` and build its starting plans. The presolve stops at half the time left
+    before ``deadline`` (exact wherever it stops, ``presolve.presolve``); the family plans are
+    made whatever the time, as the plans a time limit falls back to.
+
+    On 3 or more mesh axes, where the full problem may be too large to solve in the time, the
+    starts come first: the merged-mesh plan (with half the time), improved axis by axis
+    (``axis_search.improve_by_axes``) until three quarters of the time, then the family plans; if
+    there is no merged-mesh plan that fits, the fastest family plan that fits is the one improved.
+    The presolve then has half of what is left. Raises ``Infeasible`` if a class has no strategy
+    left. With ``presolve_problem`` False: the problem as built, with no starts (the solver
+    alone)."""
     from fxpar.solve import ilp
 
     start = clock()
     if not presolve_problem:
         keep = {n: list(range(len(problem.strategies[n]))) for n in problem.nodes}
         return Prepared(problem, Reduction(problem, problem, keep, 0.0, {}))
-    merged = None
+    early = []  # (name, plan in the original indices, fits) made before the presolve
     if len(problem.cost_model.mesh_shape) >= 3:
+        search_end = start + (deadline - start) * 3 / 4
+
+        def improved(name: str, choice: dict[Node, int]) -> None:
+            found = improve_by_axes(problem, choice, deadline=search_end, clock=clock)
+            if found.moves:
+                early.append((f"{name}, improved axis by axis", found.choice, True))
+
         merged = merged_axes_plan(problem, (deadline - start) / 2)
+        if merged is not None and _no_reshard_kept(problem, merged):
+            fits = _fits(problem, merged)
+            early.append(("merged axes", merged, fits))
+            if fits:
+                improved("merged axes", merged)
+        families = [(family, choice, _fits(problem, choice)) for family, choice, _ in family_plans(problem)]
+        if not any(fits for _, _, fits in early):
+            fitting = [(problem.cost_of(choice), name, choice) for name, choice, fits in families if fits]
+            if fitting:
+                _, name, choice = min(fitting, key=lambda t: t[0])
+                improved(name, choice)
+        early.extend(families)
     now = clock()
     reduction = presolve(problem, deadline=now + (deadline - now) / 2, clock=clock)
     if any(not ks for ks in reduction.keep.values()):
         raise ilp.Infeasible()  # a class with no strategy left: no plan satisfies the no-reshard edges
     reduced = reduction.problem
     prep = Prepared(problem, reduction)
-    prep.starts.extend((family, choice, cost, None) for family, choice, cost in family_plans(reduced))
-    merged = reduction.reduce_choice(merged) if merged is not None else None
-    if merged is not None and _no_reshard_kept(reduced, merged):
-        prep.starts.append(("merged axes", merged, reduced.cost_of(merged), None))
+    if not early:
+        prep.starts.extend((family, choice, cost, None) for family, choice, cost in family_plans(reduced))
+    for name, choice, fits in early:
+        # A plan maps to one no slower and no larger (Reduction.reduce_choice).
+        mapped = reduction.reduce_choice(choice)
+        if mapped is not None and _no_reshard_kept(reduced, mapped):
+            prep.starts.append((name, mapped, reduced.cost_of(mapped), True if fits else None))
     prep.seconds = clock() - start
     return prep
 

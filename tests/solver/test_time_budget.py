@@ -80,8 +80,9 @@ def test_the_solves_share_one_budget_on_a_3d_mesh(instrumented, recompute):
     budget = 9.0
     start = clock.now
     sol = solve_with_recompute(problem, time_limit_s=budget, recompute=recompute)
-    # merged-mesh ILP, then the solves without a memory limit, keeping activations, recomputing
-    assert len(limits) == (4 if recompute else 3)
+    # merged-mesh ILP, the axis-by-axis search's first (stopped at its deadline), then the solves
+    # without a memory limit, keeping activations, recomputing
+    assert len(limits) == (5 if recompute else 4)
     assert sum(limits) <= budget * (1 + 1e-12)
     assert clock.now - start <= budget * (1 + 1e-12)
     assert calls == {"presolve": 2, "merged": 1}  # the full problem's presolve and the merged mesh's, once each
@@ -108,7 +109,8 @@ def test_no_ilp_starts_after_the_budget_is_spent(instrumented, monkeypatch):
 
     monkeypatch.setattr(warmstart, "prepare", slow_prepare)
     sol = solve_with_recompute(problem, time_limit_s=3.0, recompute=True)
-    assert len(limits) == 1 and calls["merged"] == 1  # only the merged mesh's ILP, inside the preparation
+    # only the merged mesh's ILP and the axis-by-axis search's first, inside the preparation
+    assert len(limits) == 2 and calls["merged"] == 1
     reduced = presolve(problem).problem
     best = warmstart.best_family(reduced)[2]
     assert sol.status == "feasible (time limit)"
