@@ -24,7 +24,6 @@ runs after it with what is left of the time, and reports the gap.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch.fx import Node
@@ -78,6 +77,7 @@ def improve_by_axes(problem: Problem, choice: dict[Node, int], *, deadline: floa
     module's docstring until it converges or ``clock()`` passes ``deadline``."""
     from fxpar.solve import ilp
     from fxpar.solve.presolve import _restrict
+    from fxpar.solve.warmstart import _fits
 
     num_axes = len(problem.cost_model.mesh_shape)
     found = AxisSearch(dict(choice), problem.cost_of(choice))
@@ -97,8 +97,7 @@ def improve_by_axes(problem: Problem, choice: dict[Node, int], *, deadline: floa
         found.solves += 1
         new = {n: keep[n][k] for n, k in sol.choice.items()}
         cost = problem.cost_of(new)
-        fits = math.isinf(problem.memory_budget) or problem.memory_of(new) <= problem.memory_budget
-        if fits and cost < found.cost * (1 - 1e-9):
+        if _fits(problem, new) and cost < found.cost * (1 - 1e-9):
             found.choice, found.cost = new, cost
             found.moves += 1
         if sol.status != "optimal":
