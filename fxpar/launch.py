@@ -84,15 +84,27 @@ def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue,
         if fd is not None:
             os.dup2(fd, target)
             os.close(fd)
-    # A rank that crashes (a segmentation fault in a library) prints every thread's Python stack.
+    # A rank that crashes (a segmentation fault in a library) prints every thread's Python stack,
+    # and so does a rank that hangs, when the launcher gives up on it (``_dump_stacks``).
     faulthandler.enable(all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     # A forked rank has the server's environment: take the caller's, as it is at this launch.
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_RANK=str(rank))
-    # The ranks share the machine's cores.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    # The ranks share the machine's cores: their kernels' threads, and Inductor's compile workers
+    # (on 2 cores and 2 ranks, none: each rank compiles in its own process, as fast there as with
+    # a pool of worker processes per rank, and with no worker processes to start or stop).
+    cores = max(1, (os.cpu_count() or 1) // nprocs)
+    torch.set_num_threads(cores)
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in env:
+        # Read when Inductor's config is first imported (the server has not imported it; importing
+        # it here would cost every rank half a second).
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(cores)
+        if "torch._inductor.config" in sys.modules:
+            sys.modules["torch._inductor.config"].compile_threads = cores
     try:
         dist.init_process_group("gloo", rank=rank, world_size=nprocs)
         result = fn(rank, *args)
@@ -109,6 +121,21 @@ def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, queue,
 
 _POLL_S = 0.5  # how often the parent checks that every rank is alive
 _GRACE_S = 2.0  # how long a dead rank's last message may take to arrive
+
+
+def _dump_stacks(procs, ranks: list[int]) -> None:
+    """Ask each of ``ranks`` still alive to print every thread's Python stack to standard error
+    (its ``faulthandler`` handler for SIGUSR1), and give them a moment to write it."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    alive = [procs[r] for r in ranks if procs[r].is_alive()]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    if alive:
+        time.sleep(_GRACE_S)
 
 
 def _died(dead: list[int], procs, nprocs: int) -> str:
@@ -129,8 +156,8 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
     return the results in rank order. ``fn`` must be importable (defined at a module's top level).
     A rank that raises, or dies (killed, out of memory), raises ``RankError`` naming it within
     seconds; the other ranks are then stopped. The ranks write to the caller's standard output and
-    error as they are at this call; a rank that crashes (a segmentation fault) prints every thread's
-    Python stack to standard error first."""
+    error as they are at this call; a rank that crashes (a segmentation fault), or gives no result
+    within ``timeout_s``, prints every thread's Python stack to standard error first."""
     if nprocs < 1:
         raise ValueError(f"nprocs is {nprocs}; launch needs at least 1 process")
     ctx = _context()
@@ -159,7 +186,10 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 6
                     except queue_mod.Empty:
                         raise RankError(_died(dead, procs, nprocs)) from None
                 elif time.monotonic() > deadline:
-                    raise RankError(f"ranks {[r for r in range(nprocs) if r not in results]} gave no result within {timeout_s} s") from None
+                    waiting = [r for r in range(nprocs) if r not in results]
+                    _dump_stacks(procs, waiting)
+                    raise RankError(f"ranks {waiting} gave no result within {timeout_s} s (their Python stacks "
+                                    "are printed to standard error above)") from None
                 else:
                     continue
             (results if ok else errors)[rank] = value

@@ -101,3 +101,30 @@ def test_a_rank_that_crashes_prints_its_python_stack(capfd):
     err = capfd.readouterr().err
     assert "Fatal Python error: Segmentation fault" in err
     assert "in _segfault" in err
+
+
+def _rank_one_hangs(rank: int) -> int:
+    if rank == 1:
+        time.sleep(600)
+    return rank
+
+
+def test_a_rank_that_hangs_is_named_with_its_python_stack(capfd):
+    with pytest.raises(RankError, match=r"ranks \[1\] gave no result within 3 s"):
+        fxpar.launch(_rank_one_hangs, 2, timeout_s=3)
+    err = capfd.readouterr().err
+    assert "in _rank_one_hangs" in err
+
+
+def _compile_threads(rank: int) -> int:
+    from torch._inductor.async_compile import get_compile_threads
+
+    return get_compile_threads()
+
+
+def test_ranks_share_the_cores_for_inductors_compile_workers(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    cores = max(1, (os.cpu_count() or 1) // 2)
+    assert fxpar.launch(_compile_threads, 2) == [cores, cores]
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    assert fxpar.launch(_compile_threads, 2) == [3, 3]
