@@ -106,7 +106,7 @@ Solving (``solve``): HiGHS (``fxpar.solve.backend``, through OR-Tools' MathOpt) 
 through ``pywraplp`` (``solver="SCIP"``, the solver fxpar used before), one thread, relative and
 absolute gap 0, so a plan reported ``optimal`` is proven optimal; at the time limit the best plan
 found is returned with the solver's bound. The objective and the overlap rows are passed in units
-of ``_scale`` (a reference plan costs 1e6), keeping the solvers' absolute tolerances far below any
+of ``_scale`` (a reference plan costs 1e4), keeping the solvers' absolute tolerances far below any
 difference between plans; every figure reported is in seconds, recomputed from the chosen strategies.
 """
 
@@ -131,9 +131,12 @@ from fxpar.solve.recompute import analysis_of, extras_at, memory_profile, recomp
 SOLVERS = ("HIGHS", "SCIP")
 DEFAULT_SOLVER = "HIGHS"
 # The objective is passed to the solver in units of a reference plan's step time divided by this
-# (seconds are 1e-4 on small models): solvers' absolute tolerances (HiGHS stops at an absolute gap of
-# 1e-6) then stay far below any difference between plans. Reported figures are in seconds.
-_OBJECTIVE_SCALE = 1e6
+# (seconds are 1e-4 on small models): solvers' tolerances (HiGHS's dual feasibility 1e-7, its
+# absolute gap 1e-6) then stay far below any difference between plans. At 1e6 HiGHS warned of
+# excessively large costs (up to 2e7 on HF T5) and its root LP took 4.3 s on HF T5 2x2 against
+# about 2 s at 1e4, with the same optimum on every case of tools/zoo_plan_times.py and
+# tools/plan_scale.py (docs/solver-scale.md). Reported figures are in seconds.
+_OBJECTIVE_SCALE = 1e4
 
 _INITIAL_SETS = 8
 _SETS_PER_ROUND = 8
