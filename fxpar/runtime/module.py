@@ -146,7 +146,11 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (None, None, None, *[_as_dtensor(g * grad_loss, *layout) for g, layout in zip(ctx.saved_tensors, ctx.layouts)],
+        # Fresh tensors (the saved ones may be handed out again, with retain_graph), scaled in one
+        # foreach kernel, not one multiplication each (0.55 ms of the toy transformer's 31 ms
+        # step on CPU with 36 parameters).
+        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_loss)
+        return (None, None, None, *[_as_dtensor(g, *layout) for g, layout in zip(grads, ctx.layouts)],
                 *([None] * ctx.num_rest))
 
 

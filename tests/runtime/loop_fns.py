@@ -384,3 +384,31 @@ def compile_with_plan_cache(rank: int, directory: str):
     second = fxpar.compile(mlp(), batch(0), plan_cache=directory, codegen="eager")
     return {"num_files": len(files), "written_is_plan": written == first.plan.to_json(),
             "first_differs": first.plan.to_json() != planted, "second_is_planted": second.plan.to_json() == planted}
+
+
+def _grads_after_scaled_backwards(module, xs_list, scales) -> dict:
+    """Gradients after ``(loss_i * scale_i).backward()`` for each batch, accumulated."""
+    for xs, scale in zip(xs_list, scales):
+        loss = module(*xs)
+        if scale is None:
+            loss.backward()
+        else:
+            loss.backward(torch.tensor(scale))
+    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for n, p in module.named_parameters()}
+
+
+SCALES = (None, 2.5, 0.125)  # a plain backward, then scaled ones accumulating into it
+
+
+def scaled_backward_reference() -> dict:
+    torch.manual_seed(0)
+    return _grads_after_scaled_backwards(mlp(), [batch(i) for i in range(len(SCALES))], SCALES)
+
+
+def scaled_backward(rank: int) -> dict:
+    """Gradients of a sharded plan after a plain and two scaled backwards (a loss scaler's, or
+    gradient accumulation's), full tensors."""
+    _, compiled = _compiled(SHARDED)
+    world = dist.get_world_size()
+    return _grads_after_scaled_backwards(compiled, [local(batch(i), rank, world) for i in range(len(SCALES))], SCALES)

@@ -120,3 +120,9 @@ def test_state_dict_on_one_rank_fails_fast():
 def test_compile_reads_the_plan_cache(tmp_path):
     for r in fxpar.launch(f.compile_with_plan_cache, 2, str(tmp_path / "plans")):
         assert r == {"num_files": 1, "written_is_plan": True, "first_differs": True, "second_is_planted": True}
+
+
+def test_scaled_and_accumulated_backwards_scale_the_gradients():
+    ref = f.scaled_backward_reference()
+    for r in fxpar.launch(f.scaled_backward, 2):
+        _close(r, ref, atol=1e-6, rtol=1e-5)

@@ -252,3 +252,16 @@ def test_command_without_matplotlib_still_prints_the_table(capsys, monkeypatch, 
     assert "J/sample" in captured.out and "<--" in captured.out
     assert "matplotlib, which is not installed: pip install 'fxpar[viz]'" in captured.err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sweep_considers_given_3d_meshes():
+    """Meshes of three axes among the candidates: each point is the plan ``fxpar.plan`` makes on
+    that mesh from a fresh capture, and the objective chooses among 1-, 2- and 3-D meshes alike."""
+    cluster = fxpar.preset("p100-nvlink-8")
+    meshes = [(2,), (2, 2, 2), (8,)]
+    result = sweep(*meta_mlp(), cluster=cluster, meshes=meshes, objective=fastest())
+    assert [p.mesh_shape for p in result.points] == meshes
+    for p in result.points:
+        plan = fxpar.plan(*meta_mlp(), cluster=cluster, mesh_shape=p.mesh_shape)
+        assert p.feasible and p.step_s == pytest.approx(plan.predicted_step_s, rel=1e-6)
+    assert choose(result.points, fastest()) is min(result.points, key=lambda p: p.step_s)
