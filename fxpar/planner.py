@@ -364,6 +364,11 @@ def plan_graph(
         raise PlanTimeoutError(
             f"{exc} for {len(problem.nodes)} nodes on mesh {list(mesh)}; raise time_limit_s (now {time_limit_s})"
         ) from None
+    if sol.status != "optimal":
+        # The solver's bound where it has one, else (higher) the floor of every plan's cost.
+        floor = problem.cost_floor()
+        if floor > sol.bound:
+            sol = dataclasses.replace(sol, bound=min(floor, sol.objective))
     assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
     parts = problem.breakdown(sol.choice)
     update = sum(problem.update_cost[n][k] for n, k in sol.choice.items() if n in problem.update_cost)

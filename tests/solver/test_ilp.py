@@ -105,3 +105,33 @@ def test_cluster_json_round_trip(tmp_path):
         path = tmp_path / f"{name}.json"
         c.save(path)
         assert fxpar.Cluster.load(path) == c
+
+
+def test_cost_floor_bounds_every_assignment():
+    problem = _problem("a100-nvlink-8", 64)
+    floor = problem.cost_floor()
+    costs = [problem.cost_of(dict(zip(problem.nodes, ks)))
+             for ks in itertools.product(*[range(len(problem.strategies[n])) for n in problem.nodes])]
+    assert 0 < floor <= min(costs)
+
+
+def test_a_plan_stopped_without_a_bound_reports_the_gap_to_the_cost_floor(mlp_graph, monkeypatch):
+    """A solve that stops with no useful bound (0, as on a 3-D mesh whose plan is a start) reports
+    the gap to ``Problem.cost_floor`` instead of 100%."""
+    import dataclasses
+
+    import fxpar.planner as planner
+
+    _, _, gm = mlp_graph
+    real = planner.solve_with_recompute
+
+    def unbounded(problem, **kw):
+        sol = real(problem, **kw)
+        return dataclasses.replace(sol, bound=0.0, status="feasible (time limit)")
+
+    monkeypatch.setattr(planner, "solve_with_recompute", unbounded)
+    with pytest.warns(fxpar.FallbackWarning, match="time limit"):
+        plan, problem = plan_graph(gm, mesh_shape=(2, 2))
+    floor = problem.cost_floor()
+    assert 0 < floor < plan.predicted_step_s
+    assert plan.solver["gap"] == pytest.approx(1 - floor / plan.predicted_step_s, rel=1e-9)
