@@ -3,7 +3,7 @@ same gloo ranks, interleaved, each phase timed on its own (forward, backward, op
 fxpar's compiled per-rank graph called alone, and a torch.profiler table of one fxpar step.
 
     python tools/step_profile.py [--models transformer,mlp] [--profile PATH] [--rounds 5] [--steps 3]
-        [--families "tensor parallel"] [--trace]
+        [--families "tensor parallel"] [--trace] [--batch-norm local]
 
 ``--families`` adds, per model, fxpar running the best plan of each named family
 (``benchlib.forced_plans``) and torch's tensor parallelism (``vs_torch``'s ``tp`` runner), to tell
@@ -50,7 +50,8 @@ def _phased(module, local, opt):
     return step, record
 
 
-def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int, trace: bool) -> dict:
+def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int, trace: bool,
+          batch_norm: str = "global") -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     warnings.simplefilter("ignore")
@@ -71,7 +72,7 @@ def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int,
             model, inputs = benchlib.build(name)
             local = [t.chunk(world)[rank] for t in inputs]
             if kind == "fxpar":
-                module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json))
+                module = benchlib.compile_with(model, inputs, Plan.from_json(plan_json), batch_norm=batch_norm)
                 fx_module, fx_local = module, local
             else:
                 module = DistributedDataParallel(model)
@@ -81,6 +82,8 @@ def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int,
             runners[kind], records[kind] = _phased(module, local, opt)
             if kind == "fxpar":
                 fx_opt = opt
+            elif kind == "ddp_compile":
+                ddpc = (module, local, opt)
         variant = fx_module._fxpar.main
         params = [p._local_tensor for p in fx_module._params()]
         rest = [*fx_module._states(), *fx_local]
@@ -93,12 +96,13 @@ def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int,
         if trace:
             from torch.profiler import ProfilerActivity, profile
 
-            step, _ = _phased(fx_module, fx_local, fx_opt)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(3):
-                    step()
-            if rank == 0:
-                out[name + "/profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            for label, (module, local, opt) in (("", (fx_module, fx_local, fx_opt)), ("/ddp_compile", ddpc)):
+                step, _ = _phased(module, local, opt)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        step()
+                if rank == 0:
+                    out[name + "/profile" + label] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     return out
 
 
@@ -110,7 +114,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--families", default="", help="comma-separated plan families of benchlib.family_force")
-    ap.add_argument("--trace", action="store_true", help="also print torch.profiler's table of 3 fxpar steps (rank 0)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also print torch.profiler's tables of 3 fxpar steps and 3 DDP + torch.compile steps (rank 0)")
+    ap.add_argument("--batch-norm", default="global", choices=("global", "local"),
+                    help="fxpar's batch-norm statistics: global (the default) or local (DDP's per-device ones)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     cluster = fxpar.Cluster.load(args.profile)
@@ -131,7 +138,7 @@ def main() -> None:
     import os
 
     load = os.getloadavg()[0]
-    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, args.trace, timeout_s=300)
+    results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, args.trace, args.batch_norm, timeout_s=300)
     for name, _, _ in jobs:
         print(f"\n{name} (ms; median over steps; per rank)")
         keys = [k for k in results[0][name] if not k.startswith("fxpar_graph")] + ["fxpar_graph"]
@@ -139,8 +146,10 @@ def main() -> None:
             meds = [statistics.median(r[name][k]) * 1e3 for r in results]
             print(f"  {k:24s} " + "  ".join(f"{m:6.2f}" for m in meds)
                   + ("" if "." in k else f"   slowest-rank median {benchlib.slowest_rank_median([r[name][k] for r in results]) * 1e3:.2f}"))
-        if name + "/profile" in results[0]:
-            print(results[0][name + "/profile"])
+        for label in ("", "/ddp_compile"):
+            if name + "/profile" + label in results[0]:
+                print(f"\n{name}: torch.profiler, 3 steps of {'DDP + torch.compile' if label else 'fxpar'}, rank 0")
+                print(results[0][name + "/profile" + label])
     print(f"\nload average (1 min) before {load:.2f}, after {os.getloadavg()[0]:.2f}")
 
 
