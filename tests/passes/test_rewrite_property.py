@@ -81,7 +81,9 @@ def test_drawn_assignments_compiled_by_inductor_match_single_device(mlp_graph):
     params = [p.detach() for p in model.parameters()]
     ref_loss, *ref_grads = gm(params, [], list(inputs))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    results = launch(compiled_draws_rank, 2, mesh, COMPILED_SEEDS, "inductor")
+    # Two small graphs compile in under a minute cold: a rank that hangs is named (with its
+    # stack) in minutes, not at the default 600 s.
+    results = launch(compiled_draws_rank, 2, mesh, COMPILED_SEEDS, "inductor", timeout_s=300)
     for i, seed in enumerate(COMPILED_SEEDS):
         assignment = _drawn(gm, mesh, seed)
         for rank, r in enumerate(results):

@@ -112,7 +112,7 @@ def compiled_rules_rank(rank: int, names: tuple[str, ...], mesh: tuple[int, ...]
 @pytest.mark.skipif(cpp_compiler() is None, reason="Inductor on CPU needs a C++ compiler")
 def test_rule_strategies_compiled_by_inductor_compute_the_unsharded_op():
     mesh = (2,)
-    results = launch(compiled_rules_rank, 2, COMPILED, mesh, "inductor")
+    results = launch(compiled_rules_rank, 2, COMPILED, mesh, "inductor", timeout_s=300)
     checked = set()
     for op, tensors, fn in SAMPLES:
         if str(op) not in COMPILED or str(op) in {k[0] for k in checked}:
