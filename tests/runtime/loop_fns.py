@@ -412,3 +412,36 @@ def scaled_backward(rank: int) -> dict:
     _, compiled = _compiled(SHARDED)
     world = dist.get_world_size()
     return _grads_after_scaled_backwards(compiled, [local(batch(i), rank, world) for i in range(len(SCALES))], SCALES)
+
+
+def _conv_steps(module, opt, num_steps: int, rank: int, world: int) -> list[float]:
+    losses = []
+    for i in range(num_steps):
+        loss = module(*local(images(i), rank, world))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def conv_net_reference(num_steps: int) -> tuple[list[float], dict]:
+    model = norm_net()
+    model.drop.p = 0.0
+    # SGD, not Adam: the convolution's bias feeds batch norm, so its gradient is 0 up to rounding,
+    # which Adam would scale up to full steps.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return _conv_steps(model, opt, num_steps, 0, 1), full_state(model)
+
+
+def conv_net_compiled(rank: int, num_steps: int) -> tuple[list[float], dict, list[str]]:
+    """The conv net trained on a batch-cut plan, compiled by Inductor; its losses, full state and
+    the per-rank graph's ops (to see the channels-last copy of the images)."""
+    world = dist.get_world_size()
+    model = norm_net()
+    model.drop.p = 0.0
+    compiled = fxpar.compile(model, images(0), plan=batch_cut_plan(model, world), codegen="inductor")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    losses = _conv_steps(compiled, opt, num_steps, rank, world)
+    ops = [f"{n.target}:{n.kwargs.get('memory_format')}" for n in compiled.local_graph.graph.nodes if n.op == "call_function"]
+    return losses, full_state(compiled), ops

@@ -164,3 +164,39 @@ def _ancestors(node) -> set:
                 seen.add(a)
                 todo.append(a)
     return seen
+
+
+def test_convolution_inputs_are_made_channels_last_and_compute_the_same():
+    """``channels_last_inputs`` gives the image a channels-last copy that the convolution reads;
+    the graph's outputs (loss, gradients) are unchanged."""
+    from .loop_fns import images, norm_net
+
+    model = norm_net()
+    model.drop.p = 0.0
+    gm = capture_and_annotate(model, images(0))
+    args = ([p.detach() for p in model.parameters()], [b.clone() for b in model.buffers()], list(images(0)))
+    flat = [*args[0], *args[1], *args[2]]
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == len(flat)
+    want = gm(*args)
+    codegen.channels_last_inputs(gm, flat)
+    (copy,) = [n for n in gm.graph.nodes if n.target is aten.clone.default]
+    assert copy.kwargs["memory_format"] is torch.channels_last and copy.args[0].op == "placeholder"
+    # Every reader of the image reads the copy: the convolution and its backward (for the weight's gradient).
+    assert {u.target for u in copy.users} == {aten.convolution.default, aten.convolution_backward.default}
+    assert not [u for u in copy.args[0].users if u is not copy]
+    got = gm(*args)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(codegen.cpp_compiler() is None, reason="Inductor on CPU needs a C++ compiler")
+def test_a_conv_net_compiled_by_inductor_trains_like_one_process():
+    from . import loop_fns as f
+
+    ref_losses, ref_state = f.conv_net_reference(2)
+    for losses, state, ops in fxpar.launch(f.conv_net_compiled, 2, 2, timeout_s=300):
+        assert "aten.clone.default:torch.channels_last" in ops
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        for key, want in ref_state.items():
+            torch.testing.assert_close(state[key], want, rtol=1e-4, atol=1e-5, msg=key)
