@@ -100,8 +100,9 @@ def channels_last_inputs(gm: GraphModule, inputs: Sequence[torch.Tensor]) -> Gra
     its ReLU's output three times (once NCHW, twice channels-last), and Inductor's kernels took
     19.3 ms of the step against 10.3 ms in DDP + torch.compile's separate forward and backward
     graphs. With the images channels-last from the start, every traced activation is, and the step
-    took 56.8 against 66.2 ms (docs/benchmarks.md). Reads no ``node.meta``; ``inputs``: tensors of
-    the placeholders' shapes and dtypes.
+    took 56.8 against 66.2 ms (docs/benchmarks.md). The copy (the images, once a step) is not in
+    the cost model. Reads and writes ``node.meta["val"]`` where a placeholder has one (the copy's
+    is the channels-last value); ``inputs``: tensors of the placeholders' shapes and dtypes.
 
     Before: ``convolution(x, w, ...)``; after:
     ``x_cl = clone(x, memory_format=torch.channels_last); convolution(x_cl, w, ...)``.
