@@ -415,14 +415,7 @@ def scaled_backward(rank: int) -> dict:
 
 
 def _conv_steps(module, opt, num_steps: int, rank: int, world: int) -> list[float]:
-    losses = []
-    for i in range(num_steps):
-        loss = module(*local(images(i), rank, world))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return [step(module, opt, local(images(i), rank, world), clip=None)[0] for i in range(num_steps)]
 
 
 def conv_net_reference(num_steps: int) -> tuple[list[float], dict]:

@@ -17,6 +17,7 @@ from fxpar.rules import norm
 from fxpar.runtime import codegen
 from fxpar.runtime.simulate import fake_world
 
+from . import loop_fns as f
 from . import train_fns as t
 
 funcol = torch.ops._c10d_functional
@@ -169,12 +170,10 @@ def _ancestors(node) -> set:
 def test_convolution_inputs_are_made_channels_last_and_compute_the_same():
     """``channels_last_inputs`` gives the image a channels-last copy that the convolution reads;
     the graph's outputs (loss, gradients) are unchanged."""
-    from .loop_fns import images, norm_net
-
-    model = norm_net()
+    model = f.norm_net()
     model.drop.p = 0.0
-    gm = capture_and_annotate(model, images(0))
-    args = ([p.detach() for p in model.parameters()], [b.clone() for b in model.buffers()], list(images(0)))
+    gm = capture_and_annotate(model, f.images(0))
+    args = ([p.detach() for p in model.parameters()], [b.clone() for b in model.buffers()], list(f.images(0)))
     flat = [*args[0], *args[1], *args[2]]
     assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == len(flat)
     want = gm(*args)
@@ -192,8 +191,6 @@ def test_convolution_inputs_are_made_channels_last_and_compute_the_same():
 
 @pytest.mark.skipif(codegen.cpp_compiler() is None, reason="Inductor on CPU needs a C++ compiler")
 def test_a_conv_net_compiled_by_inductor_trains_like_one_process():
-    from . import loop_fns as f
-
     ref_losses, ref_state = f.conv_net_reference(2)
     for losses, state, ops in fxpar.launch(f.conv_net_compiled, 2, 2, timeout_s=300):
         assert "aten.clone.default:torch.channels_last" in ops

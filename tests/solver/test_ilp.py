@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import fxpar
+import fxpar.planner as planner
 from fxpar.cost import CostModel
 from fxpar.planner import capture_and_annotate, plan_graph
 from fxpar.solve.ilp import SOLVERS, build_problem, min_memory, min_memory_found, solve
@@ -118,10 +120,6 @@ def test_cost_floor_bounds_every_assignment():
 def test_a_plan_stopped_without_a_bound_reports_the_gap_to_the_cost_floor(mlp_graph, monkeypatch):
     """A solve that stops with no useful bound (0, as on a 3-D mesh whose plan is a start) reports
     the gap to ``Problem.cost_floor`` instead of 100%."""
-    import dataclasses
-
-    import fxpar.planner as planner
-
     _, _, gm = mlp_graph
     real = planner.solve_with_recompute
 
