@@ -21,7 +21,8 @@ import torch
 from fxpar.placement import Spec
 from fxpar.reshard import Step, reshard_steps
 
-__all__ = ["ASYNC_KINDS", "BATCH_NORM_STATS", "RankCoords", "RankMesh", "all_gather_over", "all_reduce_over", "apply_steps", "reshard", "start_step", "step_shape"]
+__all__ = ["ASYNC_KINDS", "BATCH_NORM_STATS", "RankCoords", "RankMesh", "all_gather_as_all_to_all", "all_gather_over",
+           "all_reduce_over", "apply_steps", "reshard", "runs_on_gloo", "start_step", "step_shape"]
 
 aten = torch.ops.aten
 funcol = torch.ops._c10d_functional
@@ -120,6 +121,30 @@ def all_gather_over(x, group_names: Sequence[str], group_sizes: Sequence[int]):
     return out
 
 
+def runs_on_gloo(group_name: str, device: torch.device) -> bool:
+    """Whether the process group named ``group_name`` runs ``device``'s collectives with gloo
+    (False for a name no group has, such as ``RankMesh.placeholder``'s, and for fake groups)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    if not (dist.is_available() and dist.is_initialized()) or not hasattr(dist, "ProcessGroupGloo"):
+        return False
+    try:
+        backend = _resolve_process_group(group_name)._get_backend(device)
+    except (ValueError, RuntimeError, KeyError):
+        return False
+    return isinstance(backend, dist.ProcessGroupGloo)
+
+
+def all_gather_as_all_to_all(x, num_dims: int, rows: int, n: int, group: str, call: Call = eager):
+    """The all-gather over ``n`` ranks of ``x`` (``num_dims`` dims, ``rows`` along dim 0) as an
+    all-to-all, in flight: ``n`` copies of ``x``, ``rows`` to and from every rank, so rank ``i``'s
+    piece lands at block ``i`` as in ``all_gather_into_tensor``. How gloo groups run every
+    all-gather (``fxpar.runtime.codegen.gloo_all_gathers`` says why)."""
+    copies = call(aten.repeat.default, x, [n] + [1] * (num_dims - 1))
+    return call(funcol.all_to_all_single.default, copies, [rows] * n, [rows] * n, group)
+
+
 def step_shape(shape: Sequence[int], step: Step, n: int) -> list[int]:
     """A rank's local shape after ``step`` on an axis of ``n`` devices."""
     out = list(shape)
@@ -151,7 +176,12 @@ def start_step(x, shape: Sequence[int], step: Step, mesh: RankMesh, call: Call =
     group = mesh.group_names[step.axis]
     if step.kind == "all_gather":
         # Gathered along dim 0 in coordinate order, then moved back: chunk i of the dim is rank i's.
-        out = call(funcol.all_gather_into_tensor.default, _to_front(x, step.dim, call), n, group)
+        front = _to_front(x, step.dim, call)
+        if call is eager and front.dim() and runs_on_gloo(group, front.device):
+            # Run now, so the group is known: on gloo as the graphs run it (codegen.gloo_all_gathers).
+            out = all_gather_as_all_to_all(front, front.dim(), front.shape[0], n, group)
+        else:
+            out = call(funcol.all_gather_into_tensor.default, front, n, group)
         return out, lambda t: _from_front(call(funcol.wait_tensor.default, t), step.dim, call)
     if step.kind == "all_reduce":
         out = call(funcol.all_reduce.default, call(aten.contiguous.default, x), "sum", group)

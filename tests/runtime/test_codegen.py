@@ -17,6 +17,7 @@ from fxpar.rules import norm
 from fxpar.runtime import codegen
 from fxpar.runtime.simulate import fake_world
 
+from . import collective_fns as c
 from . import loop_fns as f
 from . import train_fns as t
 
@@ -98,6 +99,22 @@ def test_data_parallel_batch_norm_communicates_statistics_not_activations():
     moved = [n.args[0].meta["val"] for n in local.graph.nodes if getattr(n.target, "namespace", None) == "_c10d_functional"
              and n.target is not funcol.wait_tensor.default]
     assert moved and all(v.dim() <= 1 for v in moved), [tuple(v.shape) for v in moved]
+
+
+def test_all_gathers_on_gloo_run_as_all_to_alls_with_the_same_values():
+    for result in fxpar.launch(c.gathers_as_all_to_alls, 2):
+        assert result == {"all_gathers": 0, "all_to_alls": 2, "same": [True, True, True],
+                          "shapes": [(6, 4, 5), (14,), (3, 8, 5)]}
+
+
+def test_all_gathers_of_groups_not_on_gloo_are_kept():
+    # Stand-in group names (no process group has them): the graph keeps its all-gathers.
+    gm, plan = _mlp_plan((2,), {"layers.0.weight": "S(0)", "addmm": "R,R,R->R"})
+    local = rewrite(gm, plan.assignment(gm), (2,), coords=(0,), group_names=("g0",))
+    codegen.bucket_collectives(local, t.rank0_inputs(gm, plan.assignment(gm), (2,)))
+    before = [n.target for n in local.graph.nodes].count(funcol.all_gather_into_tensor.default)
+    codegen.gloo_all_gathers(local, torch.device("cpu"))
+    assert before and [n.target for n in local.graph.nodes].count(funcol.all_gather_into_tensor.default) == before
 
 
 def test_unknown_codegen_is_refused():
