@@ -53,12 +53,9 @@ FIRST_BUCKET_CAP_MB = BUCKET_CAP_MB
 # Inductor's scheduler orders its kernels itself and, left alone, waits for every collective right
 # after issuing it. Its own ``sink_waits`` pass moves each wait to the first kernel that reads the
 # result, so a collective the rewrite issues early (fxpar.passes.schedule) completes while the
-# kernels between run, as in the eager step. Its ``raise_comms`` pass issues every collective as
-# early as its inputs allow; it is added only where no collective gathers a parameter
-# (``RAISE_OPTIONS``, ``inductor_options``): it would issue a parameter's all-gather (ZeRO-3) at the
-# start of the step, holding every gathered parameter at once.
+# kernels between run, as in the eager step. Its ``raise_comms`` pass is not used: it would issue a
+# parameter's all-gather (ZeRO-3) at the start of the step, holding every gathered parameter at once.
 INDUCTOR_OPTIONS = {"reorder_for_compute_comm_overlap": True, "reorder_for_compute_comm_overlap_passes": ["sink_waits"]}
-RAISE_OPTIONS = {**INDUCTOR_OPTIONS, "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms"]}
 
 
 def check_codegen(codegen: str) -> str:
@@ -180,36 +177,6 @@ def gloo_all_gathers(gm: GraphModule, device: torch.device) -> GraphModule:
     return gm
 
 
-def gathers_parameters(gm: GraphModule, param_names: set[str]) -> bool:
-    """Whether a collective of ``gm`` that gathers (an all-gather, or the all-to-all
-    ``gloo_all_gathers`` or an all-to-all reshard makes) reads a parameter placeholder (one of
-    ``param_names``), directly or through copies and views of it."""
-    aten = torch.ops.aten
-    funcol = torch.ops._c10d_functional
-    copies = {aten.contiguous.default, aten.movedim.int, aten.permute.default, aten.clone.default, aten.repeat.default,
-              aten._to_copy.default, aten.view.default, aten.reshape.default, aten.t.default, aten.transpose.int,
-              aten.flatten.using_ints, aten.alias.default}
-    for node in gm.graph.nodes:
-        if node.target not in (funcol.all_gather_into_tensor.default, funcol.all_to_all_single.default):
-            continue
-        source = node.args[0]
-        while isinstance(source, torch.fx.Node) and source.target in copies:
-            source = source.args[0]
-        if isinstance(source, torch.fx.Node) and source.op == "placeholder" and source.name in param_names:
-            return True
-    return False
-
-
-def inductor_options(gm: GraphModule, param_names: set[str]) -> dict:
-    """Inductor's options for the per-rank graph ``gm``: ``RAISE_OPTIONS`` (collectives issued as
-    early as their inputs allow, as well as waited for where read) unless a collective gathers a
-    parameter, then ``INDUCTOR_OPTIONS``. On the ResNet-18 of ``tools/benchlib.py`` with per-device
-    statistics (2 gloo ranks; its one gradient bucket and the loss's target mask) the step took
-    78.4, 85.4 and 74.6 ms with ``raise_comms`` against 81.1, 96.7 and 76.3 ms without, in three
-    interleaved runs (docs/benchmarks.md)."""
-    return INDUCTOR_OPTIONS if gathers_parameters(gm, param_names) else RAISE_OPTIONS
-
-
 def cpp_compiler() -> str | None:
     """The C++ compiler Inductor would use on CPU (``$CXX``, else the first of g++, c++, clang++ on
     the PATH), or None."""
@@ -223,31 +190,29 @@ class CompiledStep:
     """Calls the per-rank graph; with Inductor, compiles it on the first call (``compile_s`` holds
     the seconds that took, 0 for eager)."""
 
-    def __init__(self, gm: GraphModule, codegen: str, options: dict | None = None):
+    def __init__(self, gm: GraphModule, codegen: str):
         self.gm = gm
         self.codegen = codegen
-        self.options = INDUCTOR_OPTIONS if options is None else options
         self.compile_s = 0.0
         self._fn: Callable | None = gm if codegen == "eager" else None
 
     def __call__(self, *args: torch.Tensor) -> Sequence[torch.Tensor]:
         if self._fn is None:
             start = time.perf_counter()
-            self._fn = _inductor(self.gm, list(args), self.options)
+            self._fn = _inductor(self.gm, list(args))
             self.compile_s = time.perf_counter() - start
         return self._fn(*args)
 
 
-def _inductor(gm: GraphModule, args: list[torch.Tensor], options: dict | None = None) -> Callable:
-    """``compile_fx(gm, args)`` under ``options`` (default ``INDUCTOR_OPTIONS``); on CPU, where the
-    vectorized C++ code generation fails, again without vectorization (with a ``FallbackWarning``)."""
+def _inductor(gm: GraphModule, args: list[torch.Tensor]) -> Callable:
+    """``compile_fx(gm, args)``; on CPU, where the vectorized C++ code generation fails, again
+    without vectorization (with a ``FallbackWarning``)."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.exc import InductorError
 
-    options = INDUCTOR_OPTIONS if options is None else options
     try:
-        with config.patch(options):
+        with config.patch(INDUCTOR_OPTIONS):
             return compile_fx(gm, args)
     except InductorError as exc:
         if any(a.device.type != "cpu" for a in args if isinstance(a, torch.Tensor)) or config.cpp.simdlen == 1:
@@ -255,7 +220,7 @@ def _inductor(gm: GraphModule, args: list[torch.Tensor], options: dict | None = 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"Inductor's vectorized C++ code generation failed on this rank's step ({first[:200]}); "
                       "compiled again without vectorization (cpp.simdlen=1)", FallbackWarning, stacklevel=4)
-        with config.patch({**options, "cpp.simdlen": 1}):
+        with config.patch({**INDUCTOR_OPTIONS, "cpp.simdlen": 1}):
             return compile_fx(gm, args)
 
 
@@ -276,17 +241,15 @@ def build_rank_step(gm: GraphModule, assignment: dict, rank_mesh, local_inputs: 
     gloo_all_gathers(local, device)
     if codegen == "inductor" and device.type == "cpu":
         channels_last_inputs(local, local_inputs)
-    params = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "param"}
-    return local, compile_step(local, codegen, device, inductor_options(local, params))
+    return local, compile_step(local, codegen, device)
 
 
-def compile_step(gm: GraphModule, codegen: str, device: torch.device, options: dict | None = None) -> CompiledStep:
-    """The step function for ``codegen`` (``"inductor"`` or ``"eager"``; Inductor under
-    ``options``, default ``INDUCTOR_OPTIONS``)."""
+def compile_step(gm: GraphModule, codegen: str, device: torch.device) -> CompiledStep:
+    """The step function for ``codegen`` (``"inductor"`` or ``"eager"``)."""
     check_codegen(codegen)
     if codegen == "inductor" and device.type == "cpu" and cpp_compiler() is None:
         warnings.warn(
             "codegen='inductor' needs a C++ compiler on CPU and none was found (set $CXX or install g++); "
             "the step runs eagerly (codegen='eager')", FallbackWarning, stacklevel=3)
         codegen = "eager"
-    return CompiledStep(gm, codegen, options)
+    return CompiledStep(gm, codegen)

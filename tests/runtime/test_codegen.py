@@ -117,21 +117,6 @@ def test_all_gathers_of_groups_not_on_gloo_are_kept():
     assert before and [n.target for n in local.graph.nodes].count(funcol.all_gather_into_tensor.default) == before
 
 
-def test_collectives_are_raised_unless_a_parameter_is_gathered():
-    # ZeRO-3 gathers its weights for use: raise_comms would hold every gathered weight at once.
-    # Data parallelism gathers none.
-    def options(force):
-        gm, plan = _mlp_plan((2,), force)
-        local = rewrite(gm, plan.assignment(gm), (2,), coords=(0,), group_names=("g0",))
-        params = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("fxpar_role") == "param"}
-        return codegen.inductor_options(local, params)
-
-    zero3 = {"layers.0.weight": "S(0)", "addmm": "R,R,R->R"}
-    assert options(zero3) is codegen.INDUCTOR_OPTIONS
-    assert options({"layers.0.weight": "R", "layers.1.weight": "R"}) is codegen.RAISE_OPTIONS
-    assert "raise_comms" in codegen.RAISE_OPTIONS["reorder_for_compute_comm_overlap_passes"]
-
-
 def test_unknown_codegen_is_refused():
     with pytest.raises(codegen.CodegenError, match=r"codegen='jit' is not one of \['inductor', 'eager'\]"):
         codegen.check_codegen("jit")
