@@ -161,13 +161,15 @@ def gloo_all_gathers(gm: GraphModule, device: torch.device) -> GraphModule:
         if node.target is not funcol.all_gather_into_tensor.default:
             continue
         x, n, group = node.args
-        value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or not runs_on_gloo(group, device):
+        value = x.meta.get("val")
+        assert isinstance(value, torch.Tensor), f"{x.name} has no value metadata (bucket_collectives sets it)"
+        if value.dim() == 0 or not runs_on_gloo(group, device):
             continue
         with gm.graph.inserting_before(node):
             swap = all_gather_as_all_to_all(x, value.dim(), int(value.shape[0]), n, group,
                                             lambda target, *args: gm.graph.call_function(target, args))
-        swap.meta.update({k: v for k, v in node.meta.items() if k == "val"})
+        if "val" in node.meta:
+            swap.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(swap)
         gm.graph.erase_node(node)
         changed = True
