@@ -117,7 +117,13 @@ def all_gather_over(x, group_names: Sequence[str], group_sizes: Sequence[int]):
     along a new dim 0."""
     out = x.unsqueeze(0)
     for group, n in zip(group_names, group_sizes):
-        out = funcol.wait_tensor(funcol.all_gather_into_tensor(out.contiguous(), n, group))
+        out = out.contiguous()
+        if runs_on_gloo(group, out.device):
+            # Called inside a graph node (batch norm's statistics), where ``codegen.gloo_all_gathers``
+            # does not see it: the same all-to-all form, chosen when the node is traced or run.
+            out = funcol.wait_tensor(all_gather_as_all_to_all(out, out.dim(), out.shape[0], n, group))
+        else:
+            out = funcol.wait_tensor(funcol.all_gather_into_tensor(out, n, group))
     return out
 
 

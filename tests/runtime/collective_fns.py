@@ -42,3 +42,29 @@ def gathers_as_all_to_alls(rank: int) -> dict:
             "all_to_alls": targets.count(funcol.all_to_all_single.default),
             "same": [torch.equal(g, e) for g, e in zip(got, expected)] + [torch.equal(eager, reference)],
             "shapes": [tuple(g.shape) for g in got] + [tuple(eager.shape)]}
+
+
+def batch_norm_stats_gathered_as_all_to_alls(rank: int) -> dict:
+    """Batch norm with the whole batch's statistics on this rank's slice, traced to aten ops (as
+    Inductor traces the graph node that calls it) on the world's gloo group: which collectives the
+    trace holds, and its output against one process's ``batch_norm`` over the whole batch."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxpar.rules.norm import batch_norm_global_stats
+
+    world = dist.get_world_size()
+    group = dist.group.WORLD.group_name
+    full = torch.arange(world * 4 * 3 * 2 * 2, dtype=torch.float32).reshape(world * 4, 3, 2, 2).sin()
+    x = full.chunk(world)[rank]
+    weight, bias = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, -1.0, 3.0])
+
+    def fn(x, weight, bias, mean, var):
+        return batch_norm_global_stats(x, weight, bias, mean, var, 0.1, 1e-5, [group], [world])[0]
+
+    args = (x, weight, bias, torch.zeros(3), torch.ones(3))
+    traced = make_fx(fn)(*args)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    reference = torch.nn.functional.batch_norm(full, torch.zeros(3), torch.ones(3), weight, bias, training=True)
+    return {"all_gathers": targets.count(funcol.all_gather_into_tensor.default),
+            "all_to_alls": targets.count(funcol.all_to_all_single.default),
+            "close": bool(torch.allclose(traced(*args), reference.chunk(world)[rank], atol=1e-5))}

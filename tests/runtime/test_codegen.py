@@ -107,6 +107,13 @@ def test_all_gathers_on_gloo_run_as_all_to_alls_with_the_same_values():
                           "shapes": [(6, 4, 5), (14,), (3, 8, 5)]}
 
 
+def test_batch_norm_statistics_on_gloo_are_gathered_as_all_to_alls():
+    # Inside a graph node (the rewrite's batch_norm_global_stats), where gloo_all_gathers cannot
+    # see them: the traced node holds no gloo all-gather, and computes the whole batch's norm.
+    for result in fxpar.launch(c.batch_norm_stats_gathered_as_all_to_alls, 2):
+        assert result == {"all_gathers": 0, "all_to_alls": 1, "close": True}
+
+
 def test_all_gathers_of_groups_not_on_gloo_are_kept():
     # Stand-in group names (no process group has them): the graph keeps its all-gathers.
     gm, plan = _mlp_plan((2,), {"layers.0.weight": "S(0)", "addmm": "R,R,R->R"})
