@@ -16,11 +16,11 @@ from torch.distributed.tensor import DTensor
 from torch.fx import GraphModule
 
 from fxpar.cluster import Cluster, describe_value, preset
-from fxpar.errors import CaptureError, ClusterSpecError, PlanOptionError
+from fxpar.errors import CaptureError, ClusterSpecError, PlanMismatchError, PlanOptionError
 from fxpar.placement import replicated
 from fxpar.plan import Plan
 from fxpar.plan_cache import cached_plan
-from fxpar.planner import capture_and_annotate, plan_graph, resolve_mesh
+from fxpar.planner import capture_and_annotate, check_input_placement, plan_graph, resolve_mesh
 from fxpar.runtime.agree import Control, broadcast_text, check_same, together
 from fxpar.runtime.codegen import check_codegen
 from fxpar.runtime.module import FxparModule, IdleModule, Runtime, build_variant, dtensor_placements
@@ -52,7 +52,8 @@ def local_cluster(num_devices: int) -> Cluster:
     return preset("cpu-local", num_devices=num_devices)
 
 
-def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm) -> dict:
+def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm,
+             input_placement) -> dict:
     """What every rank must agree on before the step is planned (compared by ``check_same``)."""
     tensors = lambda items: {n: [list(t.shape), str(t.dtype), t.requires_grad] for n, t in items}  # noqa: E731
     return {
@@ -63,14 +64,17 @@ def _summary(model: nn.Module, example_inputs, mesh, plan, codegen, optimizer, p
         "plan_cache": plan_cache is not None,
         "recompute": recompute,
         "batch_norm": batch_norm,
+        "input_placement": input_placement,
         "example_inputs": [[list(x.shape), str(x.dtype)] for x in example_inputs],
         "parameters": tensors(model.named_parameters()),
         "buffers": {n: [list(b.shape), str(b.dtype)] for n, b in model.named_buffers()},
     }
 
 
-def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, world: int) -> tuple[int, ...]:
+def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, input_placement,
+                     world: int) -> tuple[int, ...]:
     check_codegen(codegen)
+    check_input_placement(input_placement)
     if batch_norm not in BATCH_NORM_STATS:
         raise PlanOptionError(
             f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole batch's statistics, "
@@ -94,6 +98,12 @@ def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute
         )
     if plan is not None and tuple(plan.mesh_shape) != mesh:
         raise ClusterSpecError(f"the plan is for mesh {list(plan.mesh_shape)}, not {list(mesh)}")
+    if plan is not None and plan.input_placement != input_placement:
+        raise PlanMismatchError(
+            f"the plan was made for input_placement={plan.input_placement!r} but compile was given "
+            f"input_placement={input_placement!r}; pass input_placement={plan.input_placement!r} (and feed the ranks "
+            "accordingly) or plan again"
+        )
     for name, p in model.named_parameters():
         if p.device.type == "meta":
             raise CaptureError(f"parameter {name} is on the meta device; fxpar.plan accepts that, compile needs real values")
@@ -148,6 +158,7 @@ def compile(
     plan_cache: str | os.PathLike | None = None,
     recompute: bool = True,
     batch_norm: str = "global",
+    input_placement: str = "shard",
 ) -> FxparModule | IdleModule:
     """Parallelize ``model``'s training step over the current process group.
 
@@ -173,6 +184,12 @@ def compile(
     no collective in the forward, numerics of per-device statistics; the running statistics are the
     average of the devices' updates).
 
+    ``input_placement``: how each rank's call is given the batch. ``"shard"`` (the default): each
+    rank passes its slice of the global batch, ``x.chunk(num_ranks)[rank]`` along dim 0, as with
+    DDP. ``"replicate"``: every rank passes the whole global batch, as torch's tensor parallelism
+    feeds its ranks; the plan then needs no collective to bring a cut batch together (it may still
+    cut the batch locally). Every rank must pass the same values.
+
     ``codegen``: ``"inductor"`` compiles the rank's step with torch Inductor on its first call (a
     ``FallbackWarning`` and eager execution where no C++ compiler is found on CPU); ``"eager"`` runs
     the graph op by op.
@@ -182,12 +199,15 @@ def compile(
     rank = dist.get_rank()
     control = Control.create(range(world))
     mesh = together(control, "checking fxpar.compile's arguments",
-                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm, world))
-    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm), "the model and options")
+                    lambda: _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute, batch_norm,
+                                             input_placement, world))
+    check_same(control, _summary(model, example_inputs, mesh, plan, codegen, optimizer, plan_cache, recompute, batch_norm,
+                                 input_placement), "the model and options")
     num_used = math.prod(mesh)
     # A rank the mesh leaves idle neither plans nor runs the step: it does not capture it either.
     active = rank < num_used
-    gm = together(control, "capturing the step", lambda: capture_and_annotate(model, example_inputs) if active else None)
+    gm = together(control, "capturing the step",
+                  lambda: capture_and_annotate(model, example_inputs, input_placement=input_placement) if active else None)
     if plan is None:
         def solve() -> str | None:
             if rank != 0:
@@ -216,10 +236,12 @@ def compile(
     source = _place(model, plan, device_mesh, rank_mesh, group)
     trainable = [n for n, p in source.named_parameters() if p.requires_grad]
     state = [n for n, p in source.named_parameters() if not p.requires_grad] + [n for n, _ in source.named_buffers()]
-    input_shapes = [(x.shape[0] // num_used, *x.shape[1:]) for x in example_inputs]
+    cut = num_used if input_placement == "shard" else 1
+    input_shapes = [(x.shape[0] // cut, *x.shape[1:]) for x in example_inputs]
     main_key = (model.training, True, None, None)
     runtime = Runtime(source, device_mesh, rank_mesh, active_control, codegen, device, trainable, state,
-                      input_shapes, [x.dtype for x in example_inputs], main_key, batch_norm=batch_norm)
+                      input_shapes, [x.dtype for x in example_inputs], main_key, batch_norm=batch_norm,
+                      input_placement=input_placement)
 
     def build():
         module = FxparModule(runtime)

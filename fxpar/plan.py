@@ -95,6 +95,9 @@ class Plan:
     fallbacks: list[str] = field(default_factory=list)
     # Forward ops recomputed in the backward pass, by node name in graph order (passes.recompute).
     recompute: list[str] = field(default_factory=list)
+    # How the ranks are given the batch: "shard" (each its slice of dim 0) or "replicate" (each the
+    # whole batch); fxpar.compile's input_placement.
+    input_placement: str = "shard"
 
     @property
     def timings(self) -> dict[str, float]:
@@ -202,6 +205,7 @@ class Plan:
                 "fallbacks": self.fallbacks,
                 # Written only when something is recomputed, so other plans' text is unchanged.
                 **({"recompute": list(self.recompute)} if self.recompute else {}),
+                **({"input_placement": self.input_placement} if self.input_placement != "shard" else {}),
             },
             indent=1,
             sort_keys=True,
@@ -266,7 +270,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
 
 _PLAN_KEYS = ("cluster", "comm_s", "compute_s", "memory_bytes", "mesh_shape", "optimizer", "param_specs",
               "predicted_step_s", "rows", "solver", "strategies")
-_PLAN_OPTIONAL_KEYS = ("fallbacks", "recompute")
+_PLAN_OPTIONAL_KEYS = ("fallbacks", "input_placement", "recompute")
 _PLAN_HINT = "make plans with fxpar.plan and Plan.to_json() rather than editing them by hand"
 
 
@@ -361,8 +365,11 @@ def _plan_from_json(text: str) -> Plan:
     unknown_nodes = [n for n in recompute if n not in strategies][:5]
     if unknown_nodes:
         raise _plan_error("recompute", unknown_nodes, "names of nodes the plan has strategies for")
+    input_placement = d.get("input_placement", "shard")
+    if input_placement not in ("shard", "replicate"):
+        raise _plan_error("input_placement", input_placement, "'shard' or 'replicate'")
     return Plan(
         mesh_shape=tuple(mesh), cluster=cluster, strategies=strategies, param_specs=param_specs,
         optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, recompute=recompute,
-        **figures,
+        input_placement=input_placement, **figures,
     )

@@ -78,6 +78,9 @@ def cache_key(
         "simplify": simplify,
         "recompute": recompute,
         "tf32": sorted(tf32_classes()),
+        # Written only where it is not the default, so the keys of earlier plans are unchanged.
+        **({"input_placement": gm.meta["fxpar_input_placement"]}
+           if gm.meta.get("fxpar_input_placement", "shard") != "shard" else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -37,7 +37,7 @@ from fxpar.solve import warmstart
 from fxpar.solve.ilp import DEFAULT_SOLVER, Infeasible, SolverTimeout, memory_of, min_memory, min_memory_found, solve
 from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
-from fxpar.solve.strategies import all_strategies, node_strategies
+from fxpar.solve.strategies import INPUT_PLACEMENTS, all_strategies, graph_input_placement, node_strategies
 
 # Seconds the InfeasiblePlanError's explanation may spend finding the least memory with
 # recomputation; where it stops first, the message gives the least found as an upper bound.
@@ -80,15 +80,32 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
 
 
 def capture_and_annotate(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None,
+    input_placement: str = "shard",
 ) -> GraphModule:
     """``capture`` (see there for ``grad`` and ``autocast_dtype``) then ``annotate``, with a
-    ``CaptureError`` naming the user's line for data-dependent control flow."""
+    ``CaptureError`` naming the user's line for data-dependent control flow. ``input_placement``
+    (``check_input_placement``) is recorded as ``gm.meta["fxpar_input_placement"]``, which the
+    inputs' strategies read."""
+    check_input_placement(input_placement)
     try:
         gm = capture(model, example_inputs, grad=grad, autocast_dtype=autocast_dtype)
     except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
         raise _data_dependent_error(model, exc) from exc
-    return annotate(gm)
+    gm = annotate(gm)
+    gm.meta["fxpar_input_placement"] = input_placement
+    return gm
+
+
+def check_input_placement(input_placement: object) -> None:
+    """``input_placement`` must be one of ``INPUT_PLACEMENTS``: "shard" (each rank is given its
+    slice of the global batch along dim 0, in rank order, as with DDP) or "replicate" (every rank
+    is given the whole global batch, as torch's tensor parallelism feeds its ranks)."""
+    if input_placement not in INPUT_PLACEMENTS:
+        raise PlanOptionError(
+            f"input_placement={input_placement!r} is not one of {list(INPUT_PLACEMENTS)}: 'shard' (each rank "
+            "passes its slice of the global batch, as with DDP) or 'replicate' (every rank passes the whole batch)"
+        )
 
 
 def _data_dependent_error(model: nn.Module, exc: Exception) -> CaptureError:
@@ -386,6 +403,7 @@ def plan_graph(
         memory_bytes=memory_of(problem, sol.choice, sol.recompute if sol.recompute else None),
         param_specs={p.meta["fxpar_fqn"]: assignment[p].outputs[0] for p in params},
         optimizer=optimizer,
+        input_placement=graph_input_placement(gm.graph),
         solver={
             "status": sol.status,
             # A relative gap under 1e-12 is the rounding of the solver's bound and objective sums.
@@ -448,6 +466,7 @@ def plan(
     strict: bool = False,
     plan_cache: str | os.PathLike | None = None,
     recompute: bool = True,
+    input_placement: str = "shard",
 ) -> Plan:
     """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
 
@@ -458,14 +477,17 @@ def plan(
     before for the same graph and options is read from ``DIR`` instead of solved
     (``fxpar.plan_cache``). With ``recompute`` (the default), the solver may also choose to
     recompute activations in the backward pass where memory demands it (``plan.recompute``);
-    ``recompute=False`` keeps every activation.
+    ``recompute=False`` keeps every activation. ``input_placement``: how the ranks will be given
+    the batch, ``"shard"`` (each its slice of dim 0, the default) or ``"replicate"`` (each the
+    whole batch; the plan may then cut it locally, at no communication).
     """
     check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
     if not isinstance(recompute, bool):
         raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
+    check_input_placement(input_placement)
     resolve_mesh(cluster, mesh_shape)
     with stage(f"capturing the training step of {type(model).__name__}"):
-        gm = capture_and_annotate(model, example_inputs)
+        gm = capture_and_annotate(model, example_inputs, input_placement=input_placement)
     if plan_cache is not None:
         from fxpar.plan_cache import cached_plan
 

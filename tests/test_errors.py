@@ -181,6 +181,22 @@ def test_wrong_local_batch_at_run_time():
         fxpar.launch(train_fns.pass_global_batch, 2)
 
 
+def test_unknown_input_placement():
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"input_placement='whole' is not one of \['shard', 'replicate'\]: 'shard' \(each rank passes its slice"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), input_placement="whole")
+
+
+def test_slice_given_where_the_whole_batch_is_planned():
+    with pytest.raises(RankError, match=r"input\[0\] on this rank has shape \[8, 16\] but the plan \(input_placement='replicate'\) expects the whole global batch, \[16, 16\], on every rank"):
+        fxpar.launch(train_fns.pass_slice_with_whole_batch_placement, 2)
+
+
+def test_plan_made_for_another_input_placement_is_refused():
+    with pytest.raises(RankError, match=r"PlanMismatchError: the plan was made for input_placement='replicate' but compile was given input_placement='shard'; pass input_placement='replicate'"):
+        fxpar.launch(train_fns.compile_with_plan_of_other_placement, 2)
+
+
 def test_wrong_step_inputs_at_run_time():
     assert fxpar.launch(loop_fns.bad_step_inputs, 2) == [True, True]
 

@@ -7,6 +7,8 @@ update) is timed for:
   compiled by Inductor, the default);
 - ``fxpar_local_bn`` (models with batch norm only): the same plan with per-device batch-norm
   statistics (the rewrite's ``batch_norm="local"``, DDP's semantics; ``benchlib.compile_with``);
+- ``fxpar_whole_batch``: ``fxpar.compile(..., input_placement="replicate")`` with the plan fxpar
+  makes when every rank is given the whole batch, as ``tp``'s ranks are;
 - ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (each rank its slice of the batch);
 - ``ddp_compile``: ``torch.compile`` over the DDP module (dynamo splits the graph at DDP's buckets);
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on each layer or block and on the root;
@@ -54,8 +56,9 @@ from fxpar.calibrate import calibrate  # noqa: E402
 from fxpar.models import GPT, MLP  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 
-RUNNERS = ("fxpar", "fxpar_local_bn", "ddp", "ddp_compile", "ddp_syncbn", "ddp_syncbn_compile", "fsdp2", "fsdp2_compile", "tp")
-BASELINES = RUNNERS[2:]
+RUNNERS = ("fxpar", "fxpar_local_bn", "fxpar_whole_batch", "ddp", "ddp_compile", "ddp_syncbn", "ddp_syncbn_compile",
+           "fsdp2", "fsdp2_compile", "tp")
+BASELINES = RUNNERS[3:]
 # The baselines that compute what fxpar's default computes on a model with batch norm (statistics
 # over the global batch); on a model without batch norm every baseline does.
 SAME_SEMANTICS_BN = ("ddp_syncbn", "ddp_syncbn_compile")
@@ -166,7 +169,8 @@ def _tp_plan(model: nn.Module, world: int) -> dict:
     return {"fc": ColwiseParallel(output_layouts=Replicate())}
 
 
-def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool | str):
+def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool | str,
+            whole_plan_json: str | None = None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -177,6 +181,10 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, f
     if kind in ("fxpar", "fxpar_local_bn"):
         module = benchlib.compile_with(model, inputs, Plan.from_json(plan_json),
                                        batch_norm="local" if kind == "fxpar_local_bn" else "global")
+    elif kind == "fxpar_whole_batch":
+        # Every rank given the whole batch, as TP's ranks are (fxpar's input_placement="replicate").
+        module = benchlib.compile_with(model, inputs, Plan.from_json(whole_plan_json), input_placement="replicate")
+        local = list(inputs)
     elif kind in ("ddp", "ddp_compile", "ddp_syncbn", "ddp_syncbn_compile"):
         if kind.startswith("ddp_syncbn"):
             model = CpuSyncBatchNorm.convert(model)
@@ -218,8 +226,9 @@ def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, forea
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     times = {}
-    for model_name, plan_json in jobs:
-        runners = {kind: _runner(kind, model_name, plan_json, rank, world, foreach) for kind in _kinds(model_name)}
+    for model_name, plan_json, whole_plan_json in jobs:
+        runners = {kind: _runner(kind, model_name, plan_json, rank, world, foreach, whole_plan_json)
+                   for kind in _kinds(model_name)}
         for kind, ts in benchlib.interleave(runners, rounds=rounds, steps=steps).items():
             times[f"{model_name}/{kind}"] = ts
     return times
@@ -246,15 +255,20 @@ def main() -> None:
         model, inputs = benchlib.build(name)
         plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,))
         print(f"planned {name}: predicted {plan.predicted_step_s * 1e3:.2f} ms ({benchlib.param_summary(plan)})", flush=True)
-        plans[name] = {"predicted_step_s": plan.predicted_step_s, "params": benchlib.param_summary(plan)}
-        jobs.append((name, plan.to_json()))
+        whole = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,), input_placement="replicate")
+        print(f"planned {name} on the whole batch: predicted {whole.predicted_step_s * 1e3:.2f} ms "
+              f"({benchlib.param_summary(whole)})", flush=True)
+        plans[name] = {"predicted_step_s": plan.predicted_step_s, "params": benchlib.param_summary(plan),
+                       "whole_batch_predicted_step_s": whole.predicted_step_s,
+                       "whole_batch_params": benchlib.param_summary(whole)}
+        jobs.append((name, plan.to_json(), whole.to_json()))
     print(f"timing {', '.join(RUNNERS)} on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
           flush=True)
     load_before = _load()
     kernel = "fused" if args.fused else args.foreach
     results = fxpar.launch(_rank, args.nprocs, jobs, args.rounds, args.steps, kernel)
     rows = []
-    for name, _ in jobs:
+    for name, *_ in jobs:
         med = {k: benchlib.slowest_rank_median([r[f"{name}/{k}"] for r in results]) if f"{name}/{k}" in results[0] else None
                for k in RUNNERS}
         best = min((k for k in BASELINES if med[k] is not None), key=med.get)
@@ -265,6 +279,8 @@ def main() -> None:
                      "ratio_to_best": med["fxpar"] / med[best], "best_same_semantics": best_same,
                      "ratio_to_best_same_semantics": med["fxpar"] / med[best_same],
                      "ratio_local_bn_to_best": med["fxpar_local_bn"] / med[best] if med["fxpar_local_bn"] else None,
+                     "ratio_whole_batch_to_tp": med["fxpar_whole_batch"] / med["tp"],
+                     "ratio_whole_batch_to_best": med["fxpar_whole_batch"] / med[best],
                      **{f"ratio_{k}": med["fxpar"] / med[k] for k in BASELINES if med[k] is not None}, "plan": plans[name]})
     report = {"rows": rows, "profile": cluster.name, "nprocs": args.nprocs, "rounds": args.rounds, "steps": args.steps,
               "adam_foreach": args.foreach,
@@ -286,7 +302,7 @@ def _load() -> list[float]:
         return []
 
 
-NAMES = {"fxpar": "fxpar", "fxpar_local_bn": "fxpar local BN", "ddp": "DDP", "ddp_compile": "DDP+compile",
+NAMES = {"fxpar": "fxpar", "fxpar_local_bn": "fxpar local BN", "fxpar_whole_batch": "fxpar whole batch", "ddp": "DDP", "ddp_compile": "DDP+compile",
          "ddp_syncbn": "DDP SyncBN", "ddp_syncbn_compile": "DDP SyncBN+compile", "fsdp2": "FSDP2",
          "fsdp2_compile": "FSDP2+compile", "tp": "TP"}
 
@@ -295,19 +311,21 @@ def markdown(rep: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     cell = lambda s: "-" if s is None else ms(s)  # noqa: E731
     lines = ["| model | " + " | ".join(f"{NAMES[k]} ms" for k in RUNNERS)
-             + " | fxpar / best | fxpar / best same semantics | fxpar local BN / best |",
-             "|---|" + "---|" * (len(RUNNERS) + 3)]
+             + " | fxpar / best | fxpar / best same semantics | fxpar local BN / best | fxpar whole batch / TP |",
+             "|---|" + "---|" * (len(RUNNERS) + 4)]
     for r in rep["rows"]:
         local = "-" if r["ratio_local_bn_to_best"] is None else f"{r['ratio_local_bn_to_best']:.2f}"
         lines.append(f"| {r['model']} | " + " | ".join(cell(r.get(f"{k}_s")) for k in RUNNERS)
                      + f" | {r['ratio_to_best']:.2f} ({NAMES[r['best_torch']]})"
-                     + f" | {r['ratio_to_best_same_semantics']:.2f} ({NAMES[r['best_same_semantics']]}) | {local} |")
+                     + f" | {r['ratio_to_best_same_semantics']:.2f} ({NAMES[r['best_same_semantics']]}) | {local}"
+                     + f" | {r['ratio_whole_batch_to_tp']:.2f} |")
     lines.append(f"\nLoad average (1, 5, 15 min) before {rep['load_average_before']}, after {rep['load_average_after']}; "
                  f"Adam foreach={rep.get('adam_foreach', False)}, fused={rep.get('adam_fused', False)}; plans: "
-                 + ", ".join(f"{r['model']} {r['plan']['params']}" for r in rep["rows"] if "plan" in r) + ". "
+                 + ", ".join(f"{r['model']} {r['plan']['params']} (whole batch: {r['plan']['whole_batch_params']})"
+                             for r in rep["rows"] if "plan" in r) + ". "
                  "Best: the fastest baseline; best same semantics: the fastest that computes what fxpar's default "
                  "computes (for a model with batch norm, DDP SyncBN and DDP SyncBN+compile: global batch statistics; "
-                 "otherwise every baseline).")
+                 "otherwise every baseline). fxpar whole batch: every rank given the whole batch (input_placement=\"replicate\"), as TP's ranks are.")
     return "\n".join(lines)
 
 

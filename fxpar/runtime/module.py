@@ -89,6 +89,7 @@ class Runtime:
     main_key: tuple
     variants: dict[tuple, Variant] = field(default_factory=dict)
     batch_norm: str = "global"  # batch norm's statistics over a cut batch: "global" or "local"
+    input_placement: str = "shard"  # each rank's call gets its slice of the batch, or all of it ("replicate")
     state_dict_timeout_s: float = 60.0
 
     @property
@@ -168,7 +169,8 @@ class FxparModule(nn.Module):
     """A model's training step split over the ranks of a mesh.
 
     The model's submodules, parameters (DTensors) and buffers appear under their own names.
-    ``forward(*batch)`` takes this rank's slice of the global batch, by position, and returns the
+    ``forward(*batch)`` takes this rank's slice of the global batch (all of it under
+    ``input_placement="replicate"``), by position, and returns the
     global loss; with gradients enabled it computes them too (the joint graph runs as one piece),
     and ``loss.backward()`` delivers them to the parameters. ``state_dict()`` gives full tensors
     (every rank must call it), ``sharded_state_dict()`` the DTensors (for
@@ -311,6 +313,12 @@ class FxparModule(nn.Module):
                 raise StepInputError(
                     f"input[{i}] is on {x.device} but this rank's step runs on {rt.device}; pass x.to('{rt.device}')"
                 )
+            whole = rt.input_placement == "replicate"
+            if grad and tuple(x.shape) != shape and whole:
+                raise ShardingError(
+                    f"input[{i}] on this rank has shape {list(x.shape)} but the plan (input_placement='replicate') "
+                    f"expects the whole global batch, {list(shape)}, on every rank; pass the same batch to every rank"
+                )
             if grad and tuple(x.shape) != shape:
                 raise ShardingError(
                     f"input[{i}] on this rank has shape {list(x.shape)} but the plan expects this rank's slice "
@@ -318,9 +326,10 @@ class FxparModule(nn.Module):
                     f"{self.num_ranks} ranks)"
                 )
             if not grad and (x.dim() == 0 or list(x.shape[1:]) != list(shape[1:])):
+                what = "the whole of a batch" if whole else "this rank's slice of a batch"
                 raise ShardingError(
-                    f"input[{i}] on this rank has shape {list(x.shape)}; an evaluation call takes this rank's "
-                    f"slice of a batch shaped like the planned one, [N, {', '.join(map(str, shape[1:]))}]"
+                    f"input[{i}] on this rank has shape {list(x.shape)}; an evaluation call takes {what} "
+                    f"shaped like the planned one, [N, {', '.join(map(str, shape[1:]))}]"
                 )
 
     def _build(self, key: tuple, inputs: Sequence[torch.Tensor]) -> Variant:
@@ -330,12 +339,13 @@ class FxparModule(nn.Module):
         rt = self._fxpar
         training, grad, amp, _ = key
         main = rt.main.plan
-        n = rt.num_ranks
+        n = rt.num_ranks if rt.input_placement == "shard" else 1
         global_inputs = [torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs]
         mode = "training" if training else "eval"
         what = f"building the {mode} step ({'with' if grad else 'without'} gradients{', autocast ' + str(amp) if amp else ''})"
 
-        gm = together(rt.control, what, lambda: capture_and_annotate(rt.source, global_inputs, grad=grad, autocast_dtype=amp))
+        gm = together(rt.control, what, lambda: capture_and_annotate(rt.source, global_inputs, grad=grad, autocast_dtype=amp,
+                                                                     input_placement=rt.input_placement))
         force = {fqn: spec_str(spec) for fqn, spec in main.param_specs.items()}
         leader = rt.control.ranks[0]
 

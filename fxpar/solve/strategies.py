@@ -12,11 +12,26 @@ from fxpar.rules import get_rule
 from fxpar.rules.registry import OpStrategy, combine, op_facts, op_info, output_values, tensor_arg_nodes
 
 
+# How the ranks are given the batch (``fxpar.compile``'s ``input_placement``): "shard" (each rank
+# its slice of dim 0, in rank order, as DDP) or "replicate" (every rank the whole batch).
+INPUT_PLACEMENTS = ("shard", "replicate")
+
+
+def graph_input_placement(graph) -> str:
+    """The ``input_placement`` a captured graph was recorded with (``gm.meta["fxpar_input_placement"]``,
+    which ``fxpar.planner.capture_and_annotate`` writes; "shard" where absent)."""
+    owner = graph.owning_module
+    return owner.meta.get("fxpar_input_placement", "shard") if owner is not None else "shard"
+
+
 def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
     val = node.meta["val"]
     shape = tuple(val.shape)
     ndim = len(mesh_shape)
     role = node.meta["fxpar_role"]
+    if role == "input" and graph_input_placement(node.graph) == "replicate":
+        # Every rank brings the whole global batch, as torch's tensor parallelism feeds its ranks.
+        return [OpStrategy((), ((R,) * ndim,))]
     if role == "input":
         # Each rank brings its own slice of the global batch, as with DDP: dim 0 is cut over all
         # devices in rank order.

@@ -84,6 +84,29 @@ def test_inductor_compiled_step_matches_single_process(reference, mesh, force):
     assert all(r[3] == "inductor" for r in results)
 
 
+@pytest.mark.parametrize(
+    "mesh, force, codegen",
+    [((2,), None, "eager"),
+     ((2,), {"layers.0.weight": "S(0)", "layers.1.weight": "S(1)"}, "eager"),  # Megatron-style block
+     ((2, 2), {"layers.0.weight": "(S(0),S(1))", "layers.1.weight": "(S(1),R)"}, "inductor")],
+    ids=["default", "megatron-block", "2d-inductor"],
+)
+def test_whole_batch_on_every_rank_matches_single_process(reference, mesh, force, codegen):
+    """``input_placement="replicate"``: every rank passes the whole global batch; the inputs are
+    planned replicated, so no collective brings a cut batch together, and training is exact."""
+    if codegen == "inductor" and cpp_compiler() is None:
+        pytest.skip("Inductor on CPU needs a C++ compiler")
+    results = fxpar.launch(t.train_fxpar_whole_batch, math.prod(mesh), mesh, NUM_STEPS, force, codegen)
+    _check(results, reference)
+    x, y = t.mlp_inputs(0)
+    for *_, input_specs, local_shapes in results:
+        assert input_specs == [["R"] * len(mesh)] * 2, input_specs
+        assert local_shapes == [tuple(x.shape), tuple(y.shape)], local_shapes
+    plan = fxpar.Plan.from_json(results[0][2])
+    assert plan.input_placement == "replicate"
+    assert fxpar.Plan.from_json(plan.to_json()).input_placement == "replicate"
+
+
 @pytest.mark.parametrize("nprocs, options", [(2, None), (4, None), (4, {"mesh_shape": (2, 2)})], ids=str)
 def test_torch_compile_backend_matches_single_process(reference, nprocs, options):
     _check(fxpar.launch(t.train_torch_compile, nprocs, NUM_STEPS, options), reference)

@@ -43,13 +43,15 @@ def mlp_inputs(step: int, batch: int = 16):
     return torch.randn(batch, 16, generator=g), torch.randint(0, 8, (batch,), generator=g)
 
 
-def train_mlp_steps(step_fn, parameters, rank: int, world: int, num_steps: int, lr: float = 0.05) -> list[float]:
-    """SGD with momentum through ``step_fn`` on this rank's slice of each global batch."""
+def train_mlp_steps(step_fn, parameters, rank: int, world: int, num_steps: int, lr: float = 0.05,
+                    whole_batch: bool = False) -> list[float]:
+    """SGD with momentum through ``step_fn`` on this rank's slice of each global batch (on all of
+    it with ``whole_batch``)."""
     opt = torch.optim.SGD(parameters, lr=lr, momentum=0.9)
     losses = []
     for step in range(num_steps):
         x, y = mlp_inputs(step)
-        loss = step_fn(x.chunk(world)[rank], y.chunk(world)[rank])
+        loss = step_fn(x, y) if whole_batch else step_fn(x.chunk(world)[rank], y.chunk(world)[rank])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,6 +71,24 @@ def train_fxpar(rank: int, mesh_shape, num_steps: int, force=None, cluster_name=
     compiled = fxpar.compile(model, mlp_inputs(0), cluster=cluster, mesh_shape=mesh_shape, plan=plan, codegen=codegen)
     losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps, lr)
     return losses, compiled.state_dict(), compiled.plan.to_json(), compiled.codegen
+
+
+def train_fxpar_whole_batch(rank: int, mesh_shape, num_steps: int, force=None, codegen: str = "eager"):
+    """``train_fxpar`` with ``input_placement="replicate"``: every rank passes the whole batch.
+    Also returns the plan's placements of the inputs and the shapes the rank's graph takes them in."""
+    torch.manual_seed(0)
+    model = mlp_model()
+    world = dist.get_world_size()
+    plan = None
+    if force is not None:
+        plan = fxpar.plan(model, mlp_inputs(0), mesh_shape=mesh_shape, force=force, input_placement="replicate")
+    compiled = fxpar.compile(model, mlp_inputs(0), mesh_shape=mesh_shape, plan=plan, codegen=codegen,
+                             input_placement="replicate")
+    losses = train_mlp_steps(compiled, compiled.parameters(), rank, world, num_steps, whole_batch=True)
+    inputs = [n.name for n in compiled.graph.graph.nodes if n.meta.get("fxpar_role") == "input"]
+    local = {n.name: tuple(n.meta["val"].shape) for n in compiled.local_graph.graph.nodes if n.op == "placeholder"}
+    return losses, compiled.state_dict(), compiled.plan.to_json(), compiled.codegen, \
+        [[repr(p) for p in compiled.plan.strategies[n].outputs[0]] for n in inputs], [local.get(n) for n in inputs]
 
 
 def train_torch_compile(rank: int, num_steps: int, options=None, lr: float = 0.05):
@@ -118,3 +138,14 @@ def finish_torchrun_rank(out_path: str, payload: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def pass_slice_with_whole_batch_placement(rank: int):
+    compiled = fxpar.compile(mlp_model(), mlp_inputs(0), codegen="eager", input_placement="replicate")
+    x, y = mlp_inputs(0)
+    return compiled(x.chunk(2)[rank], y.chunk(2)[rank])
+
+
+def compile_with_plan_of_other_placement(rank: int):
+    plan = fxpar.plan(mlp_model(), mlp_inputs(0), mesh_shape=(2,), input_placement="replicate")
+    return fxpar.compile(mlp_model(), mlp_inputs(0), plan=plan, codegen="eager")
