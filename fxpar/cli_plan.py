@@ -8,9 +8,10 @@
 with ``--batch B`` it is called as ``FACTORY(B)``. ``--cluster`` is a preset name or a cluster JSON
 file (``python -m fxpar calibrate --out FILE`` writes one). The plan prints as ``explain()`` and,
 with ``--out``, is written as JSON, which ``fxpar explain`` prints again. ``fxpar explain --measured
-MODULE:FACTORY`` also runs the plan on local gloo ranks (one per device of its mesh, eager runtime)
-under torch's profiler and prints predicted against measured time per op (``fxpar.profile_report``),
-priced with ``--cluster`` (the cluster the plan was made for).
+MODULE:FACTORY`` also runs the plan on local gloo ranks (one per device of its mesh; the eager
+runtime, or with ``--codegen inductor`` the compiled step) under torch's profiler and prints
+predicted against measured time per op (``fxpar.profile_report``), priced with ``--cluster`` (the
+cluster the plan was made for).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", default="cpu-local", help="the cluster the plan was made for (preset or JSON file)")
     parser.add_argument("--by", default="signature", choices=("signature", "op", "class"), help="rows per op signature, op or op class")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
+    parser.add_argument("--codegen", default="eager", choices=("eager", "inductor"),
+                        help="the runtime measured: op by op, or compiled by Inductor (generated kernels as one class, fused)")
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
@@ -120,6 +123,7 @@ def run_explain(args: argparse.Namespace) -> None:
         load_factory(args.measured)  # checks the name here; the ranks import it again
         factory = (args.measured, (args.batch,) if args.batch is not None else ())
         cluster = resolve_cluster(args.cluster, math.prod(plan.mesh_shape))
-        report = measure(factory, nprocs=math.prod(plan.mesh_shape), cluster=cluster, plan=plan, steps=args.steps, by=args.by)
+        report = measure(factory, nprocs=math.prod(plan.mesh_shape), cluster=cluster, plan=plan, steps=args.steps, by=args.by,
+                         codegen=args.codegen)
         print()
         print(report.table())

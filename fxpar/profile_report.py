@@ -2,9 +2,15 @@
 
 ``measure(factory, nprocs=2)`` plans the model that ``factory()`` returns (or takes a ``plan=``),
 runs its per-rank step with the **eager** runtime (``fxpar.compile(..., codegen="eager")``: the
-rewritten graph op by op, so that every profiler event is one graph op; the Inductor runtime fuses
-ops into kernels that no longer map to graph nodes) on ``nprocs`` gloo ranks (``fxpar.launch``)
-under ``torch.profiler``, and compares each op with the cost model's price of it.
+rewritten graph op by op, so that every profiler event is one graph op) on ``nprocs`` gloo ranks
+(``fxpar.launch``) under ``torch.profiler``, and compares each op with the cost model's price of it.
+
+With ``codegen="inductor"`` it runs the step the default runtime runs, compiled by Inductor with
+its kernel profiling on (CPU: ``cpp.enable_kernel_profile``, so each generated kernel is a profiler
+event). Library calls (matmuls, convolutions, attention) stay graph ops and keep their rows;
+Inductor's generated kernels fuse the graph's elementwise ops and reductions, so those are
+compared as one class, ``fused``: the nodes of the elementwise and reduction classes (predicted)
+against the generated kernels (measured, a row per kernel by signature).
 
 Measured: the CPU time of the profiler's top-level ``aten::`` events (those with no ``aten::``
 event above them; what an op calls inside itself belongs to it) in the timed steps (the compiled
@@ -21,8 +27,9 @@ profiler does not (or the other way round: ops the runtime adds, such as autogra
 accumulation or the collectives' copies) has a zero on one side. Collectives are one row,
 ``communication``: the plan's predicted time of all its collectives (``Plan.comm_s`` plus the
 gradient sync it predicts hidden under backward compute) against the measured CPU time of the
-top-level ``c10d::`` / ``gloo:`` events (the time a rank spends issuing and waiting for them,
-including waiting for slower ranks).
+top-level ``c10d::``, ``_c10d_functional::`` and ``gloo:`` events on the thread that runs the step
+(the time a rank spends issuing and waiting for them, including waiting for slower ranks; gloo's
+own threads, which do the transfers meanwhile, are left out).
 
     from fxpar.profile_report import measure
     report = measure(my_module.make_model_and_inputs, nprocs=2)   # an importable factory
@@ -49,7 +56,10 @@ from fxpar.rules.registry import input_source, op_facts, output_values, tensor_a
 
 Factory = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
 COMMUNICATION = "communication"
+FUSED = "fused"  # Inductor's generated kernels, and the elementwise and reduction nodes they fuse
 BY = ("signature", "op", "class")
+CODEGENS = ("eager", "inductor")
+COMM_PREFIXES = ("c10d::", "gloo:", "_c10d_functional::")
 
 
 @dataclass
@@ -80,6 +90,7 @@ class NodeReport:
     notes: list[str] = field(default_factory=list)
     # signature -> (class, nodes, seconds); signature -> [seconds, calls] per step; measured communication
     raw: dict = field(default_factory=dict, repr=False)
+    codegen: str = "eager"  # the runtime measured
 
     def regroup(self, by: str) -> NodeReport:
         """The same measurements keyed by ``by`` ("signature", "op" or "class")."""
@@ -94,13 +105,16 @@ class NodeReport:
             return sig[0] + "(" + ", ".join("x".join(map(str, s)) for s in sig[1]) + ")"
 
         rows: dict[str, Row] = {}
+        fused = self.codegen == "inductor"
         for sig, (klass, n, t) in self.raw["predicted"].items():
+            if fused and klass in ("elementwise", "reduction"):
+                klass = FUSED
             k = key_of(sig, klass)
             row = rows.setdefault(k, Row(k, klass, 0, 0.0, 0.0, 0.0))
             row.nodes += n
             row.predicted_s += t
         for sig, (seconds, calls) in self.raw["measured"].items():
-            klass = _class_of(sig[0])
+            klass = FUSED if _is_kernel(sig[0]) else _class_of(sig[0])
             k = key_of(sig, klass)
             row = rows.setdefault(k, Row(k, klass, 0, 0.0, 0.0, 0.0))
             row.calls += calls
@@ -117,12 +131,17 @@ class NodeReport:
         if unpriced:
             notes.append(f"{len(unpriced)} measured row(s) have no graph node (ops the runtime or autograd adds, or "
                          f"shapes that differ from the graph's): {sum(r.measured_s for r in unpriced) * 1e3:.3f} ms a step.")
+        outside = self.raw.get("step_s", 0.0) - sum(r.measured_s for r in ordered)
+        if self.raw.get("step_s"):
+            notes.append(f"{outside * 1e3:.3f} ms of the measured step (mean over ranks) is in no row: the Python around "
+                         "the ops (the compiled graph's wrapper, the module's call), autograd's hand-over of the "
+                         "gradients, the profiler's own events.")
         return NodeReport(ordered, self.plan, self.cluster, self.nprocs, self.steps, by, self.measured_step_s,
-                          notes, self.raw)
+                          notes, self.raw, self.codegen)
 
     def table(self, limit: int | None = None) -> str:
         ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
-        lines = [f"Plan on mesh {list(self.plan.mesh_shape)} priced for {self.cluster!r}; eager runtime on "
+        lines = [f"Plan on mesh {list(self.plan.mesh_shape)} priced for {self.cluster!r}; {self.codegen} runtime on "
                  f"{self.nprocs} gloo rank(s), {self.steps} profiled step(s); per step, mean over ranks.", "",
                  f"| {self.by} | class | graph nodes | calls measured | predicted ms | measured ms | error ms | error |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -182,19 +201,29 @@ def predicted_by_signature(gm, plan: Plan, cluster: Cluster) -> dict[tuple[str, 
     return out
 
 
+def _is_kernel(name: str) -> bool:
+    """Whether a profiler event is a kernel Inductor generated (``graph_0_cpp_fused_relu_3``)."""
+    return "cpp_fused_" in name or "triton_" in name
+
+
 def _top_level(events) -> tuple[dict, float]:
-    """({(aten name, shapes): [microseconds, calls]}, communication microseconds) of the events with
-    no aten:: event above them."""
+    """({(aten name or generated kernel, shapes): [microseconds, calls]}, communication microseconds)
+    of the events with no aten::, collective or generated-kernel event above them, on the thread
+    that ran the profiled steps (the ``fxpar_step`` ranges)."""
     ops: dict = {}
     comm = 0.0
+    # The thread that runs the step: a collective's work on gloo's own threads overlaps it in time.
+    steps = {e.thread for e in events if e.name == "fxpar_step"}
     for e in events:
         name = e.name
-        is_comm = name.startswith(("c10d::", "gloo:"))
-        if not (name.startswith("aten::") or is_comm):
+        if steps and e.thread not in steps:
+            continue
+        is_comm = name.startswith(COMM_PREFIXES)
+        if not (name.startswith("aten::") or is_comm or _is_kernel(name)):
             continue
         parent, nested = e.cpu_parent, False
         while parent is not None:
-            if parent.name.startswith(("aten::", "c10d::", "gloo:")):
+            if parent.name.startswith(("aten::", *COMM_PREFIXES)) or _is_kernel(parent.name):
                 nested = True
                 break
             parent = parent.cpu_parent
@@ -202,6 +231,13 @@ def _top_level(events) -> tuple[dict, float]:
             continue
         if is_comm:
             comm += e.cpu_time_total
+            continue
+        if _is_kernel(name):
+            # graph_0_cpp_fused_relu_3: the graph's index is the compile's, not the kernel's.
+            key = (name.split("_", 2)[2] if name.startswith("graph_") else name, ())
+            slot = ops.setdefault(key, [0.0, 0])
+            slot[0] += e.cpu_time_total
+            slot[1] += 1
             continue
         key = (name, _shapes_key(e.input_shapes or ()))
         slot = ops.setdefault(key, [0.0, 0])
@@ -222,8 +258,9 @@ def _load_factory(spec) -> Factory:
     return (lambda: fn(*args)) if args else fn
 
 
-def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int) -> dict:
+def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int, codegen: str = "eager") -> dict:
     import torch.distributed as dist
+    from torch._inductor import config
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import fxpar
@@ -231,16 +268,19 @@ def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int) -> d
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model, inputs = _load_factory(factory_spec)()
-    compiled = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json), codegen="eager")
+    plan = Plan.from_json(plan_json)
+    compiled = fxpar.compile(model, inputs, plan=plan, codegen=codegen, input_placement=plan.input_placement)
     world = dist.get_world_size()
-    local = [t.chunk(world)[rank] for t in inputs]
+    local = list(inputs) if plan.input_placement == "replicate" else [t.chunk(world)[rank] for t in inputs]
 
     def step():
         loss = compiled(*local)
         loss.backward()
 
-    for _ in range(warmup):
-        step()
+    # The first call compiles (Inductor), with every generated CPU kernel recording a profiler event.
+    with config.patch({"cpp.enable_kernel_profile": True}):
+        for _ in range(max(1, warmup)):
+            step()
     walls = []
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
@@ -250,7 +290,7 @@ def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int) -> d
                 step()
             walls.append(time.perf_counter() - start)
     ops, comm = _top_level(prof.events())
-    return {"ops": ops, "comm_us": comm, "walls": walls}
+    return {"ops": ops, "comm_us": comm, "walls": walls, "codegen": compiled.codegen}
 
 
 def measure(
@@ -263,36 +303,51 @@ def measure(
     warmup: int = 1,
     by: str = "signature",
     optimizer: str = "adam",
+    codegen: str = "eager",
 ) -> NodeReport:
     """Run the plan of ``factory()``'s model (``plan``, or fxpar's own for ``cluster`` on mesh
     ``(nprocs,)``; default cluster: the ``cpu-local`` preset) on ``nprocs`` gloo ranks and report
     predicted against measured time per op signature (``by="signature"``), op (``"op"``) or op
     class (``"class"``). ``factory`` (a top-level function, ``"module:function"``, or
     ``("module:function", args)``) returns the model and its example global batch, the same on
-    every call (every rank calls it)."""
+    every call (every rank calls it). ``codegen``: the runtime measured, ``"eager"`` (op by op)
+    or ``"inductor"`` (the compiled step; see the module's docstring)."""
     import fxpar
     from fxpar.planner import capture_and_annotate, plan_graph
 
     if by not in BY:
         raise ValueError(f"by={by!r}; give one of {list(BY)}")
+    if codegen not in CODEGENS:
+        raise ValueError(f"codegen={codegen!r}; give one of {list(CODEGENS)}")
     model, inputs = _load_factory(factory)()
-    gm = capture_and_annotate(model, inputs)
+    gm = capture_and_annotate(model, inputs, input_placement=plan.input_placement if plan is not None else "shard")
     if cluster is None:
         cluster = fxpar.preset("cpu-local")
     if plan is None:
         plan, _ = plan_graph(gm, cluster=cluster, mesh_shape=(nprocs,), optimizer=optimizer)
     predicted = predicted_by_signature(gm, plan, cluster)
-    results = fxpar.launch(_rank, nprocs, factory, plan.to_json(), steps, warmup)
+    results = fxpar.launch(_rank, nprocs, factory, plan.to_json(), steps, warmup, codegen)
     measured: dict = {}
     for r in results:
         for key, (us, calls) in r["ops"].items():
             slot = measured.setdefault(key, [0.0, 0.0])
             slot[0] += us * 1e-6 / steps / len(results)
             slot[1] += calls / steps / len(results)
+    if codegen == "inductor":
+        # Inductor calls a library op with its output buffer (``extern_kernels.addmm(..., out=buf)``),
+        # one shape more than the graph's node: the same row.
+        for key in [k for k in measured if k not in predicted and (k[0], k[1][:-1]) in predicted]:
+            slot = measured.setdefault((key[0], key[1][:-1]), [0.0, 0.0])
+            seconds, calls = measured.pop(key)
+            slot[0] += seconds
+            slot[1] += calls
     comm = sum(r["comm_us"] for r in results) * 1e-6 / steps / len(results)
     walls = [max(r["walls"][i] for r in results) for i in range(steps)]
-    raw = {"predicted": predicted, "measured": measured, "comm_s": comm}
-    return NodeReport([], plan, cluster.name, nprocs, steps, by, statistics.median(walls), raw=raw).regroup(by)
+    step_s = sum(sum(r["walls"]) for r in results) / steps / len(results)
+    raw = {"predicted": predicted, "measured": measured, "comm_s": comm, "step_s": step_s}
+    ran = results[0]["codegen"]  # "eager" where Inductor fell back (no C++ compiler)
+    return NodeReport([], plan, cluster.name, nprocs, steps, by, statistics.median(walls), raw=raw,
+                      codegen=ran).regroup(by)
 
 
 def _class_of(name: str) -> str:

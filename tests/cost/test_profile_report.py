@@ -70,3 +70,30 @@ def test_measured_column_comes_from_the_profiler_on_two_ranks(planned):
     # By signature, the matmuls keep their own rows, with profiler calls matching the graph's nodes.
     mm = [r for r in sig.rows if r.key.startswith("aten::addmm") and r.nodes > 0]
     assert mm and all(r.measured_s > 0 and r.calls == r.nodes for r in mm), mm
+
+
+def test_compiled_step_is_measured_by_class_with_generated_kernels_as_fused(planned):
+    from fxpar.runtime.codegen import cpp_compiler
+
+    if cpp_compiler() is None:
+        pytest.skip("Inductor on CPU needs a C++ compiler")
+    gm, plan, cluster = planned
+    report = measure(tiny_mlp, nprocs=2, cluster=cluster, plan=plan, steps=2, by="class", codegen="inductor")
+    print(report.table())
+    assert report.codegen == "inductor"
+    by_key = {r.key: r for r in report.rows}
+    predicted = predicted_by_signature(gm, plan, cluster)
+    # The elementwise and reduction nodes are priced as one class against Inductor's kernels.
+    fused = by_key["fused"]
+    assert fused.predicted_s == pytest.approx(sum(v[2] for v in predicted.values() if v[0] in ("elementwise", "reduction")))
+    assert fused.measured_s > 0 and fused.calls > 0
+    # What is left in those classes is measured only: ops the runtime adds (autograd's accumulation).
+    assert all(by_key[k].nodes == 0 and by_key[k].predicted_s == 0 for k in ("elementwise", "reduction") if k in by_key)
+    # The library matmuls keep their own class; the collectives (functional, waited for) are measured.
+    assert by_key["matmul"].measured_s > 0 and by_key["matmul"].nodes > 0
+    # By signature, each matmul node's row is measured once per step (Inductor's out= buffer folded in).
+    sig = report.regroup("signature")
+    mm = [r for r in sig.rows if r.key.startswith(("aten::addmm", "aten::mm")) and r.nodes > 0]
+    assert mm and all(r.calls == r.nodes for r in mm), mm
+    assert by_key[COMMUNICATION].measured_s > 0
+    assert "inductor runtime" in report.table() and "is in no row" in report.table()
