@@ -221,13 +221,13 @@ def _top_level(events) -> tuple[dict, float]:
         is_comm = name.startswith(COMM_PREFIXES)
         if not (name.startswith("aten::") or is_comm or _is_kernel(name)):
             continue
-        parent, nested = e.cpu_parent, False
+        parent, nested, inside = e.cpu_parent, False, not steps
         while parent is not None:
             if parent.name.startswith(("aten::", *COMM_PREFIXES)) or _is_kernel(parent.name):
                 nested = True
-                break
+            inside = inside or parent.name == "fxpar_step"
             parent = parent.cpu_parent
-        if nested:
+        if nested or not inside:
             continue
         if is_comm:
             comm += e.cpu_time_total
@@ -273,14 +273,21 @@ def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int, code
     world = dist.get_world_size()
     local = list(inputs) if plan.input_placement == "replicate" else [t.chunk(world)[rank] for t in inputs]
 
+    params = list(compiled.parameters())
+
     def step():
         loss = compiled(*local)
         loss.backward()
+
+    def zero_grad():  # as a training loop's optimizer.zero_grad() does, outside the timed step
+        for p in params:
+            p.grad = None
 
     # The first call compiles (Inductor), with every generated CPU kernel recording a profiler event.
     with config.patch({"cpp.enable_kernel_profile": True}):
         for _ in range(max(1, warmup)):
             step()
+            zero_grad()
     walls = []
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
@@ -289,6 +296,7 @@ def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int, code
             with record_function("fxpar_step"):
                 step()
             walls.append(time.perf_counter() - start)
+            zero_grad()
     ops, comm = _top_level(prof.events())
     return {"ops": ops, "comm_us": comm, "walls": walls, "codegen": compiled.codegen}
 
