@@ -120,7 +120,9 @@ class NodeReport:
             row.calls += calls
             row.measured_s += seconds
         hidden = float(self.plan.solver.get("hidden_grad_sync_s", 0.0) or 0.0)
-        rows[COMMUNICATION] = Row(COMMUNICATION, COMMUNICATION, 0, 0.0, self.plan.comm_s + hidden, self.raw["comm_s"])
+        in_ops = self.raw.get("comm_in_ops_s", 0.0)
+        rows[COMMUNICATION] = Row(COMMUNICATION, COMMUNICATION, 0, 0.0, self.plan.comm_s + hidden + in_ops,
+                                  self.raw["comm_s"])
         ordered = sorted(rows.values(), key=lambda r: -abs(r.error_s))
         unpriced = [r for r in ordered if r.nodes == 0 and r.key != COMMUNICATION]
         notes = []
@@ -128,6 +130,9 @@ class NodeReport:
             notes.append(f"communication: predicted {hidden * 1e3:.3f} ms of the collectives' time hidden under backward "
                          "compute (gradient sync) and the rest blocking; measured is the CPU time of the c10d/gloo "
                          "events (issuing, and waiting for the collective and for the other ranks).")
+        if in_ops:
+            notes.append(f"communication: {in_ops * 1e3:.3f} ms of it is predicted inside ops (batch norm's statistics "
+                         "over a cut batch), which the plan counts as their compute.")
         if unpriced:
             notes.append(f"{len(unpriced)} measured row(s) have no graph node (ops the runtime or autograd adds, or "
                          f"shapes that differ from the graph's): {sum(r.measured_s for r in unpriced) * 1e3:.3f} ms a step.")
@@ -186,15 +191,26 @@ def node_signature(node, strategy, mesh_shape) -> tuple[str, tuple]:
     return _aten_name(node.target), tuple(shapes)
 
 
+def predicted_collectives_in_ops(gm, plan: Plan, cluster: Cluster) -> float:
+    """Seconds of the collectives that ops run inside themselves under the plan (batch norm's
+    statistics, ``CostModel.batch_norm_stats_time``), which ``compute_time`` includes."""
+    cm = CostModel(cluster, plan.mesh_shape)
+    return sum(cm.batch_norm_stats_time(n, plan.strategies[n.name]) for n in gm.graph.nodes
+               if n.op == "call_function" and n.name in plan.strategies)
+
+
 def predicted_by_signature(gm, plan: Plan, cluster: Cluster) -> dict[tuple[str, tuple], tuple[str, int, float]]:
-    """signature -> (op class, graph nodes, predicted seconds) for every aten node of the plan."""
+    """signature -> (op class, graph nodes, predicted seconds) for every aten node of the plan,
+    the collectives it runs inside itself left out (``predicted_collectives_in_ops``)."""
     cm = CostModel(cluster, plan.mesh_shape)
     out: dict = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.name not in plan.strategies or _aten_name(node.target) is None:
             continue
         strategy = plan.strategies[node.name]
-        t = cm.compute_time(node, strategy)  # 0 for views: they keep a row, to show what they measure
+        # 0 for views: they keep a row, to show what they measure. Batch norm's statistics
+        # collectives, which the cost model prices with the node, go to the communication row.
+        t = cm.compute_time(node, strategy) - cm.batch_norm_stats_time(node, strategy)
         key = node_signature(node, strategy, plan.mesh_shape)
         klass, n, total = out.get(key, (op_class(node), 0, 0.0))
         out[key] = (klass, n + 1, total + t)
@@ -352,7 +368,8 @@ def measure(
     comm = sum(r["comm_us"] for r in results) * 1e-6 / steps / len(results)
     walls = [max(r["walls"][i] for r in results) for i in range(steps)]
     step_s = sum(sum(r["walls"]) for r in results) / steps / len(results)
-    raw = {"predicted": predicted, "measured": measured, "comm_s": comm, "step_s": step_s}
+    raw = {"predicted": predicted, "measured": measured, "comm_s": comm, "step_s": step_s,
+           "comm_in_ops_s": predicted_collectives_in_ops(gm, plan, cluster)}
     ran = results[0]["codegen"]  # "eager" where Inductor fell back (no C++ compiler)
     return NodeReport([], plan, cluster.name, nprocs, steps, by, statistics.median(walls), raw=raw,
                       codegen=ran).regroup(by)

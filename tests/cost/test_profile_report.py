@@ -97,3 +97,32 @@ def test_compiled_step_is_measured_by_class_with_generated_kernels_as_fused(plan
     assert mm and all(r.calls == r.nodes for r in mm), mm
     assert by_key[COMMUNICATION].measured_s > 0
     assert "inductor runtime" in report.table() and "is in no row" in report.table()
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x, y):
+        return torch.nn.functional.cross_entropy(self.bn(self.conv(x)).mean((2, 3)), y)
+
+
+def test_batch_norm_statistics_are_predicted_in_the_communication_row():
+    from fxpar.profile_report import predicted_collectives_in_ops
+
+    model = _ConvBN()
+    inputs = (torch.randn(8, 3, 6, 6), torch.randint(0, 8, (8,)))
+    gm = capture_and_annotate(model, inputs)
+    cluster = fxpar.preset("cpu-local")
+    from fxpar.placement import Shard
+    from fxpar.solve.strategies import node_strategies
+
+    bn = next(n for n in gm.graph.nodes if n.target is torch.ops.aten._native_batch_norm_legit_functional.default)
+    cut = next(s for s in node_strategies(bn, (2,)) if s.inputs[0] == (Shard(0),))
+    plan, _ = plan_graph(gm, cluster=cluster, mesh_shape=(2,), force={bn.name: cut.label()}, time_limit_s=20)
+    in_ops = predicted_collectives_in_ops(gm, plan, cluster)
+    assert in_ops > 0  # the batch is cut: statistics gathered forward, summed backward
+    per_node = sum(v[2] for v in predicted_by_signature(gm, plan, cluster).values())
+    assert per_node + in_ops == pytest.approx(plan.compute_s - plan.solver["optimizer_s"], rel=1e-6)
