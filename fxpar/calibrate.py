@@ -313,6 +313,45 @@ def _optimizers(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list
     return out
 
 
+HANDOFF_PARAMS = 32  # DTensor parameters whose gradients the hand-over measurement passes per step
+
+
+def _handoff(rank: int, sizes: Sizes, device: torch.device) -> list[float]:
+    """Seconds per parameter per repeat of what ``FxparModule`` does for its trainable parameters
+    around the compiled graph, through its own autograd function (``fxpar.runtime.module._Step``)
+    with a stand-in for the graph (which returns gradients made beforehand): carrying
+    ``HANDOFF_PARAMS`` replicated DTensor parameters into the step, handing their gradients to
+    autograd's accumulation, and clearing them as ``zero_grad()`` does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from fxpar.runtime.module import _Step
+
+    _say(rank, f"gradient hand-over: {HANDOFF_PARAMS} DTensor parameters through the module's autograd function")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    params = [torch.nn.Parameter(DTensor.from_local(torch.randn(256, device=device), mesh, [Replicate()], run_check=False))
+              for _ in range(HANDOFF_PARAMS)]
+    grads = [torch.ones(256, device=device) for _ in params]
+    loss = torch.zeros((), device=device)
+
+    class Graph:  # the compiled graph's stand-in: the loss and this rank's gradients
+        @staticmethod
+        def run(local, rest):
+            return loss, grads, []
+
+    class Module:
+        @staticmethod
+        def _apply_updates(variant, updates):
+            pass
+
+    def step() -> None:
+        _Step.apply(Module, Graph, len(params), *params).backward()
+        for p in params:
+            p.grad = None
+
+    return [t / len(params) for t in _time(step, device, sizes.repeats)]
+
+
 def _fit_optimizer(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(seconds per parameter, seconds per byte) of a line through (bytes, seconds) points, least
     squares, neither below zero."""
@@ -337,8 +376,10 @@ def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     overlap = _overlap(rank, sizes, device)
     in_step = _in_step(rank, sizes, device)
     optimizers = _optimizers(rank, sizes, device)
+    handoff = _handoff(rank, sizes, device)
     return {"compute": compute, "collectives": comms, "overlap": overlap, "in_step": in_step, "optimizers": optimizers,
-            "threads": torch.get_num_threads(), "device": device.type, "backend": str(dist.get_backend())}
+            "handoff": handoff, "threads": torch.get_num_threads(), "device": device.type,
+            "backend": str(dist.get_backend())}
 
 
 def merge_measurements(runs: list[list[dict]]) -> list[dict]:
@@ -357,6 +398,8 @@ def merge_measurements(runs: list[list[dict]]) -> list[dict]:
         for part in ("overlap", "in_step"):
             for key in first.get(part, {}):
                 rank[part][key] = [t for r in per_run for t in r[part][key]]
+        if all("handoff" in r for r in per_run):
+            rank["handoff"] = [t for r in per_run for t in r["handoff"]]
         merged.append(rank)
     return merged
 
@@ -458,6 +501,9 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
             points = [(entries[0][0], _slowest([ts for _, ts in entries], quantile)) for entries in zip(*per_rank)]
             opt_raw[optimizer] = [{"bytes": b, "seconds": t} for b, t in points]
             opt_fit[optimizer] = _fit_optimizer(points)
+    # The runtime's hand-over of each parameter's gradient (measurements from before it was taken
+    # have none: 0, as before).
+    handoff = _slowest([r["handoff"] for r in results], quantile) if all("handoff" in r for r in results) else 0.0
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -478,6 +524,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         peak_flops_by_dtype=peak_by_dtype,
         optimizer_param_s={k: v[0] for k, v in opt_fit.items()},
         optimizer_byte_s={k: v[1] for k, v in opt_fit.items()},
+        gradient_handoff_s=handoff,
     )
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
@@ -486,6 +533,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         "ranks": world, "threads_per_rank": first["threads"], "quantile": quantile, "backend": first["backend"], "torch": torch.__version__,
         "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall_s, 1),
         "compute": raw, "collectives": links_raw, "overlap": t, "in_step": in_step_t, "optimizers": opt_raw,
+        "gradient_handoff_s": handoff,
     }}
     source = f"python -m fxpar calibrate on {platform.node()} ({world} ranks, {first['backend']}) {extra['calibration']['date']}"
     return Cluster(name, device, world, (link,), source=source, extra=extra)
@@ -522,6 +570,7 @@ def summary(c: Cluster) -> str:
              f"overlap of async collectives with compute {d.overlap_efficiency:.2f}"]
     lines += [f"  {k:<15} update {d.optimizer_param_s[k] * 1e6:7.1f} us per parameter + {d.optimizer_byte_s[k] * 1e9:.3f} ns per byte"
               for k in d.optimizer_param_s]
+    lines += [f"  gradient hand-over {d.gradient_handoff_s * 1e6:7.1f} us per trainable parameter and step"]
     lines += [f"  {k:<15} bus bandwidth {link.figures(k)[0] / 1e9:8.3f} GB/s, latency {link.figures(k)[1] * 1e6:8.1f} us per hop"
               for k in COLLECTIVES]
     return "\n".join(lines)

@@ -88,6 +88,11 @@ class DeviceSpec:
     # device's piece. An optimizer without an entry is priced by the roofline of its kernels.
     optimizer_param_s: dict[str, float] = field(default_factory=dict)
     optimizer_byte_s: dict[str, float] = field(default_factory=dict)
+    # Seconds per trainable parameter and step that fxpar's runtime spends outside the compiled
+    # graph: carrying the parameter into the step and handing its gradient to autograd (a DTensor
+    # per gradient, autograd's accumulation into ``.grad``, and clearing it for the next step), timed
+    # by ``fxpar.calibrate`` through the module's own autograd function; 0 where not measured.
+    gradient_handoff_s: float = 0.0
 
     def peak_flops_for(self, dtype: torch.dtype | str) -> float:
         """Peak FLOP/s of a kernel computing in ``dtype`` (a torch dtype, or a name: ``"tf32"``,
@@ -227,6 +232,7 @@ class Cluster:
         ])
         _check_positive(self.name, [
             (d.kernel_overhead_s, "device.kernel_overhead_s"),
+            (d.gradient_handoff_s, "device.gradient_handoff_s"),
             (d.board_power_w, "device.board_power_w"),
             (d.idle_power_w, "device.idle_power_w"),
             *[(link.latency, f"links[{i}].latency") for i, link in enumerate(self.links)],

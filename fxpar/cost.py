@@ -372,6 +372,12 @@ class CostModel:
         kernels, passes = OPTIMIZER_KERNELS[optimizer]
         return kernels * self.roofline(0.0, passes * nbytes / kernels, "elementwise")
 
+    def gradient_handoff_time(self) -> float:
+        """Seconds per trainable parameter and step of the runtime's work outside the compiled graph
+        (``DeviceSpec.gradient_handoff_s``): the same for every strategy, so it moves every plan's
+        predicted step alike and no choice between them."""
+        return self.cluster.device.gradient_handoff_s
+
     def bytes_per_device(self, t: torch.Tensor, spec: Spec) -> int:
         return t.numel() * t.element_size() // num_pieces(spec, self.mesh_shape)
 

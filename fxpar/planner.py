@@ -389,7 +389,8 @@ def plan_graph(
     assignment = {n: problem.strategies[n][k] for n, k in sol.choice.items()}
     parts = problem.breakdown(sol.choice)
     update = sum(problem.update_cost[n][k] for n, k in sol.choice.items() if n in problem.update_cost)
-    compute = update + sum(cost_model.compute_time(n, problem.strategies[n][k]) for n, k in sol.choice.items())
+    handoff = cost_model.gradient_handoff_time() * len(problem.update_cost)
+    compute = update + handoff + sum(cost_model.compute_time(n, problem.strategies[n][k]) for n, k in sol.choice.items())
     recompute_s = recompute_split(problem, sol.choice, sol.recompute) if sol.recompute else (0.0, 0.0)
     compute += recompute_s[0]
     params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["fxpar_role"] == "param"]
@@ -415,6 +416,8 @@ def plan_graph(
             "num_memory_sets": sol.num_memory_sets,
             "num_live_sets": len(problem.live_sets),
             "optimizer_s": update,
+            # Written only where calibrated, so other plans' text is unchanged.
+            **({"gradient_handoff_s": handoff} if handoff else {}),
             "grad_sync_s": parts["grad_sync"],
             "hidden_grad_sync_s": parts["grad_sync"] - parts["exposed_grad_sync"],
             "build_s": problem.build_seconds,

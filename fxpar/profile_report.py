@@ -57,6 +57,7 @@ from fxpar.rules.registry import input_source, op_facts, output_values, tensor_a
 Factory = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
 COMMUNICATION = "communication"
 FUSED = "fused"  # Inductor's generated kernels, and the elementwise and reduction nodes they fuse
+RUNTIME = "runtime (outside the ops)"
 BY = ("signature", "op", "class")
 CODEGENS = ("eager", "inductor")
 COMM_PREFIXES = ("c10d::", "gloo:", "_c10d_functional::")
@@ -136,11 +137,15 @@ class NodeReport:
         if unpriced:
             notes.append(f"{len(unpriced)} measured row(s) have no graph node (ops the runtime or autograd adds, or "
                          f"shapes that differ from the graph's): {sum(r.measured_s for r in unpriced) * 1e3:.3f} ms a step.")
-        outside = self.raw.get("step_s", 0.0) - sum(r.measured_s for r in ordered)
         if self.raw.get("step_s"):
-            notes.append(f"{outside * 1e3:.3f} ms of the measured step (mean over ranks) is in no row: the Python around "
+            # What the measured step spends in none of the rows above, against the runtime's work
+            # around the graph that the plan prices (the gradients' hand-over).
+            outside = self.raw["step_s"] - sum(r.measured_s for r in ordered)
+            handoff = float(self.plan.solver.get("gradient_handoff_s", 0.0) or 0.0)
+            ordered = sorted([*ordered, Row(RUNTIME, RUNTIME, 0, 0.0, handoff, outside)], key=lambda r: -abs(r.error_s))
+            notes.append(f"{RUNTIME}: the measured step (mean over ranks) outside every other row: the Python around "
                          "the ops (the compiled graph's wrapper, the module's call), autograd's hand-over of the "
-                         "gradients, the profiler's own events.")
+                         "gradients, the profiler's own events; predicted, the plan's gradient hand-over.")
         return NodeReport(ordered, self.plan, self.cluster, self.nprocs, self.steps, by, self.measured_step_s,
                           notes, self.raw, self.codegen)
 

@@ -544,8 +544,11 @@ def build_problem(
     # replicated parameter whole on every device, a sharded one in pieces), outside the window the
     # gradient synchronization can hide behind: the update is a cost of the parameter's strategy.
     update_cost = {p: [cost_model.optimizer_time(p.meta["val"], s.outputs[0], optimizer) for s in strategies[p]] for p in params}
+    # The runtime's hand-over of each parameter's gradient (outside the graph; the same under every
+    # strategy) is a cost of the step too.
+    handoff = cost_model.gradient_handoff_time()
     for p, costs in update_cost.items():
-        node_cost[p] = [c + u for c, u in zip(node_cost[p], costs)]
+        node_cost[p] = [c + u + handoff for c, u in zip(node_cost[p], costs)]
     factor = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
     param_mem = {p: [factor * spec_bytes(p.meta["val"], s.outputs[0], mesh_shape) for s in strategies[p]] for p in params}
     live_sets = _liveness(gm)

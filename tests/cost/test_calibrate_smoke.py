@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+import pytest
 
 import fxpar
 from fxpar.__main__ import main
@@ -14,7 +17,8 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     main(["calibrate", "--quick", "--max-ranks", "2", "--out", str(path), "--name", "here"])
     out = capfd.readouterr().out
     # Progress while it runs (from the ranks), then the summary.
-    for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks", "optimizer updates"):
+    for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks", "optimizer updates",
+                  "gradient hand-over"):
         assert f"[calibrate] {stage}" in out
     assert "[calibrate] matmul 64x128 @ 128x128 in bfloat16" in out
     assert f"wrote {path}" in out
@@ -34,7 +38,17 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     assert set(d.optimizer_param_s) == set(d.optimizer_byte_s) == {"sgd", "sgd-momentum", "adam", "adamw"}
     assert all(math.isfinite(v) and v >= 0 for v in (*d.optimizer_param_s.values(), *d.optimizer_byte_s.values()))
     assert d.optimizer_param_s["adam"] > 0
+    # The runtime's hand-over of each parameter's gradient, timed through the module's autograd function.
+    assert math.isfinite(d.gradient_handoff_s) and d.gradient_handoff_s > 0
+    assert c.extra["calibration"]["gradient_handoff_s"] == d.gradient_handoff_s
     assert fxpar.Cluster.from_json(c.to_json()) == c
     model = fxpar.models.MLP((16, 32, 4))
     plan = fxpar.plan(model, model.example_inputs(8), cluster=c)
     assert plan.mesh_shape == (2,) and plan.predicted_step_s > 0
+    # Priced once per trainable parameter (4 here), the same under every strategy: the plan is the
+    # one of the profile without it, its predicted step longer by exactly that.
+    assert plan.solver["gradient_handoff_s"] == pytest.approx(4 * d.gradient_handoff_s)
+    without = dataclasses.replace(c, device=dataclasses.replace(d, gradient_handoff_s=0.0))
+    other = fxpar.plan(model, model.example_inputs(8), cluster=without)
+    assert other.strategies == plan.strategies
+    assert plan.predicted_step_s == pytest.approx(other.predicted_step_s + 4 * d.gradient_handoff_s, rel=1e-9)
