@@ -54,6 +54,11 @@ class Sizes:
     # weight matrix's update does, not from cache.
     optimizer_numel: tuple[int, ...] = (256, 1 << 20)
     optimizer_params: int = 16
+    # Seconds of matmuls and memory streams on every rank before anything is timed: a device under
+    # sustained load (as in training) runs slower than one just woken (CPU clocks, caches). On this
+    # project's 2-core machines, 30 s of it took the matmul rate to 0.91x and the elementwise rate
+    # to 0.73x of a cold measurement (docs/cost-model.md, Calibration).
+    warmup_s: float = 10.0
 
 
 # The dtypes whose matmul speed is measured against float32 (keys of DeviceSpec.peak_flops_by_dtype).
@@ -64,7 +69,7 @@ DTYPE_MATMULS = {f"matmul_{dtype_name(d)}": dtype_name(d) for d in LOW_PRECISION
 # the machine has no fast path for (float16 on many CPUs) would otherwise take most of the run.
 SLOW_KERNEL_S = 0.05
 
-QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3, (256, 1 << 14))
+QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3, (256, 1 << 14), warmup_s=0.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -363,12 +368,29 @@ def _fit_optimizer(points: list[tuple[float, float]]) -> tuple[float, float]:
     return fixed, per_byte
 
 
+def _warm_up(rank: int, sizes: Sizes, device: torch.device) -> None:
+    """``sizes.warmup_s`` seconds of the first matmul and the largest memory stream (its output
+    allocated per call) on every rank at once, untimed: the device's sustained state."""
+    if sizes.warmup_s <= 0:
+        return
+    _say(rank, f"warming up: {sizes.warmup_s:g} s of matmuls and memory streams")
+    m, k, n = sizes.matmuls[0]
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    x = torch.randn(sizes.stream_numel[-1], device=device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < sizes.warmup_s:
+        torch.mm(a, b)
+        torch.relu(x + 1.0)
+    _sync(device)
+
+
 def measure(rank: int, sizes: Sizes, *, verbose: bool = True) -> dict:
     """One rank's raw measurements (call inside a process group; every rank must call it)."""
     _VERBOSE[0] = verbose
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     world = dist.get_world_size()
     _say(rank, f"{world} ranks on {device.type}, backend {dist.get_backend()}, {torch.get_num_threads()} threads per rank")
+    _warm_up(rank, sizes, device)
     dist.barrier()
     compute = _compute(rank, sizes, device)
     dist.barrier()

@@ -63,7 +63,7 @@ from fxpar.cost import CostModel  # noqa: E402
 from fxpar.plan import Plan  # noqa: E402
 from fxpar.planner import capture_and_annotate  # noqa: E402
 
-ROUND_SIZES = Sizes(repeats=2)  # the calibration pass of every round
+ROUND_SIZES = Sizes(repeats=2, warmup_s=0.0)  # the calibration pass of every round (right after steps: warm)
 
 
 def _plan_all(models: list[str], cluster: fxpar.Cluster, nprocs: int) -> dict[str, str]:
