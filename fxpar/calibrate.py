@@ -54,6 +54,11 @@ class Sizes:
     # weight matrix's update does, not from cache.
     optimizer_numel: tuple[int, ...] = (256, 1 << 20)
     optimizer_params: int = 16
+    # Rows of the in-step measurement's matmuls (``rows`` x k @ k x n of the first matmul's k and n):
+    # compute segments of about 0.7, 2 and 9 ms between blocking collectives on this project's CPUs,
+    # the range a step's layers have. What a collective adds depends on the segment, and not
+    # monotonically, so the extra priced is the median over these.
+    in_step_rows: tuple[int, ...] = (16, 64, 256)
     # Seconds of matmuls and memory streams on every rank before anything is timed: a device under
     # sustained load (as in training) runs slower than one just woken (CPU clocks, caches). On this
     # project's 2-core machines, 30 s of it took the matmul rate to 0.91x and the elementwise rate
@@ -69,7 +74,8 @@ DTYPE_MATMULS = {f"matmul_{dtype_name(d)}": dtype_name(d) for d in LOW_PRECISION
 # the machine has no fast path for (float16 on many CPUs) would otherwise take most of the run.
 SLOW_KERNEL_S = 0.05
 
-QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3, (256, 1 << 14), warmup_s=0.0)
+QUICK = Sizes(((64, 128, 128),), (2, 8, 8, 8), (1 << 14,), ((64, 256),), 50, (256, 16 << 10), 3, (256, 1 << 14),
+              in_step_rows=(16,), warmup_s=0.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -259,27 +265,34 @@ def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
     """Seconds per repeat of ``IN_STEP_COLLECTIVES`` matmuls run back to back, and of the same
     matmuls each followed by a blocking all-reduce of ``IN_STEP_BYTES`` bytes (through
     ``DistComm``, as a rewritten step calls it), with no barrier between them: as a step's
-    collectives run, where the ranks arrive at each at different moments. One barrier per repeat."""
+    collectives run, where the ranks arrive at each at different moments. One barrier per repeat.
+    For each of ``sizes.in_step_rows`` (the matmul's rows: the compute segment's length), under
+    ``compute@ROWS`` and ``both@ROWS``."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from fxpar.runtime.collectives import DistComm
 
-    m, k, n = sizes.matmuls[0]
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    _, k, n = sizes.matmuls[0]
     x = torch.randn(IN_STEP_BYTES // 4, device=device)
     comm = DistComm(DeviceMesh(device.type, list(range(dist.get_world_size()))))
-    _say(rank, f"in-step collectives: {IN_STEP_COLLECTIVES} all-reduces of {IN_STEP_BYTES} bytes between {m}x{k} @ {k}x{n} matmuls")
+    _say(rank, f"in-step collectives: {IN_STEP_COLLECTIVES} all-reduces of {IN_STEP_BYTES} bytes between "
+               f"{'/'.join(map(str, sizes.in_step_rows))}x{k} @ {k}x{n} matmuls")
+    out: dict[str, list[float]] = {}
+    for rows in sizes.in_step_rows:
+        a, b = torch.randn(rows, k, device=device), torch.randn(k, n, device=device)
 
-    def compute() -> None:
-        for _ in range(IN_STEP_COLLECTIVES):
-            torch.mm(a, b)
+        def compute(a=a, b=b) -> None:
+            for _ in range(IN_STEP_COLLECTIVES):
+                torch.mm(a, b)
 
-    def both() -> None:
-        for _ in range(IN_STEP_COLLECTIVES):
-            torch.mm(a, b)
-            comm.all_reduce(x, 0)
+        def both(a=a, b=b) -> None:
+            for _ in range(IN_STEP_COLLECTIVES):
+                torch.mm(a, b)
+                comm.all_reduce(x, 0)
 
-    return _time_after_barriers({"compute": compute, "both": both}, sizes.repeats, device)
+        timed = _time_after_barriers({"compute": compute, "both": both}, sizes.repeats, device)
+        out[f"compute@{rows}"], out[f"both@{rows}"] = timed["compute"], timed["both"]
+    return out
 
 
 # torch.optim's class and arguments for each optimizer fxpar prices (fxpar.cluster.OPTIMIZERS).
@@ -505,15 +518,24 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         overlap = 1.0
         t = {}
     # A blocking collective inside a step: what each of the in-step all-reduces added to the
-    # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier. Recorded
-    # under extra["calibration"]["in_step"], not used: as LinkSpec.in_step_latency it priced the
-    # plans of tools/fidelity.py 2-5x too slow (docs/benchmarks.md), so the profile's is 0.
+    # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier, for each
+    # segment length; the median over the lengths becomes LinkSpec.in_step_latency, which the cost
+    # model adds to every collective the step waits for between computations (docs/cost-model.md).
     in_step_t: dict = {}
     if all("in_step" in r for r in results):
-        in_step_t = {k: _slowest([r["in_step"][k] for r in results], quantile) for k in ("compute", "both")}
-        per_collective = (in_step_t["both"] - in_step_t["compute"]) / IN_STEP_COLLECTIVES
-        in_step_t["extra_per_collective"] = max(
-            0.0, per_collective - collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) - overhead)
+        alone = collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) + overhead
+        keys = list(results[0]["in_step"])
+        rows = [k.partition("@")[2] for k in keys if k.startswith("compute")]  # "" for one unnamed length
+        extras = []
+        for r in rows:
+            suffix = f"@{r}" if r else ""
+            t_c = _slowest([res["in_step"]["compute" + suffix] for res in results], quantile)
+            t_b = _slowest([res["in_step"]["both" + suffix] for res in results], quantile)
+            extra_r = max(0.0, (t_b - t_c) / IN_STEP_COLLECTIVES - alone)
+            in_step_t[f"compute{suffix}"], in_step_t[f"both{suffix}"] = t_c, t_b
+            in_step_t[f"extra_per_collective{suffix}"] = extra_r
+            extras.append(extra_r)
+        in_step_t["extra_per_collective"] = statistics.median(extras)
     # Optimizer updates (measurements from before they were taken have none: the roofline prices them).
     opt_raw: dict[str, list] = {}
     opt_fit: dict[str, tuple[float, float]] = {}
@@ -548,7 +570,8 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         optimizer_byte_s={k: v[1] for k, v in opt_fit.items()},
         gradient_handoff_s=handoff,
     )
-    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
+    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()},
+                    in_step_latency=in_step_t.get("extra_per_collective", 0.0))
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
            for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {

@@ -342,7 +342,10 @@ class CostModel:
         bandwidth, latency = self.links[axis].figures(kind)
         return collective_time(kind, nbytes, self.mesh_shape[axis], bandwidth, latency)
 
-    def reshard_time(self, t: torch.Tensor, src: Spec, dst: Spec) -> float:
+    def reshard_time(self, t: torch.Tensor, src: Spec, dst: Spec, *, in_step: bool = True) -> float:
+        """Seconds of resharding ``t`` from ``src`` to ``dst``; each collective also pays the
+        link's ``in_step_latency`` unless ``in_step`` is False (a collective the runtime can issue
+        before the step needs it)."""
         if src == dst:
             return 0.0
         total = 0.0
@@ -351,7 +354,9 @@ class CostModel:
             copied = 0
             if step.kind not in ("chunk", "keep_one"):
                 nbytes = after if step.kind == "all_gather" else before
-                total += self.collective_time(step.kind, nbytes, step.axis) + self.links[step.axis].in_step_latency
+                total += self.collective_time(step.kind, nbytes, step.axis)
+                if in_step:
+                    total += self.links[step.axis].in_step_latency
                 # The runtime moves a non-leading dim to the front before the collective and back
                 # after it (fxpar.runtime.collectives.DistComm): two copies, each read and write.
                 if step.kind in ("all_gather", "reduce_scatter") and step.dim != 0:

@@ -34,6 +34,21 @@ OPTIMIZER_STATE_FACTOR = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}
 GRAD_BUCKET_BYTES = 25 * 1024 * 1024
 
 
+class EarlyValue:
+    """The value on an edge whose producer is made from the parameters alone or from the batch
+    alone: the runtime can issue its collectives before the step needs them (the batch's at the
+    start of the step, ``fxpar.passes.schedule``), so they do not pay the in-step cost of a
+    collective waited for between computations (``LinkSpec.in_step_latency``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getattr__(self, name):
+        return getattr(self.value, name)
+
+
 class GradValue:
     """A gradient's value on the edge that synchronizes it into its parameter's spec: the edge is
     priced as part of a bucket (``Problem.grad_sync_cost``) rather than as a collective of its own."""
@@ -104,9 +119,14 @@ class Problem:
         if src == dst:
             return 0.0
         grad = isinstance(tensor, GradValue)
-        key = (tuple(tensor.shape), tensor.dtype, src, dst, grad)
+        early = isinstance(tensor, EarlyValue)
+        key = (tuple(tensor.shape), tensor.dtype, src, dst, grad, early)
         if key not in self._reshard_cache:
-            self._reshard_cache[key] = self.grad_sync_cost(tensor, src, dst) if grad else self.cost_model.reshard_time(tensor, src, dst)
+            if grad:
+                self._reshard_cache[key] = self.grad_sync_cost(tensor, src, dst)
+            else:
+                self._reshard_cache[key] = self.cost_model.reshard_time(tensor.value if early else tensor, src, dst,
+                                                                        in_step=not early)
         return self._reshard_cache[key]
 
     def grad_sync_cost(self, grad: GradValue, src: Spec, dst: Spec) -> float:
@@ -137,7 +157,8 @@ class Problem:
 
     def cost_matrix(self, tensor, a_specs: list[Spec], b_specs: list[Spec]) -> dict[tuple[Spec, Spec], float]:
         # A gradient's sync is priced apart from a tensor of its shape (grad_sync_cost), as in reshard_cost.
-        key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs), isinstance(tensor, GradValue))
+        key = (tuple(tensor.shape), tensor.dtype, tuple(a_specs), tuple(b_specs), isinstance(tensor, GradValue),
+               isinstance(tensor, EarlyValue))
         if key not in self._matrix_cache:
             self._matrix_cache[key] = {(a, b): self.reshard_cost(tensor, a, b) for a in a_specs for b in b_specs}
         return self._matrix_cache[key]
@@ -501,6 +522,23 @@ def _liveness(gm: GraphModule) -> list[LiveSet]:
     return out
 
 
+def _early_values(gm) -> set:
+    """The nodes made from the parameters (and buffers, constants) alone or from the batch alone."""
+    out: set = set()
+    for roots in (("param", "buffer"), ("input",)):
+        made: set = set()
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                if n.meta.get("fxpar_role") in roots:
+                    made.add(n)
+            elif n.op == "get_attr":
+                made.add(n)
+            elif n.op == "call_function" and n.all_input_nodes and all(a in made for a in n.all_input_nodes):
+                made.add(n)
+        out |= {n for n in made if n.op != "get_attr"}
+    return out
+
+
 def build_problem(
     gm: GraphModule,
     strategies: dict[Node, list[OpStrategy]],
@@ -525,12 +563,15 @@ def build_problem(
 
     node_cost = {n: list(compute(n)) for n in nodes}
     edges: list[Edge] = []
+    early = _early_values(gm)
     for v in nodes:
         args = tensor_arg_nodes(v)
         for j in range(len(args)):
             u, idx = input_source(v, j, args)
+            value = output_values(u)[idx]
             edges.append(
-                Edge(u, v, idx, output_values(u)[idx], [s.outputs[idx] for s in strategies[u]], [s.inputs[j] for s in strategies[v]], j)
+                Edge(u, v, idx, EarlyValue(value) if u in early else value, [s.outputs[idx] for s in strategies[u]],
+                     [s.inputs[j] for s in strategies[v]], j)
             )
     loss, grads, buffer_updates = step_outputs(gm)
     rep = replicated(len(mesh_shape))
