@@ -193,7 +193,8 @@ def test_slice_given_where_the_whole_batch_is_planned():
 
 
 def test_plan_made_for_another_input_placement_is_refused():
-    with pytest.raises(RankError, match=r"PlanMismatchError: the plan was made for input_placement='replicate' but compile was given input_placement='shard'; pass input_placement='replicate'"):
+    # Raised on every rank; a rank that learns it from rank 0 names it ("rank 0 failed checking ...").
+    with pytest.raises(RankError, match=r"PlanMismatchError: (rank \d failed checking fxpar.compile's arguments: )?the plan was made for input_placement='replicate' but compile was given input_placement='shard'; pass input_placement='replicate'"):
         fxpar.launch(train_fns.compile_with_plan_of_other_placement, 2)
 
 

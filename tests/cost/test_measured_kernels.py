@@ -129,17 +129,25 @@ def test_in_step_latency_adds_to_each_blocking_collective_and_batch_norm():
         dataclasses.replace(base, links=(dataclasses.replace(link, in_step_latency=-1.0),))
 
 
-def test_profile_records_the_in_step_measurement():
+def test_profile_prices_the_in_step_measurement():
     from .test_cluster import _synthetic_results
 
     alpha, bw, overhead = 30e-6, 1e9, 4e-6
-    results = copy.deepcopy(_synthetic_results(alpha, bw, overhead))
-    # Each in-step all-reduce adds its alpha-beta time, the op overhead and 2 ms of waiting.
-    extra = collective_time("all_reduce", IN_STEP_BYTES, 2, bw, alpha) + overhead + 2e-3
-    for r in results:
-        r["in_step"] = {"compute": [0.040] * 3, "both": [0.040 + IN_STEP_COLLECTIVES * extra] * 3}
+    alone = collective_time("all_reduce", IN_STEP_BYTES, 2, bw, alpha) + overhead
+    # After segments of three lengths, each in-step all-reduce adds its alpha-beta time, the op
+    # overhead and 0.5, 2 or 3 ms of waiting: the profile prices the median, 2 ms.
+    for r in (results := copy.deepcopy(_synthetic_results(alpha, bw, overhead))):
+        r["in_step"] = {}
+        for rows, wait, compute in ((16, 0.5e-3, 0.005), (64, 2e-3, 0.015), (256, 3e-3, 0.050)):
+            r["in_step"][f"compute@{rows}"] = [compute] * 3
+            r["in_step"][f"both@{rows}"] = [compute + IN_STEP_COLLECTIVES * (alone + wait)] * 3
     c = build_profile(results, name="synthetic", wall_s=1.0)
-    # Recorded, not priced: the profile's in-step latency stays 0 (docs/cost-model.md).
-    assert c.extra["calibration"]["in_step"]["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6)
-    assert c.links[0].in_step_latency == 0.0 and isinstance(c.links[0], LinkSpec)
+    in_step = c.extra["calibration"]["in_step"]
+    assert [in_step[f"extra_per_collective@{r}"] for r in (16, 64, 256)] == pytest.approx([0.5e-3, 2e-3, 3e-3], rel=1e-6)
+    assert c.links[0].in_step_latency == in_step["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6)
+    assert isinstance(c.links[0], LinkSpec)
+    # Measurements of one segment length (before the lengths were several) price theirs.
+    for r in results:
+        r["in_step"] = {"compute": [0.040] * 3, "both": [0.040 + IN_STEP_COLLECTIVES * (alone + 2e-3)] * 3}
+    assert build_profile(results, name="one", wall_s=1.0).links[0].in_step_latency == pytest.approx(2e-3, rel=1e-6)
     assert build_profile(_synthetic_results(alpha, bw, overhead), name="old", wall_s=1.0).extra["calibration"]["in_step"] == {}
