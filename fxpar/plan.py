@@ -365,9 +365,11 @@ def _plan_from_json(text: str) -> Plan:
     unknown_nodes = [n for n in recompute if n not in strategies][:5]
     if unknown_nodes:
         raise _plan_error("recompute", unknown_nodes, "names of nodes the plan has strategies for")
+    from fxpar.solve.strategies import INPUT_PLACEMENTS
+
     input_placement = d.get("input_placement", "shard")
-    if input_placement not in ("shard", "replicate"):
-        raise _plan_error("input_placement", input_placement, "'shard' or 'replicate'")
+    if input_placement not in INPUT_PLACEMENTS:
+        raise _plan_error("input_placement", input_placement, " or ".join(map(repr, INPUT_PLACEMENTS)))
     return Plan(
         mesh_shape=tuple(mesh), cluster=cluster, strategies=strategies, param_specs=param_specs,
         optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, recompute=recompute,
