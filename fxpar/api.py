@@ -20,11 +20,11 @@ from fxpar.errors import CaptureError, ClusterSpecError, PlanMismatchError, Plan
 from fxpar.placement import replicated
 from fxpar.plan import Plan
 from fxpar.plan_cache import cached_plan
-from fxpar.planner import capture_and_annotate, check_input_placement, plan_graph, resolve_mesh
+from fxpar.planner import capture_and_annotate, check_batch_norm, check_input_placement, plan_graph, resolve_mesh
 from fxpar.runtime.agree import Control, broadcast_text, check_same, together
 from fxpar.runtime.codegen import check_codegen
 from fxpar.runtime.module import FxparModule, IdleModule, Runtime, build_variant, dtensor_placements
-from fxpar.runtime.steps import BATCH_NORM_STATS, RankMesh, reshard
+from fxpar.runtime.steps import RankMesh, reshard
 
 __all__ = ["FxparModule", "IdleModule", "compile", "init_distributed", "local_cluster"]
 
@@ -75,11 +75,7 @@ def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute
                      world: int) -> tuple[int, ...]:
     check_codegen(codegen)
     check_input_placement(input_placement)
-    if batch_norm not in BATCH_NORM_STATS:
-        raise PlanOptionError(
-            f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole batch's statistics, "
-            "as on one device) or 'local' (each device's own, as DDP)"
-        )
+    check_batch_norm(batch_norm)
     if not isinstance(recompute, bool):
         raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     if plan is not None and not isinstance(plan, Plan):
@@ -103,6 +99,11 @@ def _check_arguments(model, example_inputs, mesh_shape, plan, codegen, recompute
             f"the plan was made for input_placement={plan.input_placement!r} but compile was given "
             f"input_placement={input_placement!r}; pass input_placement={plan.input_placement!r} (and feed the ranks "
             "accordingly) or plan again"
+        )
+    if plan is not None and plan.batch_norm != batch_norm:
+        raise PlanMismatchError(
+            f"the plan was priced for batch_norm={plan.batch_norm!r} but compile was given batch_norm={batch_norm!r}; "
+            f"pass batch_norm={plan.batch_norm!r} or plan again with fxpar.plan(..., batch_norm={batch_norm!r})"
         )
     for name, p in model.named_parameters():
         if p.device.type == "meta":
@@ -207,7 +208,8 @@ def compile(
     # A rank the mesh leaves idle neither plans nor runs the step: it does not capture it either.
     active = rank < num_used
     gm = together(control, "capturing the step",
-                  lambda: capture_and_annotate(model, example_inputs, input_placement=input_placement) if active else None)
+                  lambda: capture_and_annotate(model, example_inputs, input_placement=input_placement,
+                                               batch_norm=batch_norm) if active else None)
     if plan is None:
         def solve() -> str | None:
             if rank != 0:

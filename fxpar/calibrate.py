@@ -519,7 +519,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         t = {}
     # A blocking collective inside a step: what each of the in-step all-reduces added to the
     # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier, for each
-    # segment length, and the median over the lengths (what LinkSpec.in_step_latency would be; see
+    # segment length, and the median over the lengths (LinkSpec.in_step_latency; see
     # the link below and docs/cost-model.md).
     in_step_t: dict = {}
     if all("in_step" in r for r in results):
@@ -570,11 +570,10 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         optimizer_byte_s={k: v[1] for k, v in opt_fit.items()},
         gradient_handoff_s=handoff,
     )
-    # The in-step figure is recorded, not priced (in_step_latency 0): priced, it made tools/fidelity.py's
-    # median error 11% (from 24%) but moved the CNN's plan to a near tie that runs slower under
-    # batch_norm="local", which the planner does not know of (docs/benchmarks.md). Set it by hand
-    # (dataclasses.replace of the link) to price it.
-    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()})
+    # Every blocking collective inside a step pays the in-step figure (docs/cost-model.md, "Inside a
+    # step"); 0 where the measurement is absent (profiles of older measurements).
+    link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()},
+                    in_step_latency=in_step_t.get("extra_per_collective", 0.0))
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
            for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {

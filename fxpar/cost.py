@@ -47,6 +47,7 @@ from fxpar.cluster import Cluster, dtype_name
 from fxpar.placement import Shard, Spec, local_shape, num_pieces
 from fxpar.reshard import reshard_steps, step_bytes
 from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
+from fxpar.solve.strategies import graph_batch_norm
 
 aten = torch.ops.aten
 
@@ -253,8 +254,11 @@ class CostModel:
         when ``strategy`` cuts its batch, for statistics of the whole batch (``fxpar.rules.norm``):
         forward, one all-gather per cutting axis of every device's per-channel mean and sum of
         squared deviations (2 x channels values); backward, one all-reduce per axis of 2 x channels
-        sums. Zero for any other node, or an uncut batch. The rewrite's opt-in
-        ``batch_norm="local"`` runs none of them; this prices the default, global statistics."""
+        sums. Zero for any other node, an uncut batch, or a graph planned for each device's own
+        statistics (``batch_norm="local"``, ``fxpar.solve.strategies.graph_batch_norm``), which runs
+        none of them."""
+        if graph_batch_norm(node.graph) == "local":
+            return 0.0
         if node.target is aten._native_batch_norm_legit_functional.default and node.args[5]:
             x_pos, kind, stats = 0, "all_gather", output_values(node)[1]
         elif node.target is aten.native_batch_norm_backward.default:

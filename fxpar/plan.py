@@ -98,6 +98,8 @@ class Plan:
     # How the ranks are given the batch: "shard" (each its slice of dim 0) or "replicate" (each the
     # whole batch); fxpar.compile's input_placement.
     input_placement: str = "shard"
+    # The batch-norm statistics the plan was priced for: "global" or "local"; fxpar.compile's batch_norm.
+    batch_norm: str = "global"
 
     @property
     def timings(self) -> dict[str, float]:
@@ -206,6 +208,7 @@ class Plan:
                 # Written only when something is recomputed, so other plans' text is unchanged.
                 **({"recompute": list(self.recompute)} if self.recompute else {}),
                 **({"input_placement": self.input_placement} if self.input_placement != "shard" else {}),
+                **({"batch_norm": self.batch_norm} if self.batch_norm != "global" else {}),
             },
             indent=1,
             sort_keys=True,
@@ -270,7 +273,7 @@ def layer_rows(gm: GraphModule, assignment: dict[Node, OpStrategy], problem, cho
 
 _PLAN_KEYS = ("cluster", "comm_s", "compute_s", "memory_bytes", "mesh_shape", "optimizer", "param_specs",
               "predicted_step_s", "rows", "solver", "strategies")
-_PLAN_OPTIONAL_KEYS = ("fallbacks", "input_placement", "recompute")
+_PLAN_OPTIONAL_KEYS = ("batch_norm", "fallbacks", "input_placement", "recompute")
 _PLAN_HINT = "make plans with fxpar.plan and Plan.to_json() rather than editing them by hand"
 
 
@@ -370,8 +373,13 @@ def _plan_from_json(text: str) -> Plan:
     input_placement = d.get("input_placement", "shard")
     if input_placement not in INPUT_PLACEMENTS:
         raise _plan_error("input_placement", input_placement, " or ".join(map(repr, INPUT_PLACEMENTS)))
+    from fxpar.runtime.steps import BATCH_NORM_STATS
+
+    batch_norm = d.get("batch_norm", "global")
+    if batch_norm not in BATCH_NORM_STATS:
+        raise _plan_error("batch_norm", batch_norm, " or ".join(map(repr, BATCH_NORM_STATS)))
     return Plan(
         mesh_shape=tuple(mesh), cluster=cluster, strategies=strategies, param_specs=param_specs,
         optimizer=d["optimizer"], solver=d["solver"], rows=d["rows"], fallbacks=fallbacks, recompute=recompute,
-        input_placement=input_placement, **figures,
+        input_placement=input_placement, batch_norm=batch_norm, **figures,
     )

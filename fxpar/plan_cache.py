@@ -81,6 +81,7 @@ def cache_key(
         # Written only where it is not the default, so the keys of earlier plans are unchanged.
         **({"input_placement": gm.meta["fxpar_input_placement"]}
            if gm.meta.get("fxpar_input_placement", "shard") != "shard" else {}),
+        **({"batch_norm": gm.meta["fxpar_batch_norm"]} if gm.meta.get("fxpar_batch_norm", "global") != "global" else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -37,7 +37,8 @@ from fxpar.solve import warmstart
 from fxpar.solve.ilp import DEFAULT_SOLVER, Infeasible, SolverTimeout, memory_of, min_memory, min_memory_found, solve
 from fxpar.solve.recompute import recompute_split
 from fxpar.solve.problem import OPTIMIZER_STATE_FACTOR, Problem, build_problem
-from fxpar.solve.strategies import INPUT_PLACEMENTS, all_strategies, graph_input_placement, node_strategies
+from fxpar.runtime.steps import BATCH_NORM_STATS
+from fxpar.solve.strategies import INPUT_PLACEMENTS, all_strategies, graph_batch_norm, graph_input_placement, node_strategies
 
 # Seconds the InfeasiblePlanError's explanation may spend finding the least memory with
 # recomputation; where it stops first, the message gives the least found as an upper bound.
@@ -81,20 +82,33 @@ def resolve_mesh(cluster: Cluster | None, mesh_shape: Sequence[int] | None) -> t
 
 def capture_and_annotate(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], *, grad: bool = True, autocast_dtype: torch.dtype | None = None,
-    input_placement: str = "shard",
+    input_placement: str = "shard", batch_norm: str = "global",
 ) -> GraphModule:
     """``capture`` (see there for ``grad`` and ``autocast_dtype``) then ``annotate``, with a
     ``CaptureError`` naming the user's line for data-dependent control flow. ``input_placement``
     (``check_input_placement``) is recorded as ``gm.meta["fxpar_input_placement"]``, which the
-    inputs' strategies read."""
+    inputs' strategies read; ``batch_norm`` (``check_batch_norm``) as ``gm.meta["fxpar_batch_norm"]``,
+    which the cost model reads (statistics of the whole batch cost collectives, a device's own none)."""
     check_input_placement(input_placement)
+    check_batch_norm(batch_norm)
     try:
         gm = capture(model, example_inputs, grad=grad, autocast_dtype=autocast_dtype)
     except (DataDependentOutputException, GuardOnDataDependentSymNode, DynamicOutputShapeException) as exc:
         raise _data_dependent_error(model, exc) from exc
     gm = annotate(gm)
     gm.meta["fxpar_input_placement"] = input_placement
+    gm.meta["fxpar_batch_norm"] = batch_norm
     return gm
+
+
+def check_batch_norm(batch_norm: object) -> None:
+    """``batch_norm`` must be one of ``BATCH_NORM_STATS``: "global" (a batch norm over a cut batch
+    uses the whole batch's statistics, as on one device) or "local" (each device's own, as DDP)."""
+    if batch_norm not in BATCH_NORM_STATS:
+        raise PlanOptionError(
+            f"batch_norm={batch_norm!r} is not one of {list(BATCH_NORM_STATS)}: 'global' (the whole batch's statistics, "
+            "as on one device) or 'local' (each device's own, as DDP)"
+        )
 
 
 def check_input_placement(input_placement: object) -> None:
@@ -405,6 +419,7 @@ def plan_graph(
         param_specs={p.meta["fxpar_fqn"]: assignment[p].outputs[0] for p in params},
         optimizer=optimizer,
         input_placement=graph_input_placement(gm.graph),
+        batch_norm=graph_batch_norm(gm.graph),
         solver={
             "status": sol.status,
             # A relative gap under 1e-12 is the rounding of the solver's bound and objective sums.
@@ -470,6 +485,7 @@ def plan(
     plan_cache: str | os.PathLike | None = None,
     recompute: bool = True,
     input_placement: str = "shard",
+    batch_norm: str = "global",
 ) -> Plan:
     """Plan ``model``'s training step on ``example_inputs`` (the global batch) for a mesh.
 
@@ -482,15 +498,19 @@ def plan(
     recompute activations in the backward pass where memory demands it (``plan.recompute``);
     ``recompute=False`` keeps every activation. ``input_placement``: how the ranks will be given
     the batch, ``"shard"`` (each its slice of dim 0, the default) or ``"replicate"`` (each the
-    whole batch; the plan may then cut it locally, at no communication).
+    whole batch; the plan may then cut it locally, at no communication). ``batch_norm``: the
+    statistics the step will use, as ``fxpar.compile``'s option: ``"global"`` prices a batch norm
+    over a cut batch with its statistics' collectives, ``"local"`` without them
+    (``plan.batch_norm``).
     """
     check_options(optimizer=optimizer, force=force, time_limit_s=time_limit_s)
     if not isinstance(recompute, bool):
         raise PlanOptionError(f"recompute is {describe_value(recompute)}; give True or False")
     check_input_placement(input_placement)
+    check_batch_norm(batch_norm)
     resolve_mesh(cluster, mesh_shape)
     with stage(f"capturing the training step of {type(model).__name__}"):
-        gm = capture_and_annotate(model, example_inputs, input_placement=input_placement)
+        gm = capture_and_annotate(model, example_inputs, input_placement=input_placement, batch_norm=batch_norm)
     if plan_cache is not None:
         from fxpar.plan_cache import cached_plan
 

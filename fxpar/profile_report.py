@@ -290,7 +290,8 @@ def _rank(rank: int, factory_spec, plan_json: str, steps: int, warmup: int, code
     torch.manual_seed(0)
     model, inputs = _load_factory(factory_spec)()
     plan = Plan.from_json(plan_json)
-    compiled = fxpar.compile(model, inputs, plan=plan, codegen=codegen, input_placement=plan.input_placement)
+    compiled = fxpar.compile(model, inputs, plan=plan, codegen=codegen, input_placement=plan.input_placement,
+                             batch_norm=plan.batch_norm)
     world = dist.get_world_size()
     local = list(inputs) if plan.input_placement == "replicate" else [t.chunk(world)[rank] for t in inputs]
 
@@ -349,7 +350,8 @@ def measure(
     if codegen not in CODEGENS:
         raise ValueError(f"codegen={codegen!r}; give one of {list(CODEGENS)}")
     model, inputs = _load_factory(factory)()
-    gm = capture_and_annotate(model, inputs, input_placement=plan.input_placement if plan is not None else "shard")
+    gm = capture_and_annotate(model, inputs, input_placement=plan.input_placement if plan is not None else "shard",
+                              batch_norm=plan.batch_norm if plan is not None else "global")
     if cluster is None:
         cluster = fxpar.preset("cpu-local")
     if plan is None:

@@ -198,6 +198,17 @@ def test_plan_made_for_another_input_placement_is_refused():
         fxpar.launch(train_fns.compile_with_plan_of_other_placement, 2)
 
 
+def test_unknown_batch_norm_statistics_to_plan():
+    model = MLP((8, 4))
+    with pytest.raises(PlanOptionError, match=r"batch_norm='sync' is not one of \['global', 'local'\]: 'global' \(the whole batch's"):
+        fxpar.plan(model, model.example_inputs(8), mesh_shape=(2,), batch_norm="sync")
+
+
+def test_plan_priced_for_other_batch_norm_statistics_is_refused():
+    with pytest.raises(RankError, match=r"PlanMismatchError: (rank \d failed checking fxpar.compile's arguments: )?the plan was priced for batch_norm='global' but compile was given batch_norm='local'; pass batch_norm='global' or plan again with fxpar.plan\(\.\.\., batch_norm='local'\)"):
+        fxpar.launch(train_fns.compile_with_plan_of_other_batch_norm, 2)
+
+
 def test_wrong_step_inputs_at_run_time():
     assert fxpar.launch(loop_fns.bad_step_inputs, 2) == [True, True]
 

@@ -10,6 +10,7 @@ latency), interleaved as in ``vs_torch.py``; Adam ``fused=True`` everywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +37,9 @@ def _rank(rank: int, plan_json: str, rounds: int, steps: int) -> dict:
 
     for codegen, batch_norm in (("inductor", "global"), ("eager", "global"), ("inductor", "local")):
         model, inputs = benchlib.build("cnn")
-        module = fxpar.compile(model, inputs, plan=Plan.from_json(plan_json), codegen=codegen, batch_norm=batch_norm)
+        # The same strategies under either statistics: the plan relabelled, not planned again.
+        plan = dataclasses.replace(Plan.from_json(plan_json), batch_norm=batch_norm)
+        module = fxpar.compile(model, inputs, plan=plan, codegen=codegen, batch_norm=batch_norm)
         compiled[codegen] = compiled.get(codegen, module)
         key = f"fxpar_{codegen}" + ("_local_bn" if batch_norm == "local" else "")
         runners[key] = _step(module, [t.chunk(world)[rank] for t in inputs])

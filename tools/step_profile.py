@@ -67,7 +67,7 @@ def _rank(rank: int, jobs: list[tuple[str, str, dict]], rounds: int, steps: int,
         if family_plans:
             import vs_torch
 
-            runners["torch_tp"] = vs_torch._runner("tp", name, plan_json, rank, world, "fused")
+            runners["torch_tp"] = vs_torch._runner("tp", name, {}, rank, world, "fused")
         for kind in ("fxpar", "ddp", "ddp_compile"):
             model, inputs = benchlib.build(name)
             local = [t.chunk(world)[rank] for t in inputs]
@@ -124,7 +124,7 @@ def main() -> None:
     jobs = []
     for name in args.models.split(","):
         model, inputs = benchlib.build(name)
-        plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,))
+        plan = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,), batch_norm=args.batch_norm)
         print(f"{name}: {benchlib.param_summary(plan)}", flush=True)
         families = [f for f in args.families.split(",") if f]
         forced = {}

@@ -169,8 +169,8 @@ def _tp_plan(model: nn.Module, world: int) -> dict:
     return {"fc": ColwiseParallel(output_layouts=Replicate())}
 
 
-def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, foreach: bool | str,
-            whole_plan_json: str | None = None):
+def _runner(kind: str, model_name: str, plans: dict[str, str], rank: int, world: int, foreach: bool | str):
+    """``kind``'s training step on this rank; ``plans``: fxpar's plan JSON per fxpar runner."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -179,11 +179,12 @@ def _runner(kind: str, model_name: str, plan_json: str, rank: int, world: int, f
     model, inputs = benchlib.build(model_name)
     local = [t.chunk(world)[rank] for t in inputs]
     if kind in ("fxpar", "fxpar_local_bn"):
-        module = benchlib.compile_with(model, inputs, Plan.from_json(plan_json),
+        # Each planned for the statistics it runs (the local one prices no statistics collectives).
+        module = benchlib.compile_with(model, inputs, Plan.from_json(plans[kind]),
                                        batch_norm="local" if kind == "fxpar_local_bn" else "global")
     elif kind == "fxpar_whole_batch":
         # Every rank given the whole batch, as TP's ranks are (fxpar's input_placement="replicate").
-        module = benchlib.compile_with(model, inputs, Plan.from_json(whole_plan_json), input_placement="replicate")
+        module = benchlib.compile_with(model, inputs, Plan.from_json(plans[kind]), input_placement="replicate")
         local = list(inputs)
     elif kind in ("ddp", "ddp_compile", "ddp_syncbn", "ddp_syncbn_compile"):
         if kind.startswith("ddp_syncbn"):
@@ -226,8 +227,8 @@ def _rank(rank: int, jobs: list[tuple[str, str]], rounds: int, steps: int, forea
     warnings.simplefilter("ignore")
     world = dist.get_world_size()
     times = {}
-    for model_name, plan_json, whole_plan_json in jobs:
-        runners = {kind: _runner(kind, model_name, plan_json, rank, world, foreach, whole_plan_json)
+    for model_name, plans in jobs:
+        runners = {kind: _runner(kind, model_name, plans, rank, world, foreach)
                    for kind in _kinds(model_name)}
         for kind, ts in benchlib.interleave(runners, rounds=rounds, steps=steps).items():
             times[f"{model_name}/{kind}"] = ts
@@ -261,7 +262,14 @@ def main() -> None:
         plans[name] = {"predicted_step_s": plan.predicted_step_s, "params": benchlib.param_summary(plan),
                        "whole_batch_predicted_step_s": whole.predicted_step_s,
                        "whole_batch_params": benchlib.param_summary(whole)}
-        jobs.append((name, plan.to_json(), whole.to_json()))
+        made = {"fxpar": plan.to_json(), "fxpar_whole_batch": whole.to_json()}
+        if _has_batch_norm(model):
+            local = fxpar.plan(model, inputs, cluster=cluster, mesh_shape=(args.nprocs,), batch_norm="local")
+            print(f"planned {name} for per-device batch-norm statistics: predicted {local.predicted_step_s * 1e3:.2f} ms "
+                  f"({benchlib.param_summary(local)})", flush=True)
+            plans[name].update(local_bn_predicted_step_s=local.predicted_step_s, local_bn_params=benchlib.param_summary(local))
+            made["fxpar_local_bn"] = local.to_json()
+        jobs.append((name, made))
     print(f"timing {', '.join(RUNNERS)} on {args.nprocs} gloo ranks, {args.rounds} interleaved rounds of {args.steps} steps",
           flush=True)
     load_before = _load()

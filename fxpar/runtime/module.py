@@ -345,7 +345,8 @@ class FxparModule(nn.Module):
         what = f"building the {mode} step ({'with' if grad else 'without'} gradients{', autocast ' + str(amp) if amp else ''})"
 
         gm = together(rt.control, what, lambda: capture_and_annotate(rt.source, global_inputs, grad=grad, autocast_dtype=amp,
-                                                                     input_placement=rt.input_placement))
+                                                                     input_placement=rt.input_placement,
+                                                                     batch_norm=rt.batch_norm))
         force = {fqn: spec_str(spec) for fqn, spec in main.param_specs.items()}
         leader = rt.control.ranks[0]
 

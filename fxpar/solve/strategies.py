@@ -24,6 +24,14 @@ def graph_input_placement(graph) -> str:
     return owner.meta.get("fxpar_input_placement", "shard") if owner is not None else "shard"
 
 
+def graph_batch_norm(graph) -> str:
+    """The batch-norm statistics a captured graph is planned for (``gm.meta["fxpar_batch_norm"]``,
+    which ``fxpar.planner.capture_and_annotate`` writes; one of
+    ``fxpar.runtime.steps.BATCH_NORM_STATS``, "global" where absent)."""
+    owner = graph.owning_module
+    return owner.meta.get("fxpar_batch_norm", "global") if owner is not None else "global"
+
+
 def _placeholder_strategies(node: Node, mesh_shape: tuple[int, ...]) -> list[OpStrategy]:
     val = node.meta["val"]
     shape = tuple(val.shape)

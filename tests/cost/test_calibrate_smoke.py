@@ -42,10 +42,10 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     assert math.isfinite(d.gradient_handoff_s) and d.gradient_handoff_s > 0
     assert c.extra["calibration"]["gradient_handoff_s"] == d.gradient_handoff_s
     # A blocking collective's in-step cost: the median over the segment lengths measured (one in
-    # --quick), recorded; the link does not price it.
+    # --quick), recorded and priced by the link.
     in_step = c.extra["calibration"]["in_step"]
     assert in_step["extra_per_collective"] == in_step["extra_per_collective@16"] >= 0
-    assert c.links[0].in_step_latency == 0.0
+    assert c.links[0].in_step_latency == in_step["extra_per_collective"]
     assert fxpar.Cluster.from_json(c.to_json()) == c
     model = fxpar.models.MLP((16, 32, 4))
     plan = fxpar.plan(model, model.example_inputs(8), cluster=c)

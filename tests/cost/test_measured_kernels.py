@@ -4,6 +4,7 @@ in-step collective latency, and the collectives of batch norm with global statis
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import operator
 
@@ -135,8 +136,8 @@ def test_profile_records_the_in_step_measurement():
     alpha, bw, overhead = 30e-6, 1e9, 4e-6
     alone = collective_time("all_reduce", IN_STEP_BYTES, 2, bw, alpha) + overhead
     # After segments of three lengths, each in-step all-reduce adds its alpha-beta time, the op
-    # overhead and 0.5, 2 or 3 ms of waiting: the profile records the median, 2 ms, and does not
-    # price it (the link's in-step latency stays 0; docs/cost-model.md).
+    # overhead and 0.5, 2 or 3 ms of waiting: the profile records each and prices the median, 2 ms,
+    # as the link's in-step latency (docs/cost-model.md).
     for r in (results := copy.deepcopy(_synthetic_results(alpha, bw, overhead))):
         r["in_step"] = {}
         for rows, wait, compute in ((16, 0.5e-3, 0.005), (64, 2e-3, 0.015), (256, 3e-3, 0.050)):
@@ -145,10 +146,39 @@ def test_profile_records_the_in_step_measurement():
     c = build_profile(results, name="synthetic", wall_s=1.0)
     in_step = c.extra["calibration"]["in_step"]
     assert [in_step[f"extra_per_collective@{r}"] for r in (16, 64, 256)] == pytest.approx([0.5e-3, 2e-3, 3e-3], rel=1e-6)
-    assert in_step["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6) and c.links[0].in_step_latency == 0.0
+    assert in_step["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6)
+    assert c.links[0].in_step_latency == in_step["extra_per_collective"]
     assert isinstance(c.links[0], LinkSpec)
     # Measurements of one segment length (before the lengths were several) record theirs.
     for r in results:
         r["in_step"] = {"compute": [0.040] * 3, "both": [0.040 + IN_STEP_COLLECTIVES * (alone + 2e-3)] * 3}
     assert build_profile(results, name="one", wall_s=1.0).extra["calibration"]["in_step"]["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6)
     assert build_profile(_synthetic_results(alpha, bw, overhead), name="old", wall_s=1.0).extra["calibration"]["in_step"] == {}
+
+
+def test_per_device_statistics_price_no_batch_norm_collectives():
+    """A graph planned for ``batch_norm="local"`` prices a cut batch norm at its kernel alone (the
+    layer communicates nothing), and the plan says which statistics it was priced for."""
+    torch.manual_seed(0)
+    model = _Loss(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6))
+    inputs = (torch.randn(4, 3, 8, 8),)
+    base = fxpar.preset("cpu-local")
+    late = dataclasses.replace(base, links=(dataclasses.replace(base.links[0], in_step_latency=1e-3),))
+    graphs = {mode: capture_and_annotate(model, inputs, batch_norm=mode) for mode in ("global", "local")}
+    cms = {mode: CostModel(late, (2,)) for mode in graphs}
+    for target in (aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default):
+        nodes = {mode: next(n for n in gm.graph.nodes if n.target is target) for mode, gm in graphs.items()}
+        x_pos = 0 if target is aten._native_batch_norm_legit_functional.default else 1
+        cut = [s for s in node_strategies(nodes["global"], (2,)) if s.inputs[x_pos][0] == fxpar.placement.Shard(0)]
+        assert cms["global"].batch_norm_stats_time(nodes["global"], cut[0]) > 1e-3
+        assert cms["local"].batch_norm_stats_time(nodes["local"], cut[0]) == 0.0
+        assert cms["global"].compute_time(nodes["global"], cut[0]) > cms["local"].compute_time(nodes["local"], cut[0])
+    # Pin the batch norm's batch cut: the plan for local statistics is that much cheaper.
+    bn = next(n for n in graphs["global"].graph.nodes if n.target is aten._native_batch_norm_legit_functional.default)
+    cut = [s for s in node_strategies(bn, (2,)) if s.inputs[0][0] == fxpar.placement.Shard(0)][0]
+    plans = {mode: fxpar.plan(model, inputs, cluster=late, mesh_shape=(2,), force={bn.name: cut.label()}, batch_norm=mode)
+             for mode in ("global", "local")}
+    assert plans["local"].predicted_step_s < plans["global"].predicted_step_s
+    assert plans["local"].batch_norm == "local" and plans["global"].batch_norm == "global"
+    assert fxpar.Plan.from_json(plans["local"].to_json()).batch_norm == "local"
+    assert "batch_norm" not in json.loads(plans["global"].to_json())  # the default's text is unchanged

@@ -210,8 +210,9 @@ def local_statistics_reference(world: int) -> float:
         return sum(float(model(*[x.chunk(world)[r] for x in images(0)])) for r in range(world)) / world
 
 
-def batch_cut_plan(model, world: int):
-    """A plan for ``norm_net`` on ``world`` devices whose batch norm is cut over the batch."""
+def batch_cut_plan(model, world: int, batch_norm: str = "global"):
+    """A plan for ``norm_net`` on ``world`` devices whose batch norm is cut over the batch, priced
+    for ``batch_norm``'s statistics."""
     from fxpar.planner import capture_and_annotate
     from fxpar.solve.strategies import node_strategies
 
@@ -219,7 +220,7 @@ def batch_cut_plan(model, world: int):
     (bn,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten._native_batch_norm_legit_functional.default]
     cut = [s for s in node_strategies(bn, (world,)) if repr(s.inputs[0][0]) == "S(0)"]
     return fxpar.plan(model, images(0), cluster=fxpar.api.local_cluster(world), mesh_shape=(world,),
-                      force={bn.name: cut[0].label()})
+                      force={bn.name: cut[0].label()}, batch_norm=batch_norm)
 
 
 def evaluate(rank: int):
@@ -228,7 +229,8 @@ def evaluate(rank: int):
     model.drop.p = 0.0
     # DDP's statistics are each device's slice's: the plan cuts the batch norm's batch (pinned, so
     # that the test does not depend on the cost model's choice for a net this small).
-    per_device = fxpar.compile(model, images(0), codegen="eager", batch_norm="local", plan=batch_cut_plan(model, world))
+    per_device = fxpar.compile(model, images(0), codegen="eager", batch_norm="local",
+                               plan=batch_cut_plan(model, world, batch_norm="local"))
     local_stats_loss = float(per_device(*local(images(0), rank, world)).detach())
     compiled = fxpar.compile(norm_net(), images(0), codegen="eager")
     stats = compiled.bn.running_mean.clone()

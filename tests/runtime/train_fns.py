@@ -149,3 +149,8 @@ def pass_slice_with_whole_batch_placement(rank: int):
 def compile_with_plan_of_other_placement(rank: int):
     plan = fxpar.plan(mlp_model(), mlp_inputs(0), mesh_shape=(2,), input_placement="replicate")
     return fxpar.compile(mlp_model(), mlp_inputs(0), plan=plan, codegen="eager")
+
+
+def compile_with_plan_of_other_batch_norm(rank: int):
+    plan = fxpar.plan(mlp_model(), mlp_inputs(0), mesh_shape=(2,))
+    return fxpar.compile(mlp_model(), mlp_inputs(0), plan=plan, codegen="eager", batch_norm="local")
