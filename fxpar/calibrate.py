@@ -12,7 +12,10 @@ formulas of ``fxpar.cost``; and each optimizer's update of DTensor parameters as
 it (two sizes, fitted to seconds per parameter plus seconds per byte).
 Without a process group the ranks are local gloo processes (``fxpar.launch``); under torchrun the
 running backend is measured. Each timing is the median over repeats of the slowest rank
-(``--quantile`` picks another). ``fxpar.Cluster.load(path)`` reads the profile back.
+(``--quantile`` picks another). With ``--model MODULE:FACTORY`` the matmul and convolution
+kernels of that model's step are also timed by signature, at every per-device shape the planner
+may give them (``kernel_calls``), and kept in the profile. ``fxpar.Cluster.load(path)`` reads the
+profile back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,8 +261,11 @@ def _time_after_barriers(fns: dict, repeats: int, device: torch.device) -> dict[
     return out
 
 
-IN_STEP_COLLECTIVES = 8  # small all-reduces per repeat of the in-step measurement
+IN_STEP_COLLECTIVES = 8  # all-reduces per repeat of the in-step measurement
 IN_STEP_BYTES = 1024
+# The second size, an activation's: what a collective adds in a step grows with its bytes (the
+# bandwidth reached between computations is lower than after a barrier).
+IN_STEP_LARGE_BYTES = 1 << 20
 
 
 def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[float]]:
@@ -267,15 +274,17 @@ def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
     ``DistComm``, as a rewritten step calls it), with no barrier between them: as a step's
     collectives run, where the ranks arrive at each at different moments. One barrier per repeat.
     For each of ``sizes.in_step_rows`` (the matmul's rows: the compute segment's length), under
-    ``compute@ROWS`` and ``both@ROWS``."""
+    ``compute@ROWS`` and ``both@ROWS``; with all-reduces of ``IN_STEP_LARGE_BYTES`` under
+    ``large@ROWS``."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from fxpar.runtime.collectives import DistComm
 
     _, k, n = sizes.matmuls[0]
     x = torch.randn(IN_STEP_BYTES // 4, device=device)
+    large = torch.randn(IN_STEP_LARGE_BYTES // 4, device=device)
     comm = DistComm(DeviceMesh(device.type, list(range(dist.get_world_size()))))
-    _say(rank, f"in-step collectives: {IN_STEP_COLLECTIVES} all-reduces of {IN_STEP_BYTES} bytes between "
+    _say(rank, f"in-step collectives: {IN_STEP_COLLECTIVES} all-reduces of {IN_STEP_BYTES} and {IN_STEP_LARGE_BYTES} bytes between "
                f"{'/'.join(map(str, sizes.in_step_rows))}x{k} @ {k}x{n} matmuls")
     out: dict[str, list[float]] = {}
     for rows in sizes.in_step_rows:
@@ -285,13 +294,15 @@ def _in_step(rank: int, sizes: Sizes, device: torch.device) -> dict[str, list[fl
             for _ in range(IN_STEP_COLLECTIVES):
                 torch.mm(a, b)
 
-        def both(a=a, b=b) -> None:
+        def both(a=a, b=b, y=x) -> None:
             for _ in range(IN_STEP_COLLECTIVES):
                 torch.mm(a, b)
-                comm.all_reduce(x, 0)
+                comm.all_reduce(y, 0)
 
-        timed = _time_after_barriers({"compute": compute, "both": both}, sizes.repeats, device)
-        out[f"compute@{rows}"], out[f"both@{rows}"] = timed["compute"], timed["both"]
+        timed = _time_after_barriers({"compute": compute, "both": both, "large": lambda: both(y=large)},
+                                     sizes.repeats, device)
+        for key, ts in timed.items():
+            out[f"{key}@{rows}"] = ts
     return out
 
 
@@ -519,14 +530,17 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
         t = {}
     # A blocking collective inside a step: what each of the in-step all-reduces added to the
     # matmuls around it, beyond the alpha-beta time of the same all-reduce after a barrier, for each
-    # segment length, and the median over the lengths (LinkSpec.in_step_latency; see
-    # the link below and docs/cost-model.md).
+    # segment length, and the median over the lengths (LinkSpec.in_step_latency); the same for the
+    # large all-reduces, whose extra beyond the small ones' is their bytes moving slower
+    # (LinkSpec.in_step_bandwidth_ratio; see the link below and docs/cost-model.md).
     in_step_t: dict = {}
+    bandwidth_ratio = 1.0
     if all("in_step" in r for r in results):
         alone = collective_time("all_reduce", IN_STEP_BYTES, world, bw, lat) + overhead
+        alone_large = collective_time("all_reduce", IN_STEP_LARGE_BYTES, world, bw, lat) + overhead
         keys = list(results[0]["in_step"])
         rows = [k.partition("@")[2] for k in keys if k.startswith("compute")]  # "" for one unnamed length
-        extras = []
+        extras, extras_large = [], []
         for r in rows:
             suffix = f"@{r}" if r else ""
             t_c = _slowest([res["in_step"]["compute" + suffix] for res in results], quantile)
@@ -535,7 +549,20 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
             in_step_t[f"compute{suffix}"], in_step_t[f"both{suffix}"] = t_c, t_b
             in_step_t[f"extra_per_collective{suffix}"] = extra_r
             extras.append(extra_r)
+            if "large" + suffix in results[0]["in_step"]:
+                t_l = _slowest([res["in_step"]["large" + suffix] for res in results], quantile)
+                in_step_t[f"large{suffix}"] = t_l
+                in_step_t[f"extra_per_large_collective{suffix}"] = max(0.0, (t_l - t_c) / IN_STEP_COLLECTIVES - alone_large)
+                extras_large.append(in_step_t[f"extra_per_large_collective{suffix}"])
         in_step_t["extra_per_collective"] = statistics.median(extras)
+        if extras_large:
+            # extra(S) = latency + (1 / ratio - 1) x (the bandwidth term of S): fitted on the two sizes.
+            in_step_t["extra_per_large_collective"] = statistics.median(extras_large)
+            slope = (in_step_t["extra_per_large_collective"] - in_step_t["extra_per_collective"])
+            term = (collective_time("all_reduce", IN_STEP_LARGE_BYTES, world, bw, 0.0)
+                    - collective_time("all_reduce", IN_STEP_BYTES, world, bw, 0.0))
+            bandwidth_ratio = 1.0 / (1.0 + max(0.0, slope) / term) if term > 0 else 1.0
+            in_step_t["bandwidth_ratio"] = bandwidth_ratio
     # Optimizer updates (measurements from before they were taken have none: the roofline prices them).
     opt_raw: dict[str, list] = {}
     opt_fit: dict[str, tuple[float, float]] = {}
@@ -573,7 +600,7 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     # Every blocking collective inside a step pays the in-step figure (docs/cost-model.md, "Inside a
     # step"); 0 where the measurement is absent (profiles of older measurements).
     link = LinkSpec(bw, lat, {k: v[0] for k, v in link_by.items()}, {k: v[1] for k, v in link_by.items()},
-                    in_step_latency=in_step_t.get("extra_per_collective", 0.0))
+                    in_step_latency=in_step_t.get("extra_per_collective", 0.0), in_step_bandwidth_ratio=bandwidth_ratio)
     raw = {k: [{"work": w, "seconds": t} for w, t in medians(k)]
            for k in ("overhead", "matmul", "convolution", "elementwise", "reduction", *dtype_keys)}
     extra = {"calibration": {
@@ -586,22 +613,65 @@ def build_profile(results: list[dict], *, name: str, wall_s: float, quantile: fl
     return Cluster(name, device, world, (link,), source=source, extra=extra)
 
 
-def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated", quantile: float = 0.5) -> Cluster:
-    """Measure this machine on ``max_ranks`` local gloo ranks (or the running torchrun group)."""
+def model_kernel_calls(factories: Sequence[str], meshes: Sequence[tuple[int, ...]]) -> dict[str, tuple]:
+    """``kernel_calls`` of every model ``factories`` name (``MODULE:FACTORY``, a function returning
+    ``(model, example_inputs)``, the global batch) on every mesh of ``meshes``."""
+    from fxpar.cli_plan import load_factory
+    from fxpar.errors import PlanOptionError
+    from fxpar.planner import capture_and_annotate
+
+    calls: dict[str, tuple] = {}
+    for spec in factories:
+        made = load_factory(spec)()
+        if not (isinstance(made, (tuple, list)) and len(made) == 2):
+            raise PlanOptionError(f"{spec} returned {type(made).__name__}; it must return (model, example_inputs)")
+        gm = capture_and_annotate(made[0], made[1])
+        for mesh in meshes:
+            calls.update(kernel_calls(gm, tuple(mesh)))
+    return calls
+
+
+def _measure_rank(rank: int, sizes: Sizes, factories: Sequence[str], meshes: Sequence[tuple[int, ...]]) -> dict:
+    """``measure``, then (with ``factories``) the models' kernels by signature, on every rank at once."""
+    out = measure(rank, sizes)
+    if factories:
+        calls = model_kernel_calls(factories, meshes)
+        _say(rank, f"kernels of {', '.join(factories)}: {len(calls)} matmul and convolution signatures on meshes "
+                   f"{', '.join('x'.join(map(str, m)) for m in meshes)}")
+        out = {**out, "kernels": measure_kernels(calls, repeats=sizes.repeats)}
+    return out
+
+
+def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrated", quantile: float = 0.5,
+              models: Sequence[str] = (), meshes: Sequence[Sequence[int]] | None = None) -> Cluster:
+    """Measure this machine on ``max_ranks`` local gloo ranks (or the running torchrun group).
+
+    ``models``: ``MODULE:FACTORY`` names of functions returning ``(model, example_inputs)``; the
+    matmul and convolution kernels of their steps, at every per-device shape any strategy gives them
+    on ``meshes`` (default: the 1-D mesh of all ranks), are timed too and kept in the profile
+    (``DeviceSpec.measured_kernel_s``), so that planning those models prices them as measured."""
     sizes = QUICK if quick else Sizes()
     start = time.perf_counter()
-    if dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        mine = measure(dist.get_rank(), sizes)
+    torchrun = dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    if torchrun and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    num_ranks = dist.get_world_size() if torchrun else max_ranks
+    shapes = [tuple(int(s) for s in m) for m in (meshes or [(num_ranks,)])]
+    if models:
+        model_kernel_calls(models, shapes)  # a bad name or a model that does not capture fails here, not on the ranks
+    if torchrun:
+        mine = _measure_rank(dist.get_rank(), sizes, list(models), shapes)
         results: list = [None] * dist.get_world_size()
         dist.all_gather_object(results, mine)
     else:
         from fxpar.launch import launch
 
         print(f"[calibrate] starting {max_ranks} local gloo ranks", flush=True)
-        results = launch(measure, max_ranks, sizes)
-    return build_profile(results, name=name, wall_s=time.perf_counter() - start, quantile=quantile)
+        results = launch(_measure_rank, max_ranks, sizes, list(models), shapes)
+    profile = build_profile(results, name=name, wall_s=time.perf_counter() - start, quantile=quantile)
+    if models:
+        profile = with_measured_kernels(profile, [r["kernels"] for r in results], quantile)
+    return profile
 
 
 def summary(c: Cluster) -> str:
@@ -618,6 +688,8 @@ def summary(c: Cluster) -> str:
     lines += [f"  {k:<15} update {d.optimizer_param_s[k] * 1e6:7.1f} us per parameter + {d.optimizer_byte_s[k] * 1e9:.3f} ns per byte"
               for k in d.optimizer_param_s]
     lines += [f"  gradient hand-over {d.gradient_handoff_s * 1e6:7.1f} us per trainable parameter and step"]
+    if d.measured_kernel_s:
+        lines += [f"  {len(d.measured_kernel_s)} matmul and convolution kernels timed by signature (--model)"]
     lines += [f"  {k:<15} bus bandwidth {link.figures(k)[0] / 1e9:8.3f} GB/s, latency {link.figures(k)[1] * 1e6:8.1f} us per hop"
               for k in COLLECTIVES]
     return "\n".join(lines)
@@ -632,6 +704,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quantile", type=float, default=0.5,
                         help="which quantile of the repeated timings to keep: 0.5 (default) the median; a lower "
                              "one (0.25) describes a machine shared with other jobs at its quieter moments")
+    parser.add_argument("--model", action="append", default=[], metavar="MODULE:FACTORY",
+                        help="also time this model's matmul and convolution kernels by signature (a function returning "
+                             "(model, example_inputs)); repeat for several models")
+    parser.add_argument("--mesh", action="append", default=[], metavar="SHAPE",
+                        help="with --model: the mesh whose per-device shapes are timed, e.g. 2 or 2x2 (repeatable; "
+                             "default: one axis of all ranks)")
 
 
 def run(args) -> None:
@@ -641,7 +719,11 @@ def run(args) -> None:
         raise ClusterSpecError(f"--max-ranks is {args.max_ranks}; collectives need at least 2 ranks")
     if not 0.0 <= args.quantile <= 1.0:
         raise ClusterSpecError(f"--quantile is {args.quantile}; give a fraction in [0, 1] (0.5 is the median)")
-    profile = calibrate(max_ranks=args.max_ranks, quick=args.quick, name=args.name, quantile=args.quantile)
+    from fxpar.cli_plan import parse_mesh
+
+    meshes = [parse_mesh(m) for m in args.mesh] or None
+    profile = calibrate(max_ranks=args.max_ranks, quick=args.quick, name=args.name, quantile=args.quantile,
+                        models=args.model, meshes=meshes)
     if not dist.is_initialized() or dist.get_rank() == 0:
         profile.save(args.out)
         print(summary(profile))

@@ -122,6 +122,10 @@ class LinkSpec:
     # Seconds a blocking collective inside a step costs beyond its alpha-beta time: the ranks reach
     # it at different moments, and the first waits for the last (calibrate measures it; 0 in presets).
     in_step_latency: float = 0.0
+    # The bus bandwidth a blocking collective inside a step reaches, as a fraction of ``bandwidth``
+    # (and of each ``bandwidth_by_collective``) measured after a barrier: the bytes of a collective
+    # between computations move slower (calibrate measures it at two sizes; 1 in presets).
+    in_step_bandwidth_ratio: float = 1.0
 
     def figures(self, kind: str) -> tuple[float, float]:
         """(bus bandwidth, per-hop latency) for collective ``kind``."""
@@ -240,6 +244,12 @@ class Cluster:
             *[(v, f"links[{i}].latency_by_collective[{k!r}]") for i, link in enumerate(self.links)
               for k, v in link.latency_by_collective.items()],
         ], allow_zero=True)
+        for i, link in enumerate(self.links):
+            if not (_is_number(link.in_step_bandwidth_ratio) and 0.0 < link.in_step_bandwidth_ratio <= 1.0):
+                raise ClusterSpecError(
+                    f"cluster {self.name!r}: links[{i}].in_step_bandwidth_ratio is {link.in_step_bandwidth_ratio}; "
+                    "it must be in (0, 1] (the fraction of the link's bandwidth a collective inside a step reaches)"
+                )
         if not (_is_number(d.overlap_efficiency) and 0.0 <= d.overlap_efficiency <= 1.0):
             raise ClusterSpecError(
                 f"cluster {self.name!r}: device.overlap_efficiency is {d.overlap_efficiency}; it must be in [0, 1]"

@@ -273,8 +273,7 @@ class CostModel:
         for axis, placement in enumerate(spec):
             if isinstance(placement, Shard) and placement.dim == 0 and self.mesh_shape[axis] > 1:
                 pieces *= self.mesh_shape[axis]
-                total += self.collective_time(kind, nbytes * (pieces if kind == "all_gather" else 1), axis)
-                total += self.links[axis].in_step_latency
+                total += self.collective_time(kind, nbytes * (pieces if kind == "all_gather" else 1), axis, in_step=True)
         return total
 
     def conv_algorithms(self, node: Node, strategy: OpStrategy) -> list[tuple[str, str, float]] | None:
@@ -341,15 +340,23 @@ class CostModel:
             found.append((name, seconds))
         return found
 
-    def collective_time(self, kind: str, nbytes: float, axis: int) -> float:
-        """Seconds of collective ``kind`` on mesh axis ``axis`` (``nbytes`` as in the docstring)."""
-        bandwidth, latency = self.links[axis].figures(kind)
-        return collective_time(kind, nbytes, self.mesh_shape[axis], bandwidth, latency)
+    def collective_time(self, kind: str, nbytes: float, axis: int, *, in_step: bool = False) -> float:
+        """Seconds of collective ``kind`` on mesh axis ``axis`` (``nbytes`` as in the docstring).
+        ``in_step``: a blocking collective the step waits for between computations, as calibration
+        measured them: at the link's ``in_step_bandwidth_ratio`` of its bandwidth, plus its
+        ``in_step_latency``."""
+        link = self.links[axis]
+        bandwidth, latency = link.figures(kind)
+        if not in_step or self.mesh_shape[axis] <= 1:
+            return collective_time(kind, nbytes, self.mesh_shape[axis], bandwidth, latency)
+        return (collective_time(kind, nbytes, self.mesh_shape[axis], bandwidth * link.in_step_bandwidth_ratio, latency)
+                + link.in_step_latency)
 
     def reshard_time(self, t: torch.Tensor, src: Spec, dst: Spec, *, in_step: bool = True) -> float:
-        """Seconds of resharding ``t`` from ``src`` to ``dst``; each collective also pays the
-        link's ``in_step_latency`` unless ``in_step`` is False (a collective the runtime can issue
-        before the step needs it)."""
+        """Seconds of resharding ``t`` from ``src`` to ``dst``, each collective as one the step
+        waits for between computations (``collective_time(..., in_step=True)``) unless ``in_step``
+        is False (a collective the runtime can issue before the step needs it: priced as after a
+        barrier)."""
         if src == dst:
             return 0.0
         total = 0.0
@@ -358,9 +365,7 @@ class CostModel:
             copied = 0
             if step.kind not in ("chunk", "keep_one"):
                 nbytes = after if step.kind == "all_gather" else before
-                total += self.collective_time(step.kind, nbytes, step.axis)
-                if in_step:
-                    total += self.links[step.axis].in_step_latency
+                total += self.collective_time(step.kind, nbytes, step.axis, in_step=in_step)
                 # The runtime moves a non-leading dim to the front before the collective and back
                 # after it (fxpar.runtime.collectives.DistComm): two copies, each read and write.
                 if step.kind in ("all_gather", "reduce_scatter") and step.dim != 0:

@@ -198,6 +198,13 @@ def test_plan_made_for_another_input_placement_is_refused():
         fxpar.launch(train_fns.compile_with_plan_of_other_placement, 2)
 
 
+def test_calibrate_model_that_is_no_factory():
+    from fxpar.calibrate import calibrate
+
+    with pytest.raises(PlanOptionError, match=r"module 'fxpar.models' has no function 'no_such_model' \(from 'fxpar.models:no_such_model'\)"):
+        calibrate(quick=True, models=["fxpar.models:no_such_model"])
+
+
 def test_unknown_batch_norm_statistics_to_plan():
     model = MLP((8, 4))
     with pytest.raises(PlanOptionError, match=r"batch_norm='sync' is not one of \['global', 'local'\]: 'global' \(the whole batch's"):

@@ -8,13 +8,23 @@ import math
 import pytest
 
 import fxpar
+import fxpar.models
 from fxpar.__main__ import main
+from fxpar.calibrate import kernel_calls
 from fxpar.cluster import COLLECTIVES, OP_CLASSES
+from fxpar.planner import capture_and_annotate
+
+
+def small_mlp():
+    """A ``MODULE:FACTORY`` for ``calibrate --model``: the MLP planned below, its global batch."""
+    model = fxpar.models.MLP((16, 32, 4))
+    return model, model.example_inputs(8)
 
 
 def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     path = tmp_path / "profile.json"
-    main(["calibrate", "--quick", "--max-ranks", "2", "--out", str(path), "--name", "here"])
+    main(["calibrate", "--quick", "--max-ranks", "2", "--out", str(path), "--name", "here",
+          "--model", "tests.cost.test_calibrate_smoke:small_mlp"])
     out = capfd.readouterr().out
     # Progress while it runs (from the ranks), then the summary.
     for stage in ("per-op overhead", "matmul", "convolution", "memory bandwidth", "collectives on 2 ranks", "optimizer updates",
@@ -47,6 +57,11 @@ def test_quick_calibration_writes_a_profile_plan_accepts(tmp_path, capfd):
     assert in_step["extra_per_collective"] == in_step["extra_per_collective@16"] >= 0
     assert c.links[0].in_step_latency == in_step["extra_per_collective"]
     assert fxpar.Cluster.from_json(c.to_json()) == c
+    # --model: the MLP's matmul kernels, every per-device shape a strategy on 2 devices gives them.
+    want = kernel_calls(capture_and_annotate(*small_mlp()), (2,))
+    assert want and set(d.measured_kernel_s) == set(want)
+    assert all(math.isfinite(v) and v > 0 for v in d.measured_kernel_s.values())
+    assert f"{len(want)} matmul and convolution kernels timed by signature" in out
     model = fxpar.models.MLP((16, 32, 4))
     plan = fxpar.plan(model, model.example_inputs(8), cluster=c)
     assert plan.mesh_shape == (2,) and plan.predicted_step_s > 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxpar
-from fxpar.calibrate import IN_STEP_BYTES, IN_STEP_COLLECTIVES, build_profile, kernel_calls, measure_kernels, with_measured_kernels
+from fxpar.calibrate import IN_STEP_BYTES, IN_STEP_COLLECTIVES, IN_STEP_LARGE_BYTES, build_profile, kernel_calls, measure_kernels, with_measured_kernels
 from fxpar.cluster import Cluster, LinkSpec
 from fxpar.cost import MEASURED_CLASSES, CostModel, collective_time, kernel_key, op_class
 from fxpar.models import MLP
@@ -128,6 +128,20 @@ def test_in_step_latency_adds_to_each_blocking_collective_and_batch_norm():
     assert cm1.reshard_time(x, R, S0) == cm0.reshard_time(x, R, S0)  # a local slice: no collective
     with pytest.raises(fxpar.ClusterSpecError, match=r"in_step_latency is -1.0; it must be >= 0"):
         dataclasses.replace(base, links=(dataclasses.replace(link, in_step_latency=-1.0),))
+    # At half the bandwidth in a step: a blocking collective's bytes take twice as long; a
+    # collective issued before the step needs it (in_step=False) is priced as after a barrier.
+    half = dataclasses.replace(late, links=(dataclasses.replace(late.links[0], in_step_bandwidth_ratio=0.5),))
+    assert Cluster.from_json(half.to_json()) == half
+    cm2 = CostModel(half, mesh)
+    big = torch.empty(1024, 256)
+    want = collective_time("all_gather", big.numel() * 4, 2, link.figures("all_gather")[0] / 2, link.figures("all_gather")[1]) + 1e-3
+    assert cm2.collective_time("all_gather", big.numel() * 4, 0, in_step=True) == pytest.approx(want)
+    assert cm2.reshard_time(big, S0, R) - cm1.reshard_time(big, S0, R) == pytest.approx(
+        want - 1e-3 - collective_time("all_gather", big.numel() * 4, 2, *link.figures("all_gather")))
+    assert cm2.reshard_time(big, S0, R, in_step=False) == cm0.reshard_time(big, S0, R, in_step=False)
+    for bad in (0.0, 1.5):
+        with pytest.raises(fxpar.ClusterSpecError, match=rf"links\[0\].in_step_bandwidth_ratio is {bad}; it must be in \(0, 1\]"):
+            dataclasses.replace(base, links=(dataclasses.replace(link, in_step_bandwidth_ratio=bad),))
 
 
 def test_profile_records_the_in_step_measurement():
@@ -148,6 +162,21 @@ def test_profile_records_the_in_step_measurement():
     assert [in_step[f"extra_per_collective@{r}"] for r in (16, 64, 256)] == pytest.approx([0.5e-3, 2e-3, 3e-3], rel=1e-6)
     assert in_step["extra_per_collective"] == pytest.approx(2e-3, rel=1e-6)
     assert c.links[0].in_step_latency == in_step["extra_per_collective"]
+    assert c.links[0].in_step_bandwidth_ratio == 1.0 and "bandwidth_ratio" not in in_step  # no large all-reduces measured
+    # The large all-reduces add the same latency and their bytes at a third of the bandwidth: the
+    # fit recovers the ratio from the two sizes.
+    alone_large = collective_time("all_reduce", IN_STEP_LARGE_BYTES, 2, bw, alpha) + overhead
+    slow_large = collective_time("all_reduce", IN_STEP_LARGE_BYTES, 2, bw / 3, alpha) + overhead
+    slow_small = collective_time("all_reduce", IN_STEP_BYTES, 2, bw / 3, alpha) + overhead
+    for r in results:
+        for rows, wait, compute in ((16, 0.5e-3, 0.005), (64, 2e-3, 0.015), (256, 3e-3, 0.050)):
+            r["in_step"][f"both@{rows}"] = [compute + IN_STEP_COLLECTIVES * (slow_small + wait)] * 3
+            r["in_step"][f"large@{rows}"] = [compute + IN_STEP_COLLECTIVES * (slow_large + wait)] * 3
+    c = build_profile(results, name="synthetic", wall_s=1.0)
+    in_step = c.extra["calibration"]["in_step"]
+    assert in_step["extra_per_large_collective"] == pytest.approx(2e-3 + slow_large - alone_large, rel=1e-6)
+    assert c.links[0].in_step_bandwidth_ratio == pytest.approx(1 / 3, rel=1e-6)
+    assert c.links[0].in_step_latency == pytest.approx(2e-3 + slow_small - alone, rel=1e-6)
     assert isinstance(c.links[0], LinkSpec)
     # Measurements of one segment length (before the lengths were several) record theirs.
     for r in results:
