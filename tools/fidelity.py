@@ -23,13 +23,14 @@ collectives, as one graph), ``loss.backward()`` and the Adam update with ``zero_
 is also timed apart and compared with ``CostModel.optimizer_time`` (under the profile measured
 during the runs). Each time is the median over steps of the slowest rank.
 
-    python tools/fidelity.py [--profile PATH] [--rounds 10] [--steps 2] [--out docs/bench] [--kernels]
+    python tools/fidelity.py [--profile PATH] [--rounds 10] [--steps 2] [--out docs/bench] [--no-kernels]
     python tools/fidelity.py --reprice RUN_DIR    # an earlier run's plans, priced by the current model
 
 A run writes, besides the tables, ``fidelity-raw.json`` (the plans, the raw calibration
-measurements and every rank's step times), which ``--reprice`` reads. ``--kernels`` also times the
-models' matmul and convolution kernels by signature (``fxpar.calibrate.measure_kernels``) into the
-profile before planning.
+measurements and every rank's step times), which ``--reprice`` reads. Before planning, the ranks
+also time the models' matmul and convolution kernels by signature (``fxpar.calibrate.measure_kernels``,
+what ``python -m fxpar calibrate --model`` records) into the profile; ``--no-kernels`` prices them
+by the class rates alone.
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "bench"))
-    ap.add_argument("--kernels", action="store_true",
-                    help="also time the models' matmul and convolution kernels by signature before planning "
-                         "(DeviceSpec.measured_kernel_s; lost against the class rates in the run of docs/benchmarks.md)")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the models' matmul and convolution kernels by signature before planning "
+                         "(DeviceSpec.measured_kernel_s, as `calibrate --model` does; on by default)")
     ap.add_argument("--reprice", metavar="RUN_DIR",
                     help="run nothing: price the plans a run saved in RUN_DIR (fidelity-raw.json) with the current "
                          "cost model under that run's profile before the runs, against its measured times")
