@@ -41,7 +41,7 @@ After::
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -70,19 +70,30 @@ def issue_batch_collectives_early(gm: GraphModule, roots: Collection[str]) -> Gr
     return gm
 
 
+def made_from(nodes: Iterable[Node], is_root: Callable[[Node], bool],
+              through: Callable[[Node], bool] = lambda node: True) -> set[Node]:
+    """The nodes computed from the root placeholders alone (``is_root``; constants count as roots):
+    the roots, every ``get_attr``, and every ``call_function`` that ``through`` accepts whose inputs
+    are all in the set. ``nodes`` in topological order. Both the rewrite (which collectives it may
+    issue at the start of the step) and the cost model (which collectives are not waited for
+    between computations) read it."""
+    out: set[Node] = set()
+    for node in nodes:
+        if node.op == "placeholder":
+            if is_root(node):
+                out.add(node)
+        elif node.op == "get_attr":
+            out.add(node)
+        elif node.op == "call_function" and through(node) and all(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def move_batch_collectives(graph: Graph, roots: Collection[str]) -> int:
     """``issue_batch_collectives_early`` on a graph not yet in a GraphModule (the rewrite's, before
     its one code generation); returns how many nodes moved."""
-    batch_only: set[Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if node.target in roots:
-                batch_only.add(node)
-        elif node.op == "get_attr":
-            batch_only.add(node)
-        elif node.op == "call_function" and node.target is not _WAIT and not _is_collective(node):
-            if all(a in batch_only for a in node.all_input_nodes):
-                batch_only.add(node)
+    batch_only = made_from(graph.nodes, lambda node: node.target in roots,
+                           lambda node: node.target is not _WAIT and not _is_collective(node))
     moved: list[Node] = []
     chosen: set[Node] = set()
 

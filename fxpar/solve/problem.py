@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 from fxpar.cost import CostModel, collective_time, spec_bytes
 from fxpar.passes.capture import step_outputs
+from fxpar.passes.schedule import made_from
 from fxpar.placement import Spec, replicated
 from fxpar.reshard import reshard_steps
 from fxpar.rules.registry import OpStrategy, input_source, op_facts, output_values, tensor_arg_nodes
@@ -526,15 +527,8 @@ def _early_values(gm) -> set:
     """The nodes made from the parameters (and buffers, constants) alone or from the batch alone."""
     out: set = set()
     for roots in (("param", "buffer"), ("input",)):
-        made: set = set()
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                if n.meta.get("fxpar_role") in roots:
-                    made.add(n)
-            elif n.op == "get_attr":
-                made.add(n)
-            elif n.op == "call_function" and n.all_input_nodes and all(a in made for a in n.all_input_nodes):
-                made.add(n)
+        made = made_from(gm.graph.nodes, lambda n, roots=roots: n.meta.get("fxpar_role") in roots,
+                         lambda n: bool(n.all_input_nodes))
         out |= {n for n in made if n.op != "get_attr"}
     return out
 
