@@ -632,10 +632,11 @@ def model_kernel_calls(factories: Sequence[str], meshes: Sequence[tuple[int, ...
 
 
 def _measure_rank(rank: int, sizes: Sizes, factories: Sequence[str], meshes: Sequence[tuple[int, ...]]) -> dict:
-    """``measure``, then (with ``factories``) the models' kernels by signature, on every rank at once."""
+    """``measure``, then (with ``factories``) the models' kernels by signature, on every rank at once.
+    The models are captured first, so that one that does not capture fails before the measurements."""
+    calls = model_kernel_calls(factories, meshes) if factories else {}
     out = measure(rank, sizes)
     if factories:
-        calls = model_kernel_calls(factories, meshes)
         _say(rank, f"kernels of {', '.join(factories)}: {len(calls)} matmul and convolution signatures on meshes "
                    f"{', '.join('x'.join(map(str, m)) for m in meshes)}")
         out = {**out, "kernels": measure_kernels(calls, repeats=sizes.repeats)}
@@ -657,8 +658,10 @@ def calibrate(*, max_ranks: int = 2, quick: bool = False, name: str = "calibrate
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     num_ranks = dist.get_world_size() if torchrun else max_ranks
     shapes = [tuple(int(s) for s in m) for m in (meshes or [(num_ranks,)])]
-    if models:
-        model_kernel_calls(models, shapes)  # a bad name or a model that does not capture fails here, not on the ranks
+    if models and not torchrun:
+        # A bad name or a model that does not capture fails here, not as a RankError from the ranks
+        # (under torchrun this process is a rank: _measure_rank captures first).
+        model_kernel_calls(models, shapes)
     if torchrun:
         mine = _measure_rank(dist.get_rank(), sizes, list(models), shapes)
         results: list = [None] * dist.get_world_size()

@@ -70,8 +70,7 @@ def issue_batch_collectives_early(gm: GraphModule, roots: Collection[str]) -> Gr
     return gm
 
 
-def made_from(nodes: Iterable[Node], is_root: Callable[[Node], bool],
-              through: Callable[[Node], bool] = lambda node: True) -> set[Node]:
+def made_from(nodes: Iterable[Node], is_root: Callable[[Node], bool], through: Callable[[Node], bool]) -> set[Node]:
     """The nodes computed from the root placeholders alone (``is_root``; constants count as roots):
     the roots, every ``get_attr``, and every ``call_function`` that ``through`` accepts whose inputs
     are all in the set. ``nodes`` in topological order. Both the rewrite (which collectives it may
